@@ -1,0 +1,42 @@
+# pact-ray: the two set-up commands are `make run` (install + the main sweep) and `make test`
+# (install + the test suite). Both create .venv on first use; later calls reuse it.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+# The CPU build of torch where there is no GPU: 2.13.0 is pinned so that pip never
+# replaces it with a newer (CUDA) release; pyproject's range admits 2.13.x only.
+TORCH  ?= torch==2.13.0
+
+export RAY_AUTH_MODE ?= disabled
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install run test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test]" "$(TORCH)"
+	touch $(STAMP)
+
+# The main job: every router variant, quick profile, small preset, local Ray, ./mlflow.db.
+run: install
+	$(PY) sweeps/stage1_router.py $(ARGS)
+
+test: install
+	$(PY) -m pytest -q --timeout=900 $(PYTEST_ARGS)
+
+# Skips the tests that start Ray sweeps.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/bench_sinkhorn.py --out bench/results/sinkhorn_cpu.json
+	$(PY) bench/bench_router_block.py --out bench/results/router_block_cpu.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,264 @@
+"""Time our batched log-domain Sinkhorn against POT on the OT router's problem sizes.
+
+Three solvers run the same float32 problems (one per object x head, K parts against P
+patches, standardised dot-product costs, uniform marginals):
+
+- ``ours``: :func:`pact_ray.ot.sinkhorn.sinkhorn_log` on the [objects, heads, K, P] batch;
+- ``pot_batched``: ``ot.batch.solve_batch(..., method="log_sinkhorn")`` on [objects*heads, K, P];
+- ``pot_loop``: a Python loop of ``ot.sinkhorn(..., method="sinkhorn_log")``, one call per
+  problem (POT's torch backend).
+
+At equal accuracy: every solver gets the same eps, max_iter and tol. Their stopping
+rules differ slightly (ours: L1 row-marginal error, checked every 5 iterations; POT
+batched: L2 row error every 10; POT per problem: L2 column error every 10), and L2 <= L1
+lets POT stop earlier at equal tol, so for each solver the achieved accuracy is
+recorded: the L1 error of both marginals and the max |plan - reference|, where the
+reference is POT's batched solver run to 1e-10 in float64. Two regimes:
+
+- ``router``: the router's defaults (eps 0.05, 50 iterations, tol 1e-6). In float32 a
+  1e-6 marginal error is out of reach, so every solver runs all 50 iterations;
+- ``converged``: tol 1e-5 with up to 2000 iterations, each solver stopping on its rule.
+
+Usage::
+
+    python bench/bench_sinkhorn.py --out bench/results/sinkhorn_cpu.json [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import ot
+import torch
+
+from pact_ray.ot.sinkhorn import sinkhorn_log
+
+OURS, POT_BATCHED, POT_LOOP = "ours", "pot_batched", "pot_loop"
+REFERENCE_TOL, REFERENCE_MAX_ITER = 1e-10, 100_000
+HEAD_DIM = 64
+
+
+@dataclass(frozen=True)
+class Regime:
+    """Solver settings shared by every method in one comparison."""
+
+    name: str
+    eps: float
+    max_iter: int
+    tol: float
+
+
+REGIMES = (
+    Regime("router", eps=0.05, max_iter=50, tol=1e-6),
+    Regime("converged", eps=0.05, max_iter=2000, tol=1e-5),
+)
+LAYOUTS = ((8, 4), (2, 16))  # (objects, heads): 32 problems per batch either way
+PARTS = (4, 8)
+PATCHES = (64, 37 * 37)
+
+
+@dataclass(frozen=True)
+class Problems:
+    """A batch of router-like OT problems, float32."""
+
+    cost: torch.Tensor  # [objects, heads, K, P]
+    a: torch.Tensor  # [objects, heads, K]
+    b: torch.Tensor  # [objects, heads, P]
+
+
+def make_problems(objects: int, heads: int, parts: int, patches: int, seed: int) -> Problems:
+    """Standardised costs -<q_k, key_p>/sqrt(d) from random queries and keys."""
+    gen = torch.Generator().manual_seed(seed)
+    queries = torch.randn(objects, heads, parts, HEAD_DIM, generator=gen)
+    keys = torch.randn(objects, heads, patches, HEAD_DIM, generator=gen)
+    cost = -queries @ keys.transpose(-1, -2) / HEAD_DIM**0.5
+    cost = (cost - cost.mean(dim=(-2, -1), keepdim=True)) / (
+        cost.std(dim=(-2, -1), keepdim=True) + 1e-6
+    )
+    a = torch.full((objects, heads, parts), 1.0 / parts)
+    b = torch.full((objects, heads, patches), 1.0 / patches)
+    return Problems(cost, a, b)
+
+
+def solve_ours(problems: Problems, regime: Regime) -> tuple[torch.Tensor, int]:
+    result = sinkhorn_log(
+        problems.cost, problems.a, problems.b,
+        eps=regime.eps, max_iter=regime.max_iter, tol=regime.tol,
+    )
+    return result.plan, result.iterations
+
+
+def solve_pot_batched(problems: Problems, regime: Regime) -> tuple[torch.Tensor, int]:
+    result = ot.batch.solve_batch(
+        problems.cost.flatten(0, 1), regime.eps,
+        problems.a.flatten(0, 1), problems.b.flatten(0, 1),
+        max_iter=regime.max_iter, tol=regime.tol, method="log_sinkhorn", grad="detach",
+    )
+    return result.plan.reshape(problems.cost.shape), result.log["n_iter"] + 1
+
+
+def solve_pot_loop(problems: Problems, regime: Regime) -> tuple[torch.Tensor, int]:
+    plans, iterations = [], 0
+    for cost, a, b in zip(
+        problems.cost.flatten(0, 1), problems.a.flatten(0, 1), problems.b.flatten(0, 1)
+    ):
+        plan, log = ot.sinkhorn(
+            a, b, cost, regime.eps, method="sinkhorn_log",
+            numItermax=regime.max_iter, stopThr=regime.tol, warn=False, log=True,
+        )
+        plans.append(plan)
+        iterations = max(iterations, log["niter"] + 1)
+    return torch.stack(plans).reshape(problems.cost.shape), iterations
+
+
+SOLVERS: dict[str, Callable[[Problems, Regime], tuple[torch.Tensor, int]]] = {
+    OURS: solve_ours,
+    POT_BATCHED: solve_pot_batched,
+    POT_LOOP: solve_pot_loop,
+}
+
+
+def reference_plan(problems: Problems, regime: Regime) -> torch.Tensor:
+    """POT's batched solver, float64, run to 1e-10: the converged plan."""
+    result = ot.batch.solve_batch(
+        problems.cost.flatten(0, 1).double(), regime.eps,
+        problems.a.flatten(0, 1).double(), problems.b.flatten(0, 1).double(),
+        max_iter=REFERENCE_MAX_ITER, tol=REFERENCE_TOL, method="log_sinkhorn", grad="detach",
+    )
+    return result.plan.reshape(problems.cost.shape)
+
+
+def time_solver(solve: Callable[[], object], repeats: int) -> float:
+    """Median wall time in seconds of ``repeats`` calls, after one warm-up call."""
+    solve()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        solve()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_case(
+    regime: Regime, objects: int, heads: int, parts: int, patches: int, repeats: int
+) -> dict:
+    problems = make_problems(objects, heads, parts, patches, seed=parts * 10_000 + patches)
+    reference = reference_plan(problems, regime)
+    a, b = problems.a.double(), problems.b.double()
+    methods = {}
+    for name, solve in SOLVERS.items():
+        plan, iterations = solve(problems, regime)
+        plan = plan.double()
+        marginal_error = (plan.sum(-1) - a).abs().sum(-1) + (plan.sum(-2) - b).abs().sum(-1)
+        methods[name] = {
+            "median_s": time_solver(lambda: solve(problems, regime), repeats),
+            "iterations": iterations,
+            "max_marginal_error_l1": marginal_error.max().item(),
+            "max_abs_plan_diff_vs_reference": (plan - reference).abs().max().item(),
+        }
+    ours = methods[OURS]["median_s"]
+    return {
+        "regime": asdict(regime),
+        "objects": objects,
+        "heads": heads,
+        "parts": parts,
+        "patches": patches,
+        "methods": methods,
+        "ratio_ours_over_pot_batched": ours / methods[POT_BATCHED]["median_s"],
+        "ratio_ours_over_pot_loop": ours / methods[POT_LOOP]["median_s"],
+    }
+
+
+def machine_info() -> dict:
+    return {
+        "torch": torch.__version__,
+        "pot": ot.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write atomically: a temporary file in the same folder, then a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        json.dump(payload, tmp, indent=2)
+        tmp.write("\n")
+    os.replace(tmp.name, path)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results/sinkhorn_cpu.json"),
+                        help="where to write the JSON results")
+    parser.add_argument("--repeats", type=int, default=7, help="timed calls per solver and case")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="torch.set_num_threads for every solver")
+    parser.add_argument("--quick", action="store_true",
+                        help="one layout and 3 repeats: a smoke test of a minute or so")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    repeats = min(args.repeats, 3) if args.quick else args.repeats
+    layouts = LAYOUTS[:1] if args.quick else LAYOUTS
+
+    cases = []
+    print(f"{'regime':>10} {'B x H':>7} {'K':>2} {'P':>5} | {'ours':>9} {'pot_batch':>9} "
+          f"{'pot_loop':>9} | {'ours/batch':>10} {'ours/loop':>9} | iters o/b/l")
+    for regime in REGIMES:
+        for (objects, heads) in layouts:
+            for parts in PARTS:
+                for patches in PATCHES:
+                    case = run_case(regime, objects, heads, parts, patches, repeats)
+                    cases.append(case)
+                    m = case["methods"]
+                    print(
+                        f"{regime.name:>10} {objects:>3}x{heads:<3} {parts:>2} {patches:>5} | "
+                        + " ".join(f"{m[k]['median_s'] * 1e3:>7.2f}ms" for k in SOLVERS)
+                        + f" | {case['ratio_ours_over_pot_batched']:>10.2f} "
+                        f"{case['ratio_ours_over_pot_loop']:>9.2f} | "
+                        + "/".join(str(m[k]["iterations"]) for k in SOLVERS),
+                        flush=True,
+                    )
+
+    payload = {
+        "machine": machine_info(),
+        "settings": {"repeats": repeats, "quick": args.quick, "dtype": "float32",
+                     "reference": {"solver": "ot.batch.solve_batch float64",
+                                   "tol": REFERENCE_TOL, "max_iter": REFERENCE_MAX_ITER}},
+        "cases": cases,
+        "target": "ours no slower than POT's batched solver on every case",
+        "target_met": all(c["ratio_ours_over_pot_batched"] <= 1.0 for c in cases),
+    }
+    try:
+        write_json(args.out, payload)
+    except OSError as error:
+        print(f"error: cannot write {args.out}: {error.strerror}", file=sys.stderr)
+        return 1
+    print(f"target_met={payload['target_met']}; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

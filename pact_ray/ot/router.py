@@ -1,0 +1,355 @@
+"""OT router: optimal-transport-gated cross-attention for Stage1 (``shared/specs/ot_router.md``).
+
+Per object, per head and per patched block an entropic OT problem is solved between the
+object's K parts and the P image patches of the condition:
+
+    C[k, p] = -<q_k, key_p> / sqrt(head_dim)        q_k: mean query of part k's tokens
+    C <- (C - mean C) / (std C + 1e-6)              one meaning of eps everywhere
+    C[k, p] += lambda_mask  if label(p) != k + 1    (mask prior variants)
+    pi = argmin <pi, C> - eps H(pi)  s.t. pi 1 = a, pi^T 1 = b
+
+and the plan gates the cross-attention of every token of part k through an additive bias
+``strength * log(g[k, p] + 1e-6)`` with ``g = pi / (a b^T)``. For uniform marginals
+``g = K P pi`` exactly as in the spec; dividing by ``a_k b_p`` instead keeps ``g = 1`` for an
+uninformative plan also with mask-area marginals and a virtual patch (our generalisation).
+The bias is the same for every query of a part row, so it is a ``[N, H, 1, L]`` mask that
+broadcasts inside the fused SDPA kernel: attention is never materialised on the hot path.
+
+Condition layout: the last ``h*w`` tokens of the condition are the image patches (DINOv2
+order: cls, registers, patches); prefix tokens get no bias (gate 1). The virtual patch is
+one learnable key/value token appended per patched block, taking plan mass ``m_v``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from pact_ray.metrics import names as M
+from pact_ray.ot.edges import GridWeights, edge_delta, mask_edge_map, neighbour_weights, smooth_plan, sobel_edge_map
+from pact_ray.ot.sinkhorn import plan_entropy, sinkhorn_log
+
+EDGE_KINDS = ("none", "rgb", "mask")
+PART_MARGINALS = ("uniform", "area")
+T_SCALE = 1000.0  # the model sees t * 1000
+
+
+class ConfigError(ValueError):
+    """A configuration value a user can get wrong; the message is one sentence."""
+
+
+def resolve_blocks(spec: str | list[int] | tuple[int, ...], num_blocks: int) -> list[int]:
+    """Block spec -> sorted block indices.
+
+    "first" -> [0]; "first_third" -> 0..ceil(n/3)-1; "all" -> every block; "0,2,5" or a list -> those.
+    """
+    if isinstance(spec, str):
+        s = spec.strip()
+        if s == "first":
+            return [0]
+        if s == "first_third":
+            return list(range(math.ceil(num_blocks / 3)))
+        if s == "all":
+            return list(range(num_blocks))
+        try:
+            ids = [int(p) for p in s.split(",") if p.strip()]
+        except ValueError:
+            raise ConfigError(
+                f"block spec {spec!r} is not 'first', 'first_third', 'all' or a comma-separated list of block indices"
+            ) from None
+    elif isinstance(spec, int):
+        ids = [spec]
+    else:
+        ids = [int(i) for i in spec]
+    if not ids:
+        raise ConfigError(f"block spec {spec!r} names no block")
+    bad = [i for i in ids if not 0 <= i < num_blocks]
+    if bad:
+        raise ConfigError(f"block spec {spec!r} names blocks {bad} outside 0..{num_blocks - 1} of this model")
+    return sorted(set(ids))
+
+
+@dataclass
+class RouterConfig:
+    """Knobs of the OT router; every field is a searchable, loggable parameter."""
+
+    blocks: str = "first"  # "first", "first_third", "all" or "0,2,5"
+    eps: float = 0.05  # entropic regularisation (costs are standardised, so this is unit-free)
+    iterations: int = 50  # Sinkhorn iterations at most
+    tol: float = 1e-6  # stop once the marginal error is below this
+    strength: float = 1.0  # gate exponent; 0 reproduces the ungated block bit for bit
+    mask_prior: bool = False  # part mask as a soft OT cost prior instead of a hard condition
+    lambda_mask: float = 1.0  # cost added to patches outside part k's mask region
+    edge: str = "none"  # edge-regularised cost: "none", "rgb" (Sobel of the image) or "mask" (label edges)
+    lambda_edge: float = 0.5  # weight of the smoothed-plan pull in the second solve
+    edge_beta: float = 4.0  # neighbour weight exp(-beta * max(e_p, e_q))
+    virtual_patch: bool = False  # one learnable virtual image token per patched block
+    m_v: float = 0.05  # plan mass of the virtual token
+    part_marginal: str = "uniform"  # "uniform" (1/K) or "area" (mask-area proportional, floored)
+    area_floor: float = 0.05  # floor of a part's area share, relative to 1/K
+    t_min: float = 0.0  # active timestep range, in [0, 1] (the router is off outside it)
+    t_max: float = 1.0
+    differentiable_plan: bool = False  # backpropagate through the Sinkhorn iterations
+    diag_tokens: int = 64  # query tokens per row used for the gate diagnostic
+
+    def validate(self) -> "RouterConfig":
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.eps > 0, f"router eps must be > 0, got {self.eps}")
+        need(int(self.iterations) >= 1, f"router iterations must be >= 1, got {self.iterations}")
+        need(self.tol > 0, f"router tol must be > 0, got {self.tol}")
+        need(self.strength >= 0, f"router strength must be >= 0, got {self.strength}")
+        need(self.lambda_mask >= 0, f"router lambda_mask must be >= 0, got {self.lambda_mask}")
+        need(self.lambda_edge >= 0, f"router lambda_edge must be >= 0, got {self.lambda_edge}")
+        need(self.edge_beta >= 0, f"router edge_beta must be >= 0, got {self.edge_beta}")
+        need(0 < self.m_v < 1, f"router virtual mass m_v must be in (0, 1), got {self.m_v}")
+        need(self.edge in EDGE_KINDS, f"router edge must be one of {EDGE_KINDS}, got {self.edge!r}")
+        need(self.part_marginal in PART_MARGINALS, f"router part_marginal must be one of {PART_MARGINALS}, got {self.part_marginal!r}")
+        need(0 <= self.area_floor <= 1, f"router area_floor must be in [0, 1], got {self.area_floor}")
+        need(0 <= self.t_min <= self.t_max <= 1, f"router timestep range must satisfy 0 <= t_min <= t_max <= 1, got [{self.t_min}, {self.t_max}]")
+        need(int(self.diag_tokens) >= 1, f"router diag_tokens must be >= 1, got {self.diag_tokens}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RouterConfig":
+        from pact_ray.coerce import CoercionError, coerce_fields
+
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown router keys {sorted(unknown)}")
+        try:
+            return cls(**coerce_fields(cls, d, prefix="router."))
+        except CoercionError as e:
+            raise ConfigError(str(e)) from None
+
+
+class RouteContext:
+    """Per-forward routing state shared by every patched block (built once by :meth:`OTRouter.context`)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+        self.records: list[dict[str, torch.Tensor]] = []
+
+    def close(self) -> None:
+        # After the forward pass no more diagnostics are collected (a checkpointed block
+        # recomputed during backward must not record twice).
+        self.collect = False
+
+
+class OTRouter(nn.Module):
+    """Holds the router config, the patched block ids and the virtual-patch parameters."""
+
+    def __init__(self, config: RouterConfig, num_blocks: int, channels: int, num_heads: int):
+        super().__init__()
+        self.config = config.validate()
+        self.block_ids = resolve_blocks(config.blocks, num_blocks)
+        self.num_heads = num_heads
+        self.head_dim = channels // num_heads
+        if config.virtual_patch:
+            self.virtual_kv = nn.ParameterDict({str(i): nn.Parameter(torch.zeros(2, channels)) for i in self.block_ids})
+        self._last_records: list[dict[str, torch.Tensor]] = []
+
+    @property
+    def active(self) -> bool:
+        return self.config.strength > 0
+
+    def reset_parameters(self) -> None:
+        # A zero key scores 0 against every query and a zero value adds nothing: the virtual
+        # token starts as a pure "attend nowhere" sink, shaped by the gate only.
+        if self.config.virtual_patch:
+            for p in self.virtual_kv.values():
+                nn.init.zeros_(p)
+
+    # ------------------------------------------------------------------ context
+    def context(self, layout, masks, t, cond_tokens, images=None, pixel_masks=None) -> RouteContext:
+        cfg = self.config
+        if masks is None:
+            raise ValueError("the OT router needs the part label masks [N, h, w]: they fix the patch grid")
+        h, w = masks.shape[-2:]
+        n_patch = h * w
+        if n_patch > cond_tokens:
+            raise ValueError(f"the mask grid has {n_patch} cells but the condition has only {cond_tokens} tokens")
+        device = masks.device
+        num_parts = layout.num_parts
+        starts = torch.cumsum(num_parts, 0) - num_parts
+        slot = torch.arange(masks.shape[0], device=device) - starts[layout.row_obj]
+        k_max = int(num_parts.max())
+        part_valid = torch.arange(k_max, device=device)[None] < num_parts[:, None]  # [B, K]
+        labels = masks[starts].flatten(1).long()  # [B, P] one label map per object
+
+        # Part marginals a [B, K] (zero on padded rows).
+        if cfg.part_marginal == "area":
+            area = (labels[:, None, :] == torch.arange(1, k_max + 1, device=device)[None, :, None]).float().mean(-1)
+            floor = cfg.area_floor / num_parts[:, None].float()
+            a = torch.maximum(area, floor) * part_valid
+        else:
+            a = part_valid.float()
+        a = a / a.sum(-1, keepdim=True)
+        # Patch marginals b [P (+1)]: visible patches share 1 - m_v, the virtual token m_v.
+        if cfg.virtual_patch:
+            b = torch.cat([torch.full((n_patch,), (1 - cfg.m_v) / n_patch), torch.tensor([cfg.m_v])]).to(device)
+        else:
+            b = torch.full((n_patch,), 1.0 / n_patch, device=device)
+
+        prior = None
+        if cfg.mask_prior and cfg.lambda_mask > 0:
+            # [B, K, P]: lambda for every patch whose label is not k + 1 (background included).
+            part_label = torch.arange(1, k_max + 1, device=device)[None, :, None]
+            prior = cfg.lambda_mask * (labels[:, None, :] != part_label).float()
+
+        weights: GridWeights | None = None
+        if cfg.edge == "rgb":
+            if images is None:
+                raise ValueError("the rgb edge cost needs the RGB images [B, 3, H, W] (pass images=...)")
+            weights = neighbour_weights(sobel_edge_map(images.float(), (h, w)), (h, w), cfg.edge_beta)
+        elif cfg.edge == "mask":
+            edge_src = pixel_masks if pixel_masks is not None else masks[starts]
+            weights = neighbour_weights(mask_edge_map(edge_src, (h, w)), (h, w), cfg.edge_beta)
+
+        tn = t.float() / T_SCALE
+        active = ((tn >= cfg.t_min) & (tn <= cfg.t_max)).float()  # [N]
+        return RouteContext(
+            row_obj=layout.row_obj, slot=slot, k_max=k_max, part_valid=part_valid, a=a, b=b, prior=prior,
+            weights=weights, active=active, n_patch=n_patch, grid=(h, w), collect=True,
+        )
+
+    # -------------------------------------------------------------------- route
+    def route(self, block_id: int, q, k, v, ctx: RouteContext):
+        """Gate one block's cross-attention.
+
+        q: [N, Lq, H, D]; k, v: [N, M, H, D] -> (k', v', bias) with the virtual token
+        appended to k', v' when configured and bias [N, H, 1, M (+1)].
+        """
+        cfg = self.config
+        n_rows, _, heads, dim = q.shape
+        n_obj = ctx.a.shape[0]
+        n_patch = ctx.n_patch
+        if cfg.virtual_patch:
+            kv = self.virtual_kv[str(block_id)].view(2, 1, 1, heads, dim).to(k.dtype)
+            k = torch.cat([k, kv[0].expand(n_rows, 1, heads, dim)], dim=1)
+            v = torch.cat([v, kv[1].expand(n_rows, 1, heads, dim)], dim=1)
+        n_prefix = k.shape[1] - n_patch - int(cfg.virtual_patch)
+        timer = _Timer(q.device) if ctx.collect else None
+
+        grad = torch.enable_grad() if cfg.differentiable_plan else torch.no_grad()
+        with grad:
+            q_part = q.float().mean(1)  # [N, H, D]
+            k_cols = k[:, n_prefix:].float()  # [N, Pc, H, D]
+            cost_rows = -torch.einsum("nhd,nphd->nhp", q_part, k_cols) / math.sqrt(dim)
+            cost = cost_rows.new_zeros(n_obj, ctx.k_max, heads, cost_rows.shape[-1])
+            cost = cost.index_put((ctx.row_obj, ctx.slot), cost_rows).transpose(1, 2)  # [B, H, K, Pc]
+            valid = ctx.part_valid[:, None, :, None].float()
+            count = valid.sum((-2, -1), keepdim=True) * cost.shape[-1]
+            mean = (cost * valid).sum((-2, -1), keepdim=True) / count
+            std = (((cost - mean) * valid) ** 2).sum((-2, -1), keepdim=True).div(count).sqrt()
+            cost = (cost - mean) / (std + 1e-6) * valid
+            if ctx.prior is not None:
+                cost = cost + _pad_cols(ctx.prior[:, None], cost.shape[-1])
+            a = ctx.a[:, None, :]  # [B, 1, K]
+            b = ctx.b[None, None, :]  # [1, 1, Pc]
+            solve = dict(eps=cfg.eps, max_iter=int(cfg.iterations), tol=cfg.tol, differentiable=cfg.differentiable_plan)
+            res0 = sinkhorn_log(cost, a, b, **solve)
+            res = res0
+            if ctx.weights is not None and cfg.lambda_edge > 0:
+                smooth = _pad_cols(smooth_plan(res0.plan[..., :n_patch], ctx.weights), cost.shape[-1])
+                res = sinkhorn_log(cost - cfg.lambda_edge * n_patch * smooth, a, b, **solve)
+            ab = a[..., :, None] * b[..., None, :]
+            gate = torch.where(ab > 0, res.plan / ab.clamp_min(1e-30), torch.ones_like(res.plan))
+            bias_obj = cfg.strength * torch.log(gate + 1e-6)  # [B, H, K, Pc]
+            bias_rows = bias_obj.transpose(1, 2)[ctx.row_obj, ctx.slot]  # [N, H, Pc]
+            bias_rows = bias_rows * ctx.active[:, None, None]
+            bias = torch.cat([bias_rows.new_zeros(n_rows, heads, n_prefix), bias_rows], dim=-1)[:, :, None, :]
+
+        if ctx.collect:
+            ctx.records.append(self._diagnostics(q, k, bias, res0, res, ctx, timer))
+        return k, v, bias
+
+    # -------------------------------------------------------------- diagnostics
+    @torch.no_grad()
+    def _diagnostics(self, q, k, bias, res0, res, ctx: RouteContext, timer: "_Timer") -> dict[str, torch.Tensor]:
+        cfg = self.config
+        n_patch = ctx.n_patch
+        elapsed = timer.stop()
+        lq = q.shape[1]
+        idx = torch.linspace(0, lq - 1, min(cfg.diag_tokens, lq), device=q.device).round().long()
+        scores = torch.einsum("nlhd,nmhd->nhlm", q[:, idx].float(), k.float()) / math.sqrt(q.shape[-1])
+        log_a = torch.log_softmax(scores, -1)
+        log_ag = torch.log_softmax(scores + bias.float(), -1)
+        gate = (log_a.exp() * (log_ag - log_a)).sum(-1).mean()
+        valid = ctx.part_valid[:, None, :]  # [B, 1, K]
+        d = {
+            M.GATE: gate,
+            M.PLAN_ENTROPY: plan_entropy(res.plan).mean(),
+            M.MARGINAL_ERROR: res.marginal_error.float().mean(),
+            M.SINKHORN_ITERS: torch.tensor(float(res.iterations + (res0.iterations if res is not res0 else 0))),
+            M.VIRTUAL_MASS: (res.plan[..., n_patch] * valid).sum(-1).mean() if cfg.virtual_patch else torch.zeros(()),
+            M.EDGE_DELTA: (
+                edge_delta(res0.plan[..., :n_patch], res.plan[..., :n_patch], ctx.weights, part_valid=ctx.part_valid[:, None, :])
+                if res is not res0 else torch.zeros(())
+            ),
+        }
+        d[M.OT_TIME_MS] = elapsed
+        return d
+
+    def finish(self, ctx: RouteContext) -> None:
+        """End of a forward pass: stop recording and keep the records for :meth:`diagnostics`."""
+        ctx.close()
+        self._last_records = ctx.records
+
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        """Per-block diagnostics of the last forward pass, averaged over the patched blocks
+        (OT time summed), as 0-dim CPU tensors. Reading them is the step's one host sync."""
+        records = getattr(self, "_last_records", None)
+        if not records:
+            return {}
+        out = {}
+        for key in records[0]:
+            vals = torch.stack([torch.as_tensor(float(r[key]) if isinstance(r[key], _LazyCudaTime) else r[key]).float().cpu() for r in records])
+            out[key] = vals.sum() if key == M.OT_TIME_MS else vals.mean()
+        return out
+
+
+def _pad_cols(x: torch.Tensor, cols: int) -> torch.Tensor:
+    """Zero-pad the last dim of x to ``cols`` (the virtual column gets no prior/edge term)."""
+    extra = cols - x.shape[-1]
+    return x if extra == 0 else torch.nn.functional.pad(x, (0, extra))
+
+
+class _Timer:
+    """Wall time of the OT work; CUDA events on GPU so the hot path has no host sync."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.start_ev = torch.cuda.Event(enable_timing=True)
+            self.end_ev = torch.cuda.Event(enable_timing=True)
+            self.start_ev.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self):
+        if self.cuda:
+            self.end_ev.record()
+            return _LazyCudaTime(self.start_ev, self.end_ev)
+        return torch.tensor((time.perf_counter() - self.t0) * 1000.0)
+
+
+class _LazyCudaTime:
+    """Elapsed milliseconds between two CUDA events, read only when the diagnostics are read."""
+
+    def __init__(self, start, end):
+        self.start, self.end = start, end
+
+    def __float__(self) -> float:
+        self.end.synchronize()
+        return float(self.start.elapsed_time(self.end))

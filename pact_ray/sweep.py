@@ -1,0 +1,429 @@
+"""The sweep harness shared by every sweep script (``sweeps/*.py`` are thin wrappers).
+
+One invocation = one Ray Tune experiment in ``<storage-path>/<name>`` and one MLflow parent
+run in the experiment ``pact-ray/<script>``; each trial is a nested child run. ``--resume``
+restores the Ray experiment and continues the same parent and child runs.
+
+Everything a user can get wrong is checked before Ray starts, and reported as one sentence
+with exit status 2; nothing is created before the checks pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pact_ray.config import ConfigError
+from pact_ray.runkinds import RunKind, get_kind
+from pact_ray.variants import INT_KNOBS, KNOB_RANGES, parse_variants
+
+MANIFEST = "pact_ray_sweep.json"
+EXIT_USAGE = 2
+
+
+class SweepError(ValueError):
+    """A sweep that cannot start or resume (one-sentence message)."""
+
+
+# ---------------------------------------------------------------------- flags
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one sentence (no usage dump) and exits with 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
+
+
+def build_parser(kind: RunKind, description: str) -> argparse.ArgumentParser:
+    p = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("what to run")
+    g.add_argument("--profile", default="quick", choices=list(kind.profiles), help="steps, optimiser and export of each run")
+    g.add_argument("--model", default="small", help="model preset (tiny for tests, small for CPU, pact for GPUs)")
+    g.add_argument("--variants", default="all", help="comma-separated variants for the grid, or 'all': " + ", ".join(kind.variants))
+    g.add_argument("--seeds", default="0", help="comma-separated seeds; the grid is variants x seeds")
+    g.add_argument("--search", default="grid", choices=["grid", "optuna"], help="grid over named variants, or Optuna over one variant's continuous knobs")
+    g.add_argument("--variant", default=None, help="the variant whose knobs --search optuna tunes")
+    g.add_argument("--num-samples", type=_positive_int, default=8, help="Optuna trials")
+    g.add_argument("--scheduler", default="none", choices=["none", "asha"], help="asha stops poor trials early on loss")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field for every trial (e.g. lr=3e-4, batch_size=4, router.eps=0.1); repeatable")
+    g.add_argument("--data", default=None, help="dataset folder (default: synthetic data generated for the preset)")
+    g.add_argument("--checkpoint", default=None, help="official weights (.safetensors or .pt) for --profile official-full")
+    g = p.add_argument_group("where")
+    g.add_argument("--name", default=None, help="sweep name (default: <script>-<profile>-<time>)")
+    g.add_argument("--storage-path", default=None, help="absolute folder or URI for Ray results (default: ./runs)")
+    g.add_argument("--tracking-uri", default=None, help="MLflow store: absolute sqlite:/// file (default ./mlflow.db) or http:// server")
+    g.add_argument("--summary-dir", default=None, help="where the summary files go (default: <storage-path>/<name>/summary)")
+    g = p.add_argument_group("how")
+    g.add_argument("--address", default=None, help="an existing Ray cluster (e.g. auto or ray://host:10001); default starts a local one")
+    g.add_argument("--resume", action="store_true", help="continue the sweep --name where it stopped")
+    g.add_argument("--max-concurrent", type=_nonneg_int, default=0, help="trials at once (0: as many as resources allow)")
+    g.add_argument("--cpus-per-trial", type=_positive_float, default=1.0, help="CPUs per trial (torch threads follow)")
+    g.add_argument("--gpus-per-trial", type=_nonneg_float, default=0.0, help="GPUs per trial; fractions pack trials on one GPU")
+    g.add_argument("--max-failures", type=_nonneg_int, default=2, help="retries of a failed trial from its last checkpoint")
+    g.add_argument("--optuna-seed", type=int, default=0, help="seed of the Optuna sampler")
+    g.add_argument("--quiet", action="store_true", help="no progress table")
+    return p
+
+
+def _positive_int(s: str) -> int:
+    v = _num(int, s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {s}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    v = _num(int, s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    v = _num(float, s)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return v
+
+
+def _nonneg_float(s: str) -> float:
+    v = _num(float, s)
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
+def _num(t, s: str):
+    try:
+        return t(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a{'n integer' if t is int else ' number'}") from None
+
+
+def parse_overrides(items: list[str], kind: RunKind) -> dict[str, Any]:
+    """``KEY=VALUE`` strings -> typed values (JSON literals where they parse, strings otherwise)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r} is not KEY=VALUE")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r} is not a comma-separated list of integers") from None
+    if not seeds:
+        raise ConfigError("--seeds names no seed")
+    return list(dict.fromkeys(seeds))
+
+
+# ------------------------------------------------------------------- the plan
+
+@dataclass
+class SweepPlan:
+    kind: RunKind
+    args: argparse.Namespace
+    name: str
+    storage: str  # absolute path or URI
+    exp_dir: str
+    tracking_uri: str
+    summary_dir: Path
+    base: dict[str, Any]  # fixed trial-config entries
+    trial_configs: list[dict[str, Any]]  # grid points (or one Optuna template)
+
+
+def _storage_path(arg: str | None) -> str:
+    if arg is None:
+        return str(Path.cwd().resolve() / "runs")
+    if "://" in arg:
+        return arg  # an object store Ray's storage supports (s3://, gs://, ...)
+    if not os.path.isabs(arg):
+        raise SweepError(f"--storage-path {arg!r} must be an absolute path (or an object-store URI such as s3://bucket/runs)")
+    return os.path.normpath(arg)
+
+
+def _check_writable(folder: str) -> None:
+    """The folder (or the nearest ancestor that exists) must be a writable directory; nothing is created."""
+    if "://" in folder:
+        return
+    path = Path(folder)
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise SweepError(f"storage path {folder} cannot be created: {probe} is not a folder")
+    if not os.access(probe, os.W_OK):
+        raise SweepError(f"storage path {folder} is not writable ({probe} denies writing)")
+
+
+def _safe_name(name: str) -> str:
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
+        raise SweepError(f"--name {name!r} must be a plain folder name (no '/', not starting with '.')")
+    if not all(c.isalnum() or c in "-_.+=" for c in name):
+        raise SweepError(f"--name {name!r} may only use letters, digits and - _ . + =")
+    return name
+
+
+def make_plan(kind: RunKind, args: argparse.Namespace) -> SweepPlan:
+    from pact_ray.tracking.store import check_tracking_uri, default_tracking_uri
+
+    storage = _storage_path(args.storage_path)
+    name = _safe_name(args.name or f"{kind.script}-{args.profile}-{time.strftime('%Y%m%d-%H%M%S')}")
+    exp_dir = f"{storage.rstrip('/')}/{name}"
+    overrides = parse_overrides(args.overrides, kind)
+    base: dict[str, Any] = {"profile": args.profile, "model": args.model, **overrides}
+    if args.data:
+        base["data"] = str(Path(args.data).resolve())
+    if args.checkpoint:
+        base["init_checkpoint"] = str(Path(args.checkpoint).resolve())
+
+    seeds = parse_seeds(args.seeds)
+    if args.search == "optuna":
+        if not args.variant:
+            raise ConfigError("--search optuna needs --variant NAME (the variant whose knobs are tuned)")
+        variants = parse_variants(args.variant, kind.variants)
+        if len(variants) != 1:
+            raise ConfigError("--search optuna tunes one variant; pass a single --variant")
+        if not kind.variants[variants[0]].knobs:
+            raise ConfigError(f"variant {variants[0]!r} has no continuous knobs to tune")
+    else:
+        variants = parse_variants(args.variants, kind.variants)
+    trial_configs = [{**base, "variant": v, "seed": s} for v in variants for s in seeds]
+    for tc in trial_configs:  # every config error surfaces before anything starts
+        kind.config(tc)
+
+    tracking_uri = args.tracking_uri or default_tracking_uri()
+    check_tracking_uri(tracking_uri)
+    summary_dir = Path(args.summary_dir).resolve() if args.summary_dir else Path(exp_dir) / "summary"
+    return SweepPlan(kind, args, name, storage, exp_dir, tracking_uri, summary_dir, base, trial_configs)
+
+
+def validate_inputs(plan: SweepPlan) -> None:
+    """Data folder and official checkpoint are read and checked in the driver, before Ray starts."""
+    kind = plan.kind
+    cfg = kind.config(plan.trial_configs[0])
+    if getattr(cfg, "data", ""):
+        kind.dataset_fn()(cfg).validate_all()
+    if getattr(cfg, "init", "scratch") == "official":
+        from pact_ray.models.checkpoint import load_core_weights
+
+        model = kind.model_fn()(cfg)
+        load_core_weights(model, cfg.init_checkpoint, model.core_state_dict_keys(), what=f"the {kind.title} '{cfg.model}' preset")
+
+
+# ---------------------------------------------------------------- search space
+
+def param_space(plan: SweepPlan) -> tuple[dict[str, Any], Any]:
+    """(Tune param_space, search algorithm or None)."""
+    from ray import tune
+
+    args = plan.args
+    if args.search == "grid":
+        variants = list(dict.fromkeys(tc["variant"] for tc in plan.trial_configs))
+        seeds = list(dict.fromkeys(tc["seed"] for tc in plan.trial_configs))
+        return {**plan.base, "variant": tune.grid_search(variants), "seed": tune.grid_search(seeds)}, None
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    tc = plan.trial_configs[0]
+    variant = plan.kind.variants[tc["variant"]]
+    space = {**plan.base, "variant": tc["variant"], "seed": tc["seed"]}
+    for knob in variant.knobs:
+        if f"router.{knob}" in plan.base:
+            continue  # fixed by --set
+        lo, hi, log = KNOB_RANGES[knob]
+        if knob in INT_KNOBS:
+            space[f"router.{knob}"] = tune.randint(int(lo), int(hi) + 1)
+        else:
+            space[f"router.{knob}"] = tune.loguniform(lo, hi) if log else tune.uniform(lo, hi)
+    storage_url = optuna_storage_url(plan)
+    searcher = OptunaSearch(
+        metric=plan.kind.metric, mode=plan.kind.mode, seed=args.optuna_seed,
+        storage=optuna.storages.RDBStorage(storage_url), study_name=plan.name,
+    ) if storage_url else OptunaSearch(metric=plan.kind.metric, mode=plan.kind.mode, seed=args.optuna_seed)
+    return space, searcher
+
+
+def optuna_storage_url(plan: SweepPlan) -> str | None:
+    """A persistent Optuna study next to the Ray results, readable by optuna-dashboard."""
+    if "://" in plan.storage:
+        return None
+    return f"sqlite:///{plan.exp_dir}/optuna.db"
+
+
+# ------------------------------------------------------------------- manifest
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _manifest_path(plan: SweepPlan) -> Path | None:
+    return None if "://" in plan.exp_dir else Path(plan.exp_dir) / MANIFEST
+
+
+def read_manifest(plan: SweepPlan) -> dict[str, Any]:
+    path = _manifest_path(plan)
+    if path is None or not path.is_file():
+        raise SweepError(f"sweep {plan.name!r} has no {MANIFEST} in {plan.exp_dir}: nothing to resume")
+    return json.loads(path.read_text())
+
+
+# ------------------------------------------------------------------------ run
+
+def _tuner(plan: SweepPlan, callback, resume: bool):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    kind, args = plan.kind, plan.args
+    trainable = tune.with_resources(kind.trainable_fn(), {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
+    if resume:
+        if not tune.Tuner.can_restore(plan.exp_dir):
+            raise SweepError(f"sweep {plan.name!r} at {plan.exp_dir} has no Ray state to resume")
+        return tune.Tuner.restore(plan.exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    space, searcher = param_space(plan)
+    steps = max(kind.config(tc).steps for tc in plan.trial_configs)
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=steps, grace_period=max(1, steps // 4), reduction_factor=2) if args.scheduler == "asha" else None
+    tune_config = tune.TuneConfig(
+        metric=kind.metric, mode=kind.mode, search_alg=searcher, scheduler=scheduler,
+        num_samples=args.num_samples if args.search == "optuna" else 1,
+        max_concurrent_trials=args.max_concurrent or None,
+        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+    )
+    run_config = tune.RunConfig(
+        name=plan.name, storage_path=plan.storage, callbacks=[callback],
+        failure_config=tune.FailureConfig(max_failures=args.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=3),
+        verbose=0 if args.quiet else 1,
+    )
+    return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
+
+
+def _trial_name(trial) -> str:
+    cfg = trial.config
+    return f"{cfg.get('variant', 'trial')}_s{cfg.get('seed', 0)}_{trial.trial_id}"
+
+
+def init_ray(address: str | None, quiet: bool) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # The trainables must import on every worker; the package folder travels when it is not installed.
+    kw: dict[str, Any] = dict(include_dashboard=False, log_to_driver=not quiet, configure_logging=True)
+    if address:
+        ray.init(address=address, **kw)
+    else:
+        ray.init(**kw)
+
+
+def run_sweep(kind_name: str, argv: list[str] | None = None, description: str = "") -> int:
+    """Entry point of every sweep script. Returns the process exit status."""
+    kind = get_kind(kind_name)
+    args = build_parser(kind, description or kind.script).parse_args(argv)
+    try:
+        return _run(kind, args)
+    except (ValueError, FileNotFoundError, PermissionError) as e:
+        # ConfigError, DataError, CheckpointError, TrackingError, SweepError are ValueErrors.
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _run(kind: RunKind, args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from pact_ray.summary import collect_sweep_rows, write_summary
+    from pact_ray.tracking.callback import MlflowSweepCallback
+    from pact_ray.tracking.store import ensure_experiment, git_commit, ui_command
+    from pact_ray.tracking.writer import ROLE_TAG, close_shared, env_fast_fail, shared_writer
+
+    plan = make_plan(kind, args)
+    _check_writable(plan.storage)
+    exp_path = Path(plan.exp_dir) if "://" not in plan.exp_dir else None
+    if args.resume:
+        manifest = read_manifest(plan)
+        if args.tracking_uri and args.tracking_uri != manifest["tracking_uri"]:
+            raise SweepError(f"sweep {plan.name!r} logs to {manifest['tracking_uri']}; resume it with that --tracking-uri or without the flag")
+        plan.tracking_uri = manifest["tracking_uri"]
+        if manifest.get("kind") != kind.name:
+            raise SweepError(f"sweep {plan.name!r} is a {manifest.get('kind')!r} sweep, not {kind.name!r}")
+    elif exp_path is not None and exp_path.exists():
+        raise SweepError(f"sweep {plan.name!r} already exists at {plan.exp_dir}; pass --resume to continue it or choose another --name")
+    validate_inputs(plan)
+
+    env_fast_fail()
+    client = MlflowClient(plan.tracking_uri)
+    if args.resume:
+        experiment_id, parent_id = manifest["experiment_id"], manifest["parent_run_id"]
+        client.update_run(parent_id, status="RUNNING")
+    else:
+        experiment_id = ensure_experiment(client, kind.experiment)
+        parent = client.create_run(experiment_id, run_name=plan.name, tags={
+            ROLE_TAG: "sweep", "kind": kind.name, "profile": args.profile, "model": args.model,
+            "search": args.search, "git_commit": git_commit(), "mlflow.note.content": f"{kind.script} sweep: {' '.join(sys.argv[1:])}",
+        })
+        parent_id = parent.info.run_id
+        for key, value in {"profile": args.profile, "model": args.model, "search": args.search, "variants": args.variants,
+                           "seeds": args.seeds, "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial}.items():
+            client.log_param(parent_id, key, str(value))
+        if exp_path is not None:
+            exp_path.mkdir(parents=True, exist_ok=False)
+            write_json_atomic(exp_path / MANIFEST, {
+                "kind": kind.name, "name": plan.name, "tracking_uri": plan.tracking_uri, "experiment_id": experiment_id,
+                "parent_run_id": parent_id, "argv": sys.argv[1:], "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "summary_dir": str(plan.summary_dir),
+            })
+
+    shared_writer(plan.tracking_uri)
+    callback = MlflowSweepCallback(plan.tracking_uri, experiment_id, parent_id, kind.name, plan.name, git_commit())
+    init_ray(args.address, args.quiet)
+    t0 = time.time()
+    status = "FAILED"
+    try:
+        results = _tuner(plan, callback, args.resume).fit()
+        status = "FINISHED"
+    finally:
+        close_shared(plan.tracking_uri)
+        client.set_terminated(parent_id, status=status if status == "FINISHED" else "KILLED")
+
+    rows = collect_sweep_rows(plan.tracking_uri, experiment_id, parent_id, kind)
+    files = write_summary(rows, plan.summary_dir)
+    _print_report(plan, results, rows, files, time.time() - t0, ui_command(plan.tracking_uri))
+    return 0 if results.num_errors == 0 else 1
+
+
+def _print_report(plan: SweepPlan, results, rows: list[dict], files: list[Path], wall: float, ui: str) -> None:
+    kind = plan.kind
+    done = sum(r["status"] == "finished" for r in rows)
+    print()
+    print(f"Sweep {plan.name}: {done}/{len(rows)} trials finished, {results.num_errors} errored, {wall:.0f} s")
+    finished = [r for r in rows if r["status"] == "finished" and r.get(kind.metric) is not None]
+    if finished:
+        best = min(finished, key=lambda r: r[kind.metric]) if kind.mode == "min" else max(finished, key=lambda r: r[kind.metric])
+        print(f"Best variant: {best['variant']} (seed {best['seed']}), final {kind.metric} {best[kind.metric]:.6g}")
+    for r in rows:
+        if r["status"] == "errored":
+            print(f"  errored: {r['run']}: {r['error']}")
+    print(f"Ray results:  {plan.exp_dir}")
+    print(f"MLflow:       {plan.tracking_uri}  (experiment {kind.experiment})")
+    for f in files:
+        print(f"Summary:      {f}")
+    print(f"Open the UI:  {ui}")

@@ -1,0 +1,91 @@
+"""Tracking-store addresses: defaults, validation (one clear sentence when unusable), experiments."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+
+class TrackingError(ValueError):
+    """A tracking URI that cannot be used (one-sentence message)."""
+
+
+def default_tracking_uri(cwd: str | os.PathLike | None = None) -> str:
+    return f"sqlite:///{Path(cwd or os.getcwd()).resolve() / 'mlflow.db'}"
+
+
+def sqlite_path(uri: str) -> Path:
+    return Path(uri[len("sqlite:///"):])
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> str:
+    """Return ``uri`` if it can be used: an absolute ``sqlite:///`` file that can be opened, or an
+    ``http(s)://`` MLflow server that answers. Raises :class:`TrackingError` otherwise."""
+    if uri.startswith("sqlite:///"):
+        path = sqlite_path(uri)
+        if not path.is_absolute():
+            raise TrackingError(f"tracking URI {uri} must name an absolute path (sqlite:////abs/path/mlflow.db)")
+        if path.exists() and not path.is_file():
+            raise TrackingError(f"tracking URI {uri} names {path}, which is not a file")
+        if not path.parent.is_dir():
+            raise TrackingError(f"tracking URI {uri}: folder {path.parent} does not exist")
+        if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise TrackingError(f"tracking URI {uri}: {path} is not writable")
+        if path.exists():
+            try:
+                with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
+                    con.execute("select name from sqlite_master limit 1").fetchall()
+            except sqlite3.DatabaseError as e:
+                raise TrackingError(f"tracking URI {uri}: {path} is not an SQLite database ({e})") from None
+        return uri
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:
+                if r.status != 200:
+                    raise TrackingError(f"tracking server {uri} answered {r.status} on /health")
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise TrackingError(f"tracking server {uri} does not answer ({reason})") from None
+        return uri
+    raise TrackingError(f"tracking URI {uri!r} is neither an absolute sqlite:/// file nor an http(s):// server")
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Artifacts of a SQLite store live beside the database (``<db folder>/mlartifacts/<experiment>``),
+    not in whatever folder the command ran from; a server decides for itself (None)."""
+    if uri.startswith("sqlite:///"):
+        return (sqlite_path(uri).parent / "mlartifacts" / experiment.replace("/", "_")).as_uri()
+    return None
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name))
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str:
+    """The commit of the code that runs (empty outside a git checkout)."""
+    here = Path(cwd) if cwd else Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def ui_command(uri: str) -> str:
+    """The command that opens the MLflow UI on ``uri``."""
+    if uri.startswith("sqlite:///"):
+        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    return f"open {uri} in a browser"

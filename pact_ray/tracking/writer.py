@@ -1,0 +1,236 @@
+"""One process, one thread writes to MLflow.
+
+The sweep driver owns a single :class:`MlflowWriter`; Tune callbacks only enqueue. The
+writer thread applies the operations in order, so the default SQLite store never sees
+concurrent writers, trials never wait on tracking, and a tracking server that goes away
+for a while only delays the writes: failed operations are retried with backoff until the
+server answers again (nothing is dropped while the writer is open).
+
+Runs are addressed through :class:`RunRef` handles that the thread resolves (find or
+create) before their first use; a found run remembers the last step it holds, and metric
+rows at or below it are skipped, so a resumed sweep never writes a step twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+log = logging.getLogger(__name__)
+
+TAG_PREFIX = "pact_ray."
+TRIAL_TAG = TAG_PREFIX + "trial_id"
+ROLE_TAG = TAG_PREFIX + "role"
+STEP_METRIC = "loss"  # every reported row has it: its history tells the last step a run holds
+MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch
+MAX_PARAM_LEN = 6000
+MAX_ROWS_PER_BATCH = 50  # reported rows coalesced into one write
+_STOP = ("stop",)
+
+
+@dataclass
+class RunRef:
+    """A run the writer finds or creates on first use (by ``key_tags``)."""
+
+    experiment_id: str
+    name: str
+    key_tags: dict[str, str]
+    tags: dict[str, str] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    parent_run_id: str | None = None
+    run_id: str | None = None
+    last_step: int = -1
+    resolved: threading.Event = field(default_factory=threading.Event)
+
+
+def _str(v: Any) -> str:
+    return "" if v is None else str(v)[:MAX_PARAM_LEN]
+
+
+class MlflowWriter:
+    """Background MLflow writer; see the module docstring."""
+
+    def __init__(self, tracking_uri: str, retry_max_s: float = 5.0):
+        self.tracking_uri = tracking_uri
+        self.retry_max_s = retry_max_s
+        self._queue: queue.Queue = queue.Queue()
+        self._closed = False
+        self.failures = 0  # operations that had to be retried at least once
+        self._thread = threading.Thread(target=self._run, name="pact-ray-mlflow-writer", daemon=True)
+        self._client = MlflowClient(tracking_uri)
+        self._thread.start()
+
+    # ----------------------------------------------------------- public API
+    def run(self, ref: RunRef) -> RunRef:
+        """Find or create ``ref``'s run (asynchronously); returns ``ref``."""
+        self._put(("resolve", ref))
+        return ref
+
+    def log_metrics(self, ref: RunRef, step: int, metrics: dict[str, float], timestamp_ms: int | None = None) -> None:
+        ts = timestamp_ms or int(time.time() * 1000)
+        self._put(("metrics", ref, int(step), {k: float(v) for k, v in metrics.items()}, ts))
+
+    def set_tags(self, ref: RunRef, tags: dict[str, Any]) -> None:
+        self._put(("tags", ref, {k: _str(v) for k, v in tags.items()}))
+
+    def terminate(self, ref: RunRef, status: str) -> None:
+        self._put(("status", ref, status))
+
+    def call(self, ref: RunRef, fn: Callable[[MlflowClient, str], None]) -> None:
+        """Run ``fn(client, run_id)`` in the writer thread (artifacts and the like)."""
+        self._put(("call", ref, fn))
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued so far is written; False on timeout."""
+        done = threading.Event()
+        self._put(("barrier", done))
+        return done.wait(timeout)
+
+    def close(self, timeout: float | None = 300.0) -> bool:
+        """Flush and stop the thread. Returns False when writes were still pending at the timeout."""
+        if self._closed:
+            return True
+        ok = self.flush(timeout)
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join(timeout=5)
+        return ok
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    # -------------------------------------------------------------- thread
+    def _put(self, op: tuple) -> None:
+        if self._closed:
+            raise RuntimeError("the MLflow writer is closed")
+        self._queue.put(op)
+
+    def _run(self) -> None:
+        pending = None
+        while True:
+            op = pending if pending is not None else self._queue.get()
+            pending = None
+            if op is _STOP:
+                return
+            if op[0] != "metrics":
+                self._retry(lambda: self._apply(op))
+                continue
+            # Coalesce consecutive metric rows of one run into one log_batch.
+            batch = [op]
+            while len(batch) < MAX_ROWS_PER_BATCH:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is not _STOP and nxt[0] == "metrics" and nxt[1] is op[1]:
+                    batch.append(nxt)
+                else:
+                    pending = nxt
+                    break
+            self._retry(lambda: self._apply_metrics(batch))
+
+    def _retry(self, fn: Callable[[], None]) -> None:
+        delay = 0.25
+        first = True
+        while True:
+            try:
+                fn()
+                return
+            except Exception as e:  # noqa: BLE001 - any tracking failure is retried, never fatal to the sweep
+                if first:
+                    self.failures += 1
+                    log.warning("MLflow write failed (%s); retrying until the tracking store answers", str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+                    first = False
+                time.sleep(delay)
+                delay = min(delay * 2, self.retry_max_s)
+
+    def _resolve(self, ref: RunRef) -> None:
+        if ref.run_id is not None:
+            return
+        flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in ref.key_tags.items())
+        found = self._client.search_runs([ref.experiment_id], filter_string=flt, max_results=2)
+        if found:
+            run = found[0]
+            ref.run_id = run.info.run_id
+            history = self._client.get_metric_history(ref.run_id, STEP_METRIC)
+            ref.last_step = max((m.step for m in history), default=-1)
+            if run.info.status != "RUNNING":
+                self._client.update_run(ref.run_id, status="RUNNING")
+        else:
+            tags = {**ref.tags, **ref.key_tags, MLFLOW_RUN_NAME: ref.name}
+            if ref.parent_run_id:
+                tags[MLFLOW_PARENT_RUN_ID] = ref.parent_run_id
+            run = self._client.create_run(ref.experiment_id, run_name=ref.name, tags={k: _str(v) for k, v in tags.items()})
+            ref.run_id = run.info.run_id
+            if ref.params:
+                params = [Param(k, _str(v)) for k, v in ref.params.items()]
+                for i in range(0, len(params), 100):
+                    self._client.log_batch(ref.run_id, params=params[i : i + 100])
+        ref.resolved.set()
+
+    def _apply(self, op: tuple) -> None:
+        kind = op[0]
+        if kind == "barrier":
+            op[1].set()
+            return
+        ref = op[1]
+        self._resolve(ref)
+        if kind == "resolve":
+            return
+        if kind == "tags":
+            self._client.log_batch(ref.run_id, tags=[RunTag(k, v) for k, v in op[2].items()])
+        elif kind == "status":
+            self._client.set_terminated(ref.run_id, status=op[2])
+        elif kind == "call":
+            op[2](self._client, ref.run_id)
+
+    def _apply_metrics(self, batch: list[tuple]) -> None:
+        ref = batch[0][1]
+        self._resolve(ref)
+        rows: list[Metric] = []
+        top = ref.last_step
+        for _, _, step, metrics, ts in batch:
+            if step <= ref.last_step:
+                continue  # already in the store (a resumed trial re-reports steps after its checkpoint)
+            rows.extend(Metric(k, v, ts, step) for k, v in metrics.items())
+            top = max(top, step)
+        for i in range(0, len(rows), MAX_BATCH):
+            self._client.log_batch(ref.run_id, metrics=rows[i : i + MAX_BATCH])
+        ref.last_step = top
+
+
+_SHARED: dict[str, MlflowWriter] = {}
+
+
+def shared_writer(tracking_uri: str) -> MlflowWriter:
+    """The process's one writer for ``tracking_uri`` (created on first use)."""
+    w = _SHARED.get(tracking_uri)
+    if w is None or w._closed:
+        env_fast_fail()
+        w = _SHARED[tracking_uri] = MlflowWriter(tracking_uri)
+    return w
+
+
+def close_shared(tracking_uri: str, timeout: float | None = 300.0) -> bool:
+    """Flush and close the shared writer of ``tracking_uri``; False if writes were still pending."""
+    w = _SHARED.pop(tracking_uri, None)
+    return True if w is None else w.close(timeout)
+
+
+def status_name(ok: bool) -> str:
+    return RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
+
+
+def env_fast_fail() -> None:
+    """Make the MLflow HTTP client fail fast: the writer does its own unbounded retrying."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")

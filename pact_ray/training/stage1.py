@@ -1,0 +1,99 @@
+"""Stage1 training: the rectified-flow step of PAct's structure model, with the OT router's
+diagnostics reported every step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pact_ray import flow
+from pact_ray.config import Stage1RunConfig
+from pact_ray.data.cache import ensure_synthetic
+from pact_ray.data.loader import ArticulatedDataset, collate_parts
+from pact_ray.models.checkpoint import load_core_weights
+from pact_ray.models.stage1 import CONDITION_PRESETS, STAGE1_PRESETS, PartStructureFlow, build_stage1
+from pact_ray.training.base import Trainer, step_generator
+
+BATCH_KEYS_TO_DEVICE = ("x", "cond", "masks", "num_parts", "part_idx", "images", "pixel_masks")
+
+
+def build_model(cfg: Stage1RunConfig) -> PartStructureFlow:
+    """The Stage1 model of a run config (preset + variant's router)."""
+    preset = STAGE1_PRESETS[cfg.model]
+    use_ckpt = preset["use_checkpoint"] if cfg.grad_checkpointing is None else cfg.grad_checkpointing
+    mask_condition = "none" if cfg.router is not None and cfg.router.mask_prior else "hard"
+    return build_stage1(cfg.model, router=cfg.router, mask_condition=mask_condition, use_checkpoint=use_ckpt)
+
+
+def dataset_for(cfg: Stage1RunConfig) -> ArticulatedDataset:
+    """The run's dataset: ``cfg.data`` if given, else the preset's synthetic data (cached)."""
+    preset = STAGE1_PRESETS[cfg.model]
+    cond = CONDITION_PRESETS[cfg.model]
+    expect = {"resolution": preset["resolution"], "cond_channels": preset["cond_channels"], "latent_channels": preset["in_channels"]}
+    if cfg.data:
+        folder = Path(cfg.data)
+    else:
+        folder = ensure_synthetic(cfg.synthetic_samples, cfg.data_seed, resolution=preset["resolution"],
+                                  image_size=cond["image_size"], grid=cond["grid"], cond_channels=preset["cond_channels"],
+                                  prefix_tokens=cond["prefix_tokens"])
+    return ArticulatedDataset(folder, expect=expect)
+
+
+class Stage1Trainer(Trainer):
+    def __init__(self, cfg: Stage1RunConfig, device=None, dataset: ArticulatedDataset | None = None):
+        super().__init__(cfg, device)
+        self.dataset = dataset if dataset is not None else dataset_for(cfg)
+        if len(self.dataset) < cfg.batch_size:
+            raise ValueError(f"the dataset has {len(self.dataset)} samples, fewer than batch_size {cfg.batch_size}")
+        model = build_model(cfg)
+        if cfg.init == "official":
+            load_core_weights(model, cfg.init_checkpoint, model.core_state_dict_keys(), what=f"the Stage1 '{cfg.model}' preset")
+        self.model = model.to(self.device)
+        self.build_optimizer(self.model.parameters())
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        """The batch of ``step``: a seeded draw of ``batch_size`` objects (resume-exact)."""
+        g = step_generator(self.cfg.seed, step, stream=0)
+        idx = torch.randperm(len(self.dataset), generator=g)[: self.cfg.batch_size].tolist()
+        batch = collate_parts([self.dataset[i] for i in idx])
+        pin = self.device.type == "cuda"
+        return {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=pin) for k, v in batch.items() if k in BATCH_KEYS_TO_DEVICE}
+
+    def loss_and_metrics(self, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        cfg = self.cfg
+        b = self.batch(step)
+        g = step_generator(cfg.seed, step, stream=1)
+        num_parts = b["num_parts"]
+        n_obj = num_parts.shape[0]
+        t_obj = flow.sample_t(n_obj, g)
+        noise = torch.randn(b["x"].shape, generator=g).to(self.device)
+        cond, masks = b["cond"], b["masks"]
+        if cfg.p_uncond > 0:
+            drop_obj = torch.rand(n_obj, generator=g) < cfg.p_uncond
+            drop = torch.repeat_interleave(drop_obj, num_parts.cpu()).to(self.device)
+            cond = torch.where(drop[:, None, None], torch.zeros_like(cond), cond)
+            masks = torch.where(drop[:, None, None], torch.zeros_like(masks), masks)
+        t = torch.repeat_interleave(t_obj, num_parts.cpu()).to(self.device)
+        x0 = b["x"]
+        x_t = flow.diffuse(x0, t, noise)
+        pred = self.model(x_t, t * flow.T_SCALE, cond, masks, num_parts, b["part_idx"],
+                          images=b["images"], pixel_masks=b["pixel_masks"])
+        loss = F.mse_loss(pred.float(), flow.velocity_target(x0, noise))
+        return loss, self.model.router_diagnostics()
+
+    @torch.no_grad()
+    def sample(self, batch: dict[str, torch.Tensor], steps: int = 25, guidance: float = 7.0, seed: int = 0) -> torch.Tensor:
+        """Euler sampling with classifier-free guidance (negative: zeroed image and mask condition)."""
+        self.model.eval()
+        noise = torch.randn(batch["x"].shape, generator=torch.Generator().manual_seed(seed)).to(self.device)
+        kw = dict(num_parts=batch["num_parts"], part_idx=batch["part_idx"], images=batch["images"], pixel_masks=batch["pixel_masks"])
+
+        def velocity(x, t, conditional):
+            if conditional:
+                return self.model(x, t, batch["cond"], batch["masks"], **kw)
+            return self.model(x, t, torch.zeros_like(batch["cond"]), torch.zeros_like(batch["masks"]), **kw)
+
+        return flow.euler_sample(velocity, noise, steps=steps, guidance=guidance)

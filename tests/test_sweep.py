@@ -1,0 +1,134 @@
+"""Real sweeps through Ray Tune with the SQLite MLflow store (tiny preset, smoke/quick profiles)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pact_ray.summary import ALL_COLUMNS, COLUMNS, JSON_NAME
+from pact_ray.sweep import MANIFEST, run_sweep
+from pact_ray.tracking.callback import SWEEP_TAG
+from pact_ray.tracking.writer import TRIAL_TAG
+from pact_ray.variants import STAGE1_VARIANTS
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "sweeps" / "stage1_router.py"
+
+
+def sweep_args(tmp_path: Path, name: str, *extra: str) -> list[str]:
+    return ["--model", "tiny", "--name", name, "--storage-path", str(tmp_path / "runs"),
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--quiet", *extra]
+
+
+def child_runs(tmp_path: Path, name: str):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    manifest = json.loads((tmp_path / "runs" / name / MANIFEST).read_text())
+    runs = client.search_runs([manifest["experiment_id"]], filter_string=f"tags.`{SWEEP_TAG}` = '{manifest['parent_run_id']}'")
+    return client, manifest, runs
+
+
+def test_smoke_sweep_of_every_variant(tmp_path, ray_address, capsys):
+    rc = run_sweep("stage1", sweep_args(tmp_path, "smoke-all", "--profile", "smoke"))
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    client, manifest, runs = child_runs(tmp_path, "smoke-all")
+    assert sorted(r.data.tags["variant"] for r in runs) == sorted(STAGE1_VARIANTS)
+    parent = client.get_run(manifest["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["mlflow.parentRunId"] == manifest["parent_run_id"]
+        assert {"variant", "phase", "profile", "note", "git_commit"} <= set(r.data.tags) and r.data.tags[TRIAL_TAG]
+        assert r.data.params["variant"] == r.data.tags["variant"] and r.data.params["model"] == "tiny"
+        assert r.data.metrics["step"] == 1 and "loss" in r.data.metrics
+        routed = STAGE1_VARIANTS[r.data.tags["variant"]].router is not None
+        assert ("gate" in r.data.metrics) == routed
+        assert [a.path for a in client.list_artifacts(r.info.run_id)] == ["config.json"]
+    # The summary files hold one row per trial, matching MLflow.
+    rows = json.loads((tmp_path / "runs" / "smoke-all" / "summary" / JSON_NAME).read_text())
+    assert len(rows) == len(STAGE1_VARIANTS) and list(rows[0]) == ALL_COLUMNS
+    by_id = {r.info.run_id: r for r in runs}
+    for row in rows:
+        run = by_id[row["mlflow_run_id"]]
+        assert row["loss"] == pytest.approx(run.data.metrics["loss"])
+        assert row["steps"] == 1 and row["status"] == "finished" and row["phase"] == STAGE1_VARIANTS[row["variant"]].phase
+        assert (row["gate"] is None) == (row["variant"] == "baseline")
+    csv_lines = (tmp_path / "runs" / "smoke-all" / "summary" / "ablation_summary.csv").read_text().splitlines()
+    assert csv_lines[0].split(",")[: len(COLUMNS)] == COLUMNS and len(csv_lines) == 1 + len(STAGE1_VARIANTS)
+    assert "Best variant:" in out and "mlflow ui --backend-store-uri sqlite:///" in out
+
+
+def test_optuna_search_with_asha_and_persistent_study(tmp_path, ray_address):
+    import optuna
+
+    rc = run_sweep("stage1", sweep_args(tmp_path, "opt", "--profile", "smoke", "--search", "optuna", "--variant", "rgb_edge",
+                                        "--num-samples", "3", "--scheduler", "asha", "--set", "router.iterations=20"))
+    assert rc == 0
+    _, _, runs = child_runs(tmp_path, "opt")
+    assert len(runs) == 3
+    eps = {r.data.params["router.eps"] for r in runs}
+    assert len(eps) == 3  # Optuna proposed three different values
+    assert {r.data.params["router.iterations"] for r in runs} == {"20"}  # fixed by --set, not searched
+    study = optuna.load_study(study_name="opt", storage=f"sqlite:///{tmp_path / 'runs' / 'opt' / 'optuna.db'}")
+    assert len(study.trials) == 3 and all("router.eps" in t.params for t in study.trials)
+
+
+def _step_counts(db: Path) -> dict[str, list[int]]:
+    with sqlite3.connect(db) as con:
+        rows = con.execute("select run_uuid, step from metrics where key = 'loss'").fetchall()
+    out: dict[str, list[int]] = {}
+    for run, step in rows:
+        out.setdefault(run, []).append(step)
+    return out
+
+
+def test_sigkilled_sweep_resumes_without_duplicates(tmp_path, ray_address):
+    """The driver is killed with SIGKILL mid-sweep; --resume finishes every trial, each step logged once."""
+    name = "killed"
+    args = sweep_args(tmp_path, name, "--profile", "quick", "--variants", "baseline,ot_first,mask_prior",
+                      "--max-concurrent", "1", "--set", "steps=40", "--set", "checkpoint_every=5", "--address", ray_address)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    db = tmp_path / "mlflow.db"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:  # kill once some trial has logged steps past its first checkpoint
+            if db.exists():
+                try:
+                    counts = _step_counts(db)
+                except sqlite3.OperationalError:
+                    counts = {}
+                if any(max(s) >= 8 for s in counts.values()):
+                    break
+            assert proc.poll() is None, "the sweep ended before it could be interrupted"
+            time.sleep(0.5)
+        else:
+            pytest.fail("the sweep never got going")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = _step_counts(db)
+    assert len(before) < 3 or any(max(s) < 40 for s in before.values())  # really interrupted
+
+    rc = run_sweep("stage1", sweep_args(tmp_path, name, "--profile", "quick", "--resume"))
+    assert rc == 0
+    _, manifest, runs = child_runs(tmp_path, name)
+    assert len(runs) == 3  # no duplicate child runs
+    assert sorted(r.data.tags["variant"] for r in runs) == ["baseline", "mask_prior", "ot_first"]
+    counts = _step_counts(db)
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert sorted(counts[r.info.run_id]) == list(range(1, 41))  # every step exactly once
+    rows = json.loads((tmp_path / "runs" / name / "summary" / JSON_NAME).read_text())
+    assert [row["status"] for row in rows] == ["finished"] * 3 and all(row["steps"] == 40 for row in rows)
