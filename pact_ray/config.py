@@ -104,6 +104,7 @@ class Stage1RunConfig(RunConfig):
     data_seed: int = 0  # seed of the synthetic dataset
     fail_at_step: int = -1  # test-only fault injection: raise at this step (-1: never)
     fail_mode: str = "once"  # "once": only in an attempt that started without a checkpoint; "always"
+    fail_variants: str = ""  # comma-separated variants the fault applies to ("" = every variant)
     router: RouterConfig | None = None  # None = no OT router (filled from the variant)
 
     @classmethod

@@ -66,6 +66,12 @@ def test_smoke_sweep_of_every_variant(tmp_path, ray_address, capsys):
     csv_lines = (tmp_path / "runs" / "smoke-all" / "summary" / "ablation_summary.csv").read_text().splitlines()
     assert csv_lines[0].split(",")[: len(COLUMNS)] == COLUMNS and len(csv_lines) == 1 + len(STAGE1_VARIANTS)
     assert "Best variant:" in out and "mlflow ui --backend-store-uri sqlite:///" in out
+    # On demand, from the tracking store alone: the same table.
+    from analysis.summarize import main as summarize
+
+    assert summarize(["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--experiment", "pact-ray/stage1_router",
+                      "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "ablation_summary.csv").read_text() == "\n".join(csv_lines) + "\n"
 
 
 def test_optuna_search_with_asha_and_persistent_study(tmp_path, ray_address):

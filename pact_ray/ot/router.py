@@ -94,7 +94,7 @@ class RouterConfig:
     t_min: float = 0.0  # active timestep range, in [0, 1] (the router is off outside it)
     t_max: float = 1.0
     differentiable_plan: bool = False  # backpropagate through the Sinkhorn iterations
-    diag_tokens: int = 64  # query tokens per row used for the gate diagnostic
+    diag_tokens: int = 16  # query tokens per row (evenly spaced) used for the gate diagnostic
 
     def validate(self) -> "RouterConfig":
         def need(ok: bool, msg: str) -> None:

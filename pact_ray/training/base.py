@@ -91,6 +91,9 @@ class Trainer:
 
     def check_fault(self) -> None:
         cfg = self.cfg
+        targets = [v.strip() for v in getattr(cfg, "fail_variants", "").split(",") if v.strip()]
+        if targets and cfg.variant not in targets:
+            return
         if self.step == cfg.fail_at_step and (cfg.fail_mode == "always" or not self.resumed):
             raise InjectedFault(f"injected fault at step {self.step} (fail_at_step={cfg.fail_at_step})")
 

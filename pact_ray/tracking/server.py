@@ -1,0 +1,147 @@
+"""A real MLflow tracking server for the sweeps, on loopback by default.
+
+    python -m pact_ray.tracking.server --port 5000 --store ./tracking
+    # -> serving http://127.0.0.1:5000 (backend sqlite:////abs/tracking/mlflow.db, artifacts /abs/tracking/artifacts)
+    python sweeps/stage1_router.py --tracking-uri http://127.0.0.1:5000
+
+It runs ``mlflow server`` with a SQLite backend and a served artifact folder, waits until
+``/health`` answers, and stops it cleanly on Ctrl-C. The server binds 127.0.0.1 unless
+``--host`` names another address *and* ``--allow-remote`` is given: a tracking server
+accepts writes from anyone who can reach it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class TrackingServer:
+    """A running ``mlflow server`` child process."""
+
+    process: subprocess.Popen
+    uri: str
+    backend_store_uri: str
+    artifacts: Path
+    log_path: Path
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.process.poll() is not None:
+            return
+        # mlflow server starts worker processes: signal the whole process group.
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(5)
+
+    def __enter__(self) -> "TrackingServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def wait_healthy(uri: str, timeout: float, process: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process is not None and process.poll() is not None:
+            raise ServerError(f"mlflow server exited with status {process.returncode} before answering")
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise ServerError(f"mlflow server at {uri} did not answer within {timeout:.0f} s")
+
+
+def start_server(store: str | os.PathLike, port: int | None = None, host: str = "127.0.0.1",
+                 allow_remote: bool = False, timeout: float = 60.0) -> TrackingServer:
+    """Start ``mlflow server`` with ``<store>/mlflow.db`` and ``<store>/artifacts``; returns once it answers."""
+    if not is_loopback(host) and not allow_remote:
+        raise ServerError(f"refusing to bind {host}: pass --allow-remote to serve beyond this machine")
+    root = Path(store).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    artifacts = root / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    port = port or free_port(host if is_loopback(host) else "127.0.0.1")
+    backend = f"sqlite:///{root / 'mlflow.db'}"
+    log_path = root / f"server-{port}.log"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
+           "--backend-store-uri", backend, "--artifacts-destination", str(artifacts), "--workers", "1"]
+    log = open(log_path, "ab")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    uri = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+    server = TrackingServer(proc, uri, backend, artifacts, log_path)
+    try:
+        wait_healthy(uri, timeout, proc)
+    except ServerError:
+        server.stop()
+        raise
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pact_ray.sweep import OneLineParser
+
+    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--store", default="tracking", help="folder for mlflow.db and artifacts/")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless --allow-remote)")
+    p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host")
+    args = p.parse_args(argv)
+    try:
+        server = start_server(args.store, args.port, args.host, args.allow_remote)
+    except (ServerError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"serving {server.uri} (backend {server.backend_store_uri}, artifacts {server.artifacts}); Ctrl-C stops it", flush=True)
+    print(f"sweeps: --tracking-uri {server.uri}", flush=True)
+    try:
+        while server.process.poll() is None:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0 if server.process.returncode in (0, -signal.SIGTERM, None) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Sweeps that survive: failing trials, corrupted checkpoints, a tracking server that goes away."""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from pact_ray.config import Stage1RunConfig
+from pact_ray.summary import JSON_NAME
+from pact_ray.sweep import MANIFEST, run_sweep
+from pact_ray.tracking.callback import SWEEP_TAG
+from pact_ray.tracking.server import start_server
+from pact_ray.training.stage1 import Stage1Trainer
+from pact_ray.tune_trial import read_checkpoint, restore, write_checkpoint
+
+
+def _runs(uri: str, storage: Path, name: str):
+    manifest = json.loads((storage / name / MANIFEST).read_text())
+    client = MlflowClient(uri)
+    return client, client.search_runs([manifest["experiment_id"]], filter_string=f"tags.`{SWEEP_TAG}` = '{manifest['parent_run_id']}'")
+
+
+def _steps(client: MlflowClient, run_id: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, "loss"))
+
+
+@pytest.mark.slow
+def test_failing_trials_retry_from_checkpoint_or_error_out(tmp_path, ray_address, capsys):
+    """ot_first fails once at a random step and resumes from its checkpoint; mask_prior fails every
+    time and ends errored, with its error in the summary; baseline is untouched."""
+    fail_step = random.Random().randint(3, 9)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["--model", "tiny", "--profile", "quick", "--storage-path", str(tmp_path / "runs"), "--tracking-uri", uri,
+              "--quiet", "--set", "steps=12", "--set", "checkpoint_every=2", "--set", f"fail_at_step={fail_step}",
+              "--max-failures", "2"]
+    rc = run_sweep("stage1", common + ["--name", "once", "--variants", "baseline,ot_first", "--set", "fail_variants=ot_first"])
+    assert rc == 0, capsys.readouterr().err
+    client, runs = _runs(uri, tmp_path / "runs", "once")
+    by_variant = {r.data.tags["variant"]: r for r in runs}
+    assert set(by_variant) == {"baseline", "ot_first"}
+    for r in runs:
+        assert r.info.status == "FINISHED" and _steps(client, r.info.run_id) == list(range(1, 13))
+    assert f"injected fault at step {fail_step}" in by_variant["ot_first"].data.tags["retried_after"]
+
+    rc = run_sweep("stage1", common + ["--name", "always", "--variants", "baseline,mask_prior",
+                                       "--set", "fail_variants=mask_prior", "--set", "fail_mode=always"])
+    assert rc == 1  # the sweep reports that a trial errored
+    out = capsys.readouterr().out
+    client, runs = _runs(uri, tmp_path / "runs", "always")
+    by_variant = {r.data.tags["variant"]: r for r in runs}
+    assert by_variant["baseline"].info.status == "FINISHED"
+    assert by_variant["mask_prior"].info.status == "FAILED"
+    rows = {row["variant"]: row for row in json.loads((tmp_path / "runs" / "always" / "summary" / JSON_NAME).read_text())}
+    assert rows["baseline"]["status"] == "finished" and rows["baseline"]["steps"] == 12
+    assert rows["mask_prior"]["status"] == "errored"
+    assert f"injected fault at step {fail_step}" in rows["mask_prior"]["error"]
+    assert "errored: " in out and "mask prior" in out
+
+
+def _trainer(tmp_path: Path) -> Stage1Trainer:
+    return Stage1Trainer(Stage1RunConfig.for_variant("ot_first", "quick", "tiny", 0, steps=6))
+
+
+def test_corrupted_or_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    trainer = _trainer(tmp_path)
+    trial = tmp_path / "trial"
+    states = {}
+    for i in range(3):
+        trainer.train_step()
+        folder = trial / f"checkpoint_{i:06d}"
+        folder.mkdir(parents=True)
+        write_checkpoint(folder, trainer.state_dict())
+        states[i] = trainer.step
+    # Newest: truncated; the one before: a flipped byte (checksum); the oldest is good.
+    newest = trial / "checkpoint_000002" / "state.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+    middle = trial / "checkpoint_000001" / "state.pt"
+    data = bytearray(middle.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    middle.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupted"):
+        read_checkpoint(trial / "checkpoint_000001", "stage1")
+
+    fresh = _trainer(tmp_path)
+    restore(fresh, tune.Checkpoint.from_directory(str(trial / "checkpoint_000002")), "stage1")
+    assert fresh.step == states[0] and fresh.resumed
+    ref = read_checkpoint(trial / "checkpoint_000000", "stage1")["model"]
+    for k, v in fresh.model.state_dict().items():
+        assert torch.equal(v, ref[k])
+    # A resumed trainer continues with exactly the uninterrupted run's next step.
+    again = _trainer(tmp_path)
+    restore(again, tune.Checkpoint.from_directory(str(trial / "checkpoint_000000")), "stage1")
+    assert again.train_step()["loss"] == fresh.train_step()["loss"]
+
+
+def test_no_readable_checkpoint_is_an_error(tmp_path):
+    folder = tmp_path / "checkpoint_000000"
+    folder.mkdir()
+    (folder / "state.pt").write_bytes(b"junk")
+    with pytest.raises(RuntimeError, match="no readable checkpoint"):
+        restore(_trainer(tmp_path), tune.Checkpoint.from_directory(str(folder)), "stage1")
+
+
+def test_checkpoint_of_another_kind_is_refused(tmp_path):
+    trainer = _trainer(tmp_path)
+    state = trainer.state_dict()
+    state["kind"] = "world_model"
+    write_checkpoint(tmp_path, state)
+    with pytest.raises(ValueError, match="'world_model' checkpoint, not 'stage1'"):
+        read_checkpoint(tmp_path, "stage1")
+
+
+def _loss_rows(db: Path) -> list[tuple[str, int, int]]:
+    with sqlite3.connect(db) as con:
+        return con.execute("select run_uuid, step, timestamp from metrics where key = 'loss'").fetchall()
+
+
+@pytest.mark.slow
+def test_tracking_server_down_for_30_s_mid_sweep(tmp_path, ray_address):
+    """The server stops mid-sweep and comes back 30 s later on the same port: training goes on,
+    and the metrics of that window reach the server once it is back, each step once."""
+    store = tmp_path / "tracking"
+    server = start_server(store)
+    port = int(server.uri.rsplit(":", 1)[1])
+    db = store / "mlflow.db"
+    window: dict[str, float] = {}
+
+    def outage():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                if any(step >= 5 for _, step, _ in _loss_rows(db)):
+                    break
+            except sqlite3.Error:
+                pass
+            time.sleep(0.2)
+        window["down"] = time.time() * 1000
+        server.stop()
+        time.sleep(30)
+        window["up"] = time.time() * 1000
+        window["server"] = start_server(store, port=port)
+
+    thread = threading.Thread(target=outage, daemon=True)
+    thread.start()
+    try:
+        rc = run_sweep("stage1", ["--model", "tiny", "--profile", "quick", "--variants", "baseline", "--name", "outage",
+                                  "--storage-path", str(tmp_path / "runs"), "--tracking-uri", server.uri, "--quiet",
+                                  "--set", "steps=400", "--set", "checkpoint_every=100"])
+        thread.join(timeout=120)
+        assert rc == 0
+        rows = _loss_rows(db)
+        assert sorted(step for _, step, _ in rows) == list(range(1, 401))  # every step, once
+        during = [s for _, s, ts in rows if window["down"] < ts < window["up"]]
+        assert during, "no step was trained while the server was down"
+    finally:
+        if "server" in window:
+            window["server"].stop()
+        server.stop()
