@@ -165,3 +165,53 @@ def test_tracking_server_down_for_30_s_mid_sweep(tmp_path, ray_address):
         if "server" in window:
             window["server"].stop()
         server.stop()
+
+
+@pytest.mark.slow
+def test_worker_node_removed_mid_sweep(tmp_path):
+    """Two 1-CPU worker nodes run a trial each; one node is removed mid-sweep: its trial moves
+    to the surviving node, resumes from its checkpoint and finishes, every step logged once."""
+    import os
+    import subprocess
+    import sys
+
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    db = tmp_path / "mlflow.db"
+    script = Path(__file__).resolve().parents[1] / "sweeps" / "stage1_router.py"
+    cmd = [sys.executable, str(script), "--address", cluster.address, "--model", "tiny", "--profile", "quick",
+           "--variants", "baseline,ot_first", "--name", "nodes", "--storage-path", str(tmp_path / "runs"),
+           "--tracking-uri", f"sqlite:///{db}", "--quiet", "--max-failures", "3",
+           "--set", "steps=80", "--set", "checkpoint_every=5"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ), start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            try:
+                steps: dict[str, int] = {}
+                for run, step, _ in _loss_rows(db):
+                    steps[run] = max(step, steps.get(run, 0))
+                if len(steps) == 2 and min(steps.values()) >= 10:
+                    break
+            except sqlite3.Error:
+                pass
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.3)
+        else:
+            pytest.fail("the trials never got going on the two worker nodes")
+        cluster.remove_node(workers[1])
+        _, err = proc.communicate(timeout=400)
+        assert proc.returncode == 0, err.decode()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        cluster.shutdown()
+    client, runs = _runs(f"sqlite:///{db}", tmp_path / "runs", "nodes")
+    assert len(runs) == 2
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert _steps(client, r.info.run_id) == list(range(1, 81))
+    assert any("retried_after" in r.data.tags for r in runs)  # one trial really lost its node
