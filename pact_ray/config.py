@@ -184,3 +184,98 @@ class Stage1RunConfig(RunConfig):
     def phase(self) -> str:
         return STAGE1_PROFILES[self.profile].phase or self.variant_info.phase
 
+
+
+# ---------------------------------------------------------------------- Stage2
+
+from pact_ray.presets import STAGE2_PRESETS  # noqa: E402
+from pact_ray.variants import STAGE2_PROFILES, STAGE2_VARIANTS  # noqa: E402
+
+
+@dataclass
+class Stage2RunConfig(RunConfig):
+    """One Stage2 training run (a Ray Tune trial): the structured-latent flow with the
+    articulation head (``pact_ray.models.stage2``). Fields shared with Stage1 mean the same."""
+
+    kind: ClassVar[str] = "stage2"
+
+    variant: str = "baseline"  # named Stage2 variant: baseline, spatial_diag, spatial_adapter
+    profile: str = "quick"  # named profile: steps, optimizer, export, init
+    model: str = "small"  # Stage2 preset: tiny, small, pact
+    seed: int = 0  # model init, data order, voxel subsample, timesteps and noise
+    steps: int = 5  # optimiser steps
+    batch_size: int = 2  # objects per step (their whole-object row and part rows)
+    optimizer: str = "adamw"  # adamw or sgd
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max grad norm; 0 disables clipping
+    precision: str = "fp32"  # fp32, bf16 or fp16 autocast (fp16 with a grad scaler, CUDA only)
+    grad_checkpointing: bool | None = None  # activation checkpointing of the blocks (None: the preset's choice)
+    checkpoint_every: int = 0  # Ray checkpoint every N steps (0: only the final one)
+    export_final: bool = False  # log the final checkpoint as an MLflow artifact
+    init: str = "scratch"  # scratch or official (load init_checkpoint strictly)
+    init_checkpoint: str = ""  # Stage2 weights of this model's layout (.safetensors or .pt)
+    p_uncond: float = 0.0  # probability of dropping image and mask condition (CFG training)
+    max_tokens: int = 0  # voxel tokens kept per row (a seeded subsample); 0: the preset's cap (STAGE2_MAX_TOKENS)
+    art_weight: float = 1.0  # loss = flow MSE + art_weight * art_l2
+    data: str = ""  # dataset folder with voxel sets; empty = synthetic data generated for the preset
+    synthetic_samples: int = 32  # objects in the synthetic dataset
+    data_seed: int = 0  # seed of the synthetic dataset
+    fail_at_step: int = -1  # test-only fault injection: raise at this step (-1: never)
+    fail_mode: str = "once"  # "once": only in an attempt that started without a checkpoint; "always"
+
+    @classmethod
+    def for_variant(cls, variant: str, profile: str = "quick", model: str = "small", seed: int = 0, **overrides: Any) -> "Stage2RunConfig":
+        """The config of ``variant`` under ``profile`` with ``overrides``."""
+        flat = Stage1RunConfig.profile_defaults(get_variant(variant, STAGE2_VARIANTS), get_profile(profile, STAGE2_PROFILES))
+        flat.update(variant=variant, profile=profile, model=model, seed=seed)
+        flat.update(overrides)
+        return cls.from_flat(flat)
+
+    def validate(self) -> "Stage2RunConfig":
+        get_variant(self.variant, STAGE2_VARIANTS)
+        get_profile(self.profile, STAGE2_PROFILES)
+        if self.model not in STAGE2_PRESETS:
+            raise ConfigError(f"unknown model preset {self.model!r}; choose from {', '.join(STAGE2_PRESETS)}")
+        validate_training_fields(self, "the Stage2 weights")
+        if self.max_tokens < 0:
+            raise ConfigError(f"max_tokens must be >= 0 (0: the preset's cap), got {self.max_tokens}")
+        if not self.art_weight >= 0:
+            raise ConfigError(f"art_weight must be >= 0, got {self.art_weight}")
+        return self
+
+    @property
+    def variant_info(self) -> Variant:
+        return STAGE2_VARIANTS[self.variant]
+
+    @property
+    def phase(self) -> str:
+        return STAGE2_PROFILES[self.profile].phase or self.variant_info.phase
+
+
+def validate_training_fields(cfg: Any, weights: str) -> None:
+    """The checks of the training fields that every run config shares (steps, batch size,
+    optimiser, precision, init, CFG dropout, checkpointing, synthetic data, fault mode);
+    ``weights`` names what ``--checkpoint`` must point to."""
+    if cfg.steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {cfg.steps}")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}")
+    if not cfg.lr > 0:
+        raise ConfigError(f"lr must be > 0, got {cfg.lr}")
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+    if cfg.init not in INITS:
+        raise ConfigError(f"init must be one of {INITS}, got {cfg.init!r}")
+    if cfg.init == "official" and not cfg.init_checkpoint:
+        raise ConfigError(f"init 'official' needs {weights}: pass --checkpoint PATH")
+    if not 0 <= cfg.p_uncond < 1:
+        raise ConfigError(f"p_uncond must be in [0, 1), got {cfg.p_uncond}")
+    if cfg.checkpoint_every < 0:
+        raise ConfigError(f"checkpoint_every must be >= 0, got {cfg.checkpoint_every}")
+    if cfg.synthetic_samples < cfg.batch_size:
+        raise ConfigError(f"synthetic_samples ({cfg.synthetic_samples}) must be >= batch_size ({cfg.batch_size})")
+    if cfg.fail_mode not in ("once", "always"):
+        raise ConfigError(f"fail_mode must be 'once' or 'always', got {cfg.fail_mode!r}")

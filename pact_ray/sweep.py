@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pact_ray.config import ConfigError
-from pact_ray.runkinds import RunKind, get_kind
+from pact_ray.runkinds import RunKind, get_kind, resolve_kind
 from pact_ray.variants import INT_KNOBS, KNOB_RANGES, parse_variants
 
 MANIFEST = "pact_ray_sweep.json"
@@ -214,16 +214,21 @@ def make_plan(kind: RunKind, args: argparse.Namespace) -> SweepPlan:
 
 
 def validate_inputs(plan: SweepPlan) -> None:
-    """Data folder and official checkpoint are read and checked in the driver, before Ray starts."""
-    kind = plan.kind
-    cfg = kind.config(plan.trial_configs[0])
-    if getattr(cfg, "data", ""):
-        kind.dataset_fn()(cfg).validate_all()
-    if getattr(cfg, "init", "scratch") == "official":
-        from pact_ray.models.checkpoint import load_core_weights
+    """Data folder and official checkpoint are read and checked in the driver, before Ray starts
+    (once for each run kind of the sweep: the matrix holds Stage1 and Stage2 trials)."""
+    first_of_kind = {}
+    for tc in plan.trial_configs:
+        kind, own = resolve_kind(plan.kind, tc)
+        first_of_kind.setdefault(kind.name, (kind, own))
+    for kind, tc in first_of_kind.values():
+        cfg = kind.config(tc)
+        if getattr(cfg, "data", ""):
+            kind.dataset_fn()(cfg).validate_all()
+        if getattr(cfg, "init", "scratch") == "official":
+            from pact_ray.models.checkpoint import load_core_weights
 
-        model = kind.model_fn()(cfg)
-        load_core_weights(model, cfg.init_checkpoint, model.core_state_dict_keys(), what=f"the {kind.title} '{cfg.model}' preset")
+            model = kind.model_fn()(cfg)
+            load_core_weights(model, cfg.init_checkpoint, model.core_state_dict_keys(), what=f"the {kind.title} '{cfg.model}' preset")
 
 
 # ---------------------------------------------------------------- search space
@@ -419,9 +424,12 @@ def _print_report(plan: SweepPlan, results, rows: list[dict], files: list[Path],
     print()
     print(f"Sweep {plan.name}: {done}/{len(rows)} trials finished, {results.num_errors} errored, {wall:.0f} s")
     finished = [r for r in rows if r["status"] == "finished" and r.get(kind.metric) is not None]
-    if finished:
-        best = min(finished, key=lambda r: r[kind.metric]) if kind.mode == "min" else max(finished, key=lambda r: r[kind.metric])
-        print(f"Best variant: {best['variant']} (seed {best['seed']}), final {kind.metric} {best[kind.metric]:.6g}")
+    row_kinds = list(dict.fromkeys(r["kind"] for r in finished))
+    for row_kind in row_kinds:  # losses of different kinds do not compare: one best per kind
+        of_kind = [r for r in finished if r["kind"] == row_kind]
+        best = min(of_kind, key=lambda r: r[kind.metric]) if kind.mode == "min" else max(of_kind, key=lambda r: r[kind.metric])
+        which = f"{get_kind(row_kind).title} variant" if len(row_kinds) > 1 else "variant"
+        print(f"Best {which}: {best['variant']} (seed {best['seed']}), final {kind.metric} {best[kind.metric]:.6g}")
     for r in rows:
         if r["status"] == "errored":
             print(f"  errored: {r['run']}: {r['error']}")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from ray import tune
 
-from pact_ray.runkinds import get_kind
+from pact_ray.runkinds import resolve_kind
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,8 @@ def assigned_device() -> torch.device:
 
 
 def run_trial(kind_name: str, trial_config: dict[str, Any]) -> None:
-    kind = get_kind(kind_name)
+    """Train one trial of ``kind_name`` (a matrix trial trains as its cell's own kind)."""
+    kind, trial_config = resolve_kind(kind_name, trial_config)
     cfg = kind.config(trial_config)
     trainer = kind.trainer_cls()(cfg, device=assigned_device())
     restore(trainer, tune.get_checkpoint(), kind.name)

@@ -129,3 +129,37 @@ def parse_variants(text: str, registry: dict[str, Variant] = STAGE1_VARIANTS) ->
     for n in names:
         get_variant(n, registry)
     return list(dict.fromkeys(names))
+
+
+# ---------------------------------------------------------------------- Stage2
+
+@dataclass(frozen=True)
+class Stage2Variant(Variant):
+    """A Stage2 variant (the seed's spatial articulation rows)."""
+
+    moments: bool = False  # compute the parts' 2D mask moments and log them (spatial diagnostics)
+    adapter: bool = False  # add the spatial adapter's 24-d residual from the moments
+    stage: str = "stage2"
+
+
+STAGE2_VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in [
+        Stage2Variant("baseline", "baseline", "Official-equivalent Stage2 smoke."),
+        Stage2Variant("spatial_diag", "phase4", "Mask-derived spatial moment diagnostics for articulation rows.",
+                      moments=True),
+        Stage2Variant("spatial_adapter", "phase4", "Zero-initialized articulation residual adapter smoke.",
+                      moments=True, adapter=True),
+    ]
+}
+
+STAGE2_PROFILES: dict[str, Profile] = {
+    p.name: p
+    for p in [
+        Profile("smoke", 1, 1, None),
+        Profile("stability", 5, 5, None, optimizer="sgd", lr=1e-3),
+        Profile("quick", 5, 5, "matrix", title="Matrix"),
+        Profile("full", 40, 40, "full", export_final=True, checkpoint_every=10),
+        Profile("official-full", 40, 40, "official-full", title="Official full", export_final=True, init="official", checkpoint_every=10),
+    ]
+}

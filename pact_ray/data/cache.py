@@ -21,11 +21,13 @@ def cache_root() -> Path:
 
 
 def ensure_synthetic(num_samples: int, seed: int, *, resolution: int, image_size, grid, cond_channels: int,
-                     prefix_tokens: int = 5, occlusion_prob: float = 0.2, root: Path | None = None) -> Path:
-    """Path of the synthetic dataset with these settings, generating it once if missing."""
+                     prefix_tokens: int = 5, occlusion_prob: float = 0.2, voxel_resolution: int | None = None,
+                     root: Path | None = None) -> Path:
+    """Path of the synthetic dataset with these settings, generating it once if missing
+    (with Stage2 voxel sets when ``voxel_resolution`` is given)."""
     root = Path(root) if root is not None else cache_root()
     name = (f"n{num_samples}-s{seed}-r{resolution}-img{image_size[0]}x{image_size[1]}-g{grid[0]}x{grid[1]}"
-            f"-c{cond_channels}-p{prefix_tokens}-o{occlusion_prob:g}")
+            f"-c{cond_channels}-p{prefix_tokens}-o{occlusion_prob:g}" + (f"-v{voxel_resolution}" if voxel_resolution else ""))
     final = root / name
     if (final / "dataset.json").is_file():
         return final
@@ -34,7 +36,7 @@ def ensure_synthetic(num_samples: int, seed: int, *, resolution: int, image_size
     try:
         generate_dataset(tmp, num_samples, seed=seed, resolution=resolution, image_size=tuple(image_size),
                          grid=tuple(grid), cond_channels=cond_channels, prefix_tokens=prefix_tokens,
-                         occlusion_prob=occlusion_prob)
+                         occlusion_prob=occlusion_prob, voxel_resolution=voxel_resolution)
         try:
             os.rename(tmp, final)
         except OSError:

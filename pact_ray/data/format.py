@@ -21,6 +21,9 @@ A dataset is a folder::
     prefix_tokens    tokens before the h*w patch tokens (DINOv2 cls + registers: 5)
     num_samples      samples/sample_{i:06d}.npz exists for i = 0 .. num_samples - 1
     max_parts        upper bound on the part count K of a sample
+    voxel_resolution G of the Stage2 voxel sets (optional; present with voxel_channels
+                     exactly when every sample carries voxels, see below)
+    voxel_channels   C2: latent channels per voxel (optional, as voxel_resolution)
     generator        how the data was made (synthetic generator settings) or null (optional)
 
 Each `samples/sample_{i:06d}.npz` is a plain NumPy archive (no pickled objects) of one
@@ -38,10 +41,29 @@ object with K parts (1 <= K <= max_parts), part 0 being the base/body:
 
 All floating values are finite; `mask` holds no label above K; `articulation` rows decode
 to the row's `joint_types` and `part_labels` entries. A part may be invisible (no pixel of
-`mask` is k + 1), e.g. a handle hidden behind its door. Readers ignore other keys; the
-name `voxels` is reserved for the per-part voxel sets that Stage2 adds in a later
-format version. The [h, w] masks the model takes are derived, not stored: `grid_mask`
-gives each patch its majority pixel label (ties: the smallest label).
+`mask` is k + 1), e.g. a handle hidden behind its door. Readers ignore other keys. The
+[h, w] masks the model takes are derived, not stored: `grid_mask` gives each patch its
+majority pixel label (ties: the smallest label).
+
+Voxels (Stage2). A dataset whose dataset.json names `voxel_resolution` G and
+`voxel_channels` C2 stores, in every sample, the occupied voxels of the whole object and
+of each part with their structured-latent features (TRELLIS SLat: 64^3, 8 channels), as
+one sparse list of V voxels:
+
+    voxel_coords  int16    [V, 4]                (row, x, y, z): row 0 is the whole object,
+                                                 row k + 1 is part k (as in `mask`);
+                                                 x, y, z in 0..G-1 (index order of `latents`)
+    voxel_feats   float16 or float32 [V, C2]     latent features of each voxel
+
+Rows are stored in canonical order: (row, x, y, z) strictly increasing, so every voxel of
+a row appears once. Every row has at least one voxel, and row 0 is exactly the union of
+the part rows' voxels (PAct's whole-object row); features are per row, so a voxel shared
+by two parts may carry different features in each. The layout is the batch layout of
+Stage2 (whole object first), with no per-row padding on disk. Real users encode their
+objects with the TRELLIS SLat encoder; the synthetic generator stores the surface voxels
+of each part with the stand-in features of `synthetic.StandInVoxelEncoder`. Datasets
+without voxels (Stage1 only) leave both dataset.json keys out, and their samples carry no
+voxel keys: they are byte for byte what they were, so the voxels extend format_version 1.
 
 `write_sample` and `write_dataset_spec` write atomically (a temp file in the same folder,
 then os.replace) and store the arrays with fixed zip timestamps, so equal arrays give
@@ -83,6 +105,11 @@ SAMPLE_DTYPES: dict[str, tuple[np.dtype, ...]] = {
     "joint_types": (np.dtype(np.int64),),
 }
 _FLOAT_KEYS = ("latents", "articulation", "cond")
+# The Stage2 voxel keys: present in every sample of a dataset with voxels, in no other.
+VOXEL_DTYPES: dict[str, tuple[np.dtype, ...]] = {
+    "voxel_coords": (np.dtype(np.int16),),
+    "voxel_feats": (np.dtype(np.float16), np.dtype(np.float32)),
+}
 # What NumPy raises for truncated, corrupt or pickled files.
 _READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 # Fixed zip timestamp, so that the same arrays always give the same bytes.
@@ -106,6 +133,8 @@ class DatasetSpec:
     num_samples: int  # number of sample files
     max_parts: int  # upper bound on K
     latent_channels: int = 8  # channels of the structure latents
+    voxel_resolution: int | None = None  # G of the Stage2 voxel sets; None = no voxels
+    voxel_channels: int | None = None  # C2, latent channels per voxel (set with voxel_resolution)
     generator: dict[str, Any] | None = None  # how the data was made, or None
     format_version: int = FORMAT_VERSION
 
@@ -120,6 +149,13 @@ class DatasetSpec:
         for name in ("prefix_tokens", "num_samples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}.")
+        if (self.voxel_resolution is None) != (self.voxel_channels is None):
+            raise ValueError("voxel_resolution and voxel_channels must be given together.")
+        if self.has_voxels and not (1 <= self.voxel_resolution <= np.iinfo(np.int16).max and self.voxel_channels >= 1):
+            raise ValueError(
+                f"voxel_resolution must be in 1..{np.iinfo(np.int16).max} and voxel_channels positive, "
+                f"got {self.voxel_resolution} and {self.voxel_channels}."
+            )
         (height, width), (h, w) = self.image_size, self.grid
         if min(height, width, h, w) < 1 or height % h or width % w or height // h != width // w:
             raise ValueError(
@@ -136,6 +172,11 @@ class DatasetSpec:
         """L = prefix_tokens + h * w."""
         return self.prefix_tokens + self.grid[0] * self.grid[1]
 
+    @property
+    def has_voxels(self) -> bool:
+        """Whether every sample carries the Stage2 voxel sets."""
+        return self.voxel_resolution is not None
+
     def to_json(self) -> str:
         """The dataset.json text (keys in the documented order)."""
         record = {
@@ -149,8 +190,10 @@ class DatasetSpec:
             "prefix_tokens": self.prefix_tokens,
             "num_samples": self.num_samples,
             "max_parts": self.max_parts,
-            "generator": self.generator,
         }
+        if self.has_voxels:  # left out otherwise: Stage1 datasets keep their exact dataset.json
+            record.update(voxel_resolution=self.voxel_resolution, voxel_channels=self.voxel_channels)
+        record["generator"] = self.generator
         return json.dumps(record, indent=2) + "\n"
 
     @classmethod
@@ -163,7 +206,7 @@ class DatasetSpec:
         if not isinstance(record, dict):
             raise DataError(f"{source}: expected a JSON object, got {type(record).__name__}.")
         names = [f.name for f in fields(cls)]
-        optional = {"latent_channels", "generator"}
+        optional = {"latent_channels", "voxel_resolution", "voxel_channels", "generator"}
         missing = [n for n in names if n not in record and n not in optional]
         if missing:
             raise DataError(f"{source}: missing key {', '.join(missing)}.")
@@ -173,6 +216,8 @@ class DatasetSpec:
         values = dict(record)
         for name in names:
             if name in ("name", "generator") or name not in values:
+                continue
+            if name in ("voxel_resolution", "voxel_channels") and values[name] is None:
                 continue
             value = values[name]
             if name in ("image_size", "grid"):
@@ -238,12 +283,14 @@ def read_dataset_spec(folder: str | os.PathLike) -> DatasetSpec:
 def write_sample(folder: str | os.PathLike, index: int, sample: Mapping[str, np.ndarray]) -> Path:
     """Write one sample to `folder/samples/sample_{index:06d}.npz` atomically; returns its path.
 
-    `sample` must hold exactly the keys of SAMPLE_DTYPES (see the module docstring); the
-    arrays are written as given, in a fixed order and with fixed zip timestamps, so equal
-    arrays give byte-identical files. Contents are checked on reading (`load_sample`).
+    `sample` must hold exactly the keys of SAMPLE_DTYPES, plus both keys of VOXEL_DTYPES
+    or neither (see the module docstring); the arrays are written as given, in a fixed
+    order and with fixed zip timestamps, so equal arrays give byte-identical files.
+    Contents are checked on reading (`load_sample`).
     """
-    missing = [k for k in SAMPLE_DTYPES if k not in sample]
-    unknown = sorted(set(sample) - set(SAMPLE_DTYPES))
+    keys = {**SAMPLE_DTYPES, **VOXEL_DTYPES} if any(k in sample for k in VOXEL_DTYPES) else SAMPLE_DTYPES
+    missing = [k for k in keys if k not in sample]
+    unknown = sorted(set(sample) - set(keys))
     if missing or unknown:
         raise ValueError(f"sample {index} has missing keys {missing} and unknown keys {unknown}.")
     path = sample_path(folder, index)
@@ -251,7 +298,7 @@ def write_sample(folder: str | os.PathLike, index: int, sample: Mapping[str, np.
 
     def write(f: BinaryIO) -> None:
         with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as archive:
-            for key in SAMPLE_DTYPES:
+            for key in keys:
                 info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_DATE_TIME)
                 with archive.open(info, "w", force_zip64=True) as member:
                     np.lib.format.write_array(member, np.ascontiguousarray(sample[key]), allow_pickle=False)
@@ -281,22 +328,25 @@ def _shape_text(shape: tuple[int | str, ...]) -> str:
 
 
 def load_sample(path: str | os.PathLike, spec: DatasetSpec) -> dict[str, np.ndarray]:
-    """Read and validate one sample file against `spec`; returns the arrays of SAMPLE_DTYPES.
+    """Read and validate one sample file against `spec`; returns the arrays of SAMPLE_DTYPES
+    (and of VOXEL_DTYPES when the spec has voxels).
 
     Every problem raises DataError with one sentence naming the file: unreadable or not an
     .npz, missing key, wrong dtype, shape inconsistent with spec or with the other arrays,
     part count outside 1..max_parts, non-finite values, mask label above K, ids out of
-    range, articulation rows that disagree with joint_types/part_labels.
+    range, articulation rows that disagree with joint_types/part_labels, and voxel sets
+    that break the rules of the module docstring.
     """
     path = Path(path)
     arrays = _read_npz(path)
-    for key, dtypes in SAMPLE_DTYPES.items():
+    dtypes_of = {**SAMPLE_DTYPES, **VOXEL_DTYPES} if spec.has_voxels else SAMPLE_DTYPES
+    for key, dtypes in dtypes_of.items():
         if key not in arrays:
-            raise DataError(f"{path}: missing key '{key}' (a sample needs {', '.join(SAMPLE_DTYPES)}).")
+            raise DataError(f"{path}: missing key '{key}' (a sample needs {', '.join(dtypes_of)}).")
         if arrays[key].dtype not in dtypes:
             expected = " or ".join(str(d) for d in dtypes)
             raise DataError(f"{path}: {key} has dtype {arrays[key].dtype}, expected {expected}.")
-    sample = {key: arrays[key] for key in SAMPLE_DTYPES}
+    sample = {key: arrays[key] for key in dtypes_of}
 
     labels = sample["part_labels"]
     if labels.ndim != 1:
@@ -353,7 +403,41 @@ def load_sample(path: str | os.PathLike, spec: DatasetSpec) -> dict[str, np.ndar
                 f"{path}: articulation row {k} encodes {key} {int(decoded[key][k])} "
                 f"but {name}[{k}] is {int(stored[k])}."
             )
+    if spec.has_voxels:
+        _check_voxels(path, sample["voxel_coords"], sample["voxel_feats"], num_parts, spec)
     return sample
+
+
+def _check_voxels(path: Path, coords: np.ndarray, feats: np.ndarray, num_parts: int, spec: DatasetSpec) -> None:
+    """The voxel rules of the module docstring; coords int16 [V, 4], feats [V, C2]."""
+    g = spec.voxel_resolution
+    if coords.ndim != 2 or coords.shape[1] != 4 or coords.shape[0] < 1:
+        raise DataError(f"{path}: voxel_coords has shape {_shape_text(coords.shape)}, expected (V, 4) with V >= 1.")
+    if feats.shape != (coords.shape[0], spec.voxel_channels):
+        raise DataError(
+            f"{path}: voxel_feats has shape {_shape_text(feats.shape)}, "
+            f"expected {_shape_text(('V', spec.voxel_channels))} with V = {coords.shape[0]} voxels."
+        )
+    c = coords.astype(np.int64)
+    rows, xyz = c[:, 0], c[:, 1:]
+    if rows.min() < 0 or rows.max() > num_parts:
+        raise DataError(f"{path}: voxel_coords has rows {rows.min()}..{rows.max()}, expected 0..K = 0..{num_parts}.")
+    if xyz.min() < 0 or xyz.max() >= g:
+        raise DataError(f"{path}: voxel_coords has x, y, z in {xyz.min()}..{xyz.max()}, expected 0..{g - 1}.")
+    cell = (xyz[:, 0] * g + xyz[:, 1]) * g + xyz[:, 2]
+    key = rows * g**3 + cell
+    if (np.diff(key) <= 0).any():
+        raise DataError(f"{path}: voxel_coords is not in canonical order ((row, x, y, z) strictly increasing).")
+    counts = np.bincount(rows, minlength=num_parts + 1)
+    if (counts == 0).any():
+        empty = int(np.flatnonzero(counts == 0)[0])
+        raise DataError(f"{path}: voxel row {empty} has no voxel (every row of K = {num_parts} parts needs one).")
+    whole, parts = cell[rows == 0], np.unique(cell[rows > 0])
+    if whole.shape != parts.shape or (whole != parts).any():
+        raise DataError(f"{path}: voxel row 0 ({whole.size} voxels) is not the union of the part rows ({parts.size} voxels).")
+    bad = int(np.count_nonzero(~np.isfinite(feats)))
+    if bad:
+        raise DataError(f"{path}: voxel_feats contains {bad} non-finite values (NaN or inf).")
 
 
 def grid_mask(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:

@@ -1,10 +1,12 @@
-"""Torch dataset over a dataset folder (format.py) and the part-wise batches Stage1 takes."""
+"""Torch dataset over a dataset folder (format.py), the part-wise batches Stage1 takes and
+the padded voxel-set batches Stage2 takes."""
 
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -20,7 +22,8 @@ from pact_ray.data.format import (
 )
 
 # Spec fields that `expect` may name; max_parts is an upper bound, the rest must match.
-_EXPECTABLE = ("resolution", "latent_channels", "image_size", "grid", "cond_channels", "prefix_tokens", "max_parts")
+_EXPECTABLE = ("resolution", "latent_channels", "image_size", "grid", "cond_channels", "prefix_tokens", "max_parts",
+               "voxel_resolution", "voxel_channels")
 
 
 class ArticulatedDataset(Dataset):
@@ -31,8 +34,9 @@ class ArticulatedDataset(Dataset):
 
     expect: model requirements checked against dataset.json, e.g.
     {"resolution": 8, "cond_channels": 64, "grid": (6, 6)}; keys among resolution,
-    latent_channels, image_size, grid, cond_channels, prefix_tokens (must be equal) and
-    max_parts (the most parts the model handles: the dataset's max_parts must not exceed it).
+    latent_channels, image_size, grid, cond_channels, prefix_tokens, voxel_resolution,
+    voxel_channels (must be equal) and max_parts (the most parts the model handles: the
+    dataset's max_parts must not exceed it).
     """
 
     def __init__(self, folder: str | os.PathLike, expect: Mapping[str, Any] | None = None) -> None:
@@ -47,6 +51,11 @@ class ArticulatedDataset(Dataset):
             if key not in _EXPECTABLE:
                 raise ValueError(f"expect may name {', '.join(_EXPECTABLE)}, not {key!r}.")
             have = getattr(self.spec, key)
+            if key.startswith("voxel_") and have is None:
+                raise DataError(
+                    f"{source}: the dataset has no voxel sets but the Stage2 model needs them "
+                    f"(generate it with --voxel-resolution {expect.get('voxel_resolution', needed)})."
+                )
             if key == "max_parts":
                 if have > needed:
                     raise DataError(f"{source}: max_parts is {have} but the model handles at most {needed} parts.")
@@ -106,7 +115,6 @@ def collate_parts(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tenso
     def stacked(key: str) -> torch.Tensor:
         return torch.stack([torch.as_tensor(s[key]) for s in samples])
 
-    joint_types = per_part("joint_types")
     return {
         "x": per_part("latents"),
         "cond": repeated("cond", torch.float32),
@@ -115,10 +123,88 @@ def collate_parts(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tenso
         "part_idx": torch.cat([torch.arange(k) for k in counts]),
         "images": stacked("image").permute(0, 3, 1, 2).float() / 255.0,
         "pixel_masks": stacked("mask").long(),
-        "articulation": per_part("articulation"),
+        **_part_targets(samples),
+        "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
+    }
+
+
+def _part_targets(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    """Per-part supervision, parts of all objects in order: articulation [P, 24], art_valid,
+    part_labels, joint_types."""
+    joint_types = torch.cat([torch.as_tensor(s["joint_types"]) for s in samples])
+    return {
+        "articulation": torch.cat([torch.as_tensor(s["articulation"]) for s in samples]),
         "art_valid": validity_mask(joint_types),
-        "part_labels": per_part("part_labels"),
+        "part_labels": torch.cat([torch.as_tensor(s["part_labels"]) for s in samples]),
         "joint_types": joint_types,
+    }
+
+
+def _shared_cells(coords: np.ndarray) -> np.ndarray:
+    """coords int16 [V, 4] (row, x, y, z) -> bool [V]: voxels whose cell is occupied by more
+    than one part row (row >= 1) of the object."""
+    radix = 1 << 15  # above every int16 coordinate: (x, y, z) -> one int64 key
+    cell = (coords[:, 1].astype(np.int64) * radix + coords[:, 2]) * radix + coords[:, 3]
+    cells, counts = np.unique(cell[coords[:, 0] > 0], return_counts=True)
+    return np.isin(cell, cells[counts > 1])
+
+
+def collate_voxels(
+    samples: Sequence[Mapping[str, Any]],
+    max_tokens: int | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Batch B objects (items of an ArticulatedDataset with voxels) as padded voxel sets.
+
+    Each object contributes K + 1 rows, the whole object first, then its parts (the row
+    ids of format.py's voxel_coords); N = sum(K + 1), P = sum(K). A row with more than
+    `max_tokens` voxels keeps a uniform random subset of that size drawn from `generator`
+    (kept in canonical order); M is the longest row after that, and shorter rows are
+    padded (valid False, zeros).
+      feats        float32 [N, M, C2]  voxel latents
+      shared       float32 [N, M]      1 where the voxel's cell belongs to more than one
+                                       part of its object (counted before subsampling)
+      coords       int64   [N, M, 3]   x, y, z in 0..G-1
+      valid        bool    [N, M]
+      num_rows     int64   [B]         K + 1
+      cond         float32 [B, L, C]   image tokens, once per object
+      masks        int64   [B, h, w]   grid masks (labels k + 1 = part k = row k + 1)
+      pixel_masks  int64   [B, H, W]
+      num_parts    int64   [B]         K
+      articulation float32 [P, 24], art_valid bool [P, 24], part_labels int64 [P],
+      joint_types  int64   [P]         per part, objects in order
+      index        int64   [B]
+    """
+    if any("voxel_coords" not in s for s in samples):
+        raise ValueError("collate_voxels needs samples with voxel sets (a dataset made with a voxel_resolution).")
+    rows_c, rows_f, rows_s, num_rows = [], [], [], []
+    for s in samples:
+        coords, feats = s["voxel_coords"], s["voxel_feats"]
+        shared = _shared_cells(coords)
+        bounds = np.searchsorted(coords[:, 0], np.arange(len(s["part_labels"]) + 2))
+        num_rows.append(len(bounds) - 1)
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            keep = np.arange(lo, hi)
+            if max_tokens is not None and hi - lo > max_tokens:
+                keep = keep[torch.randperm(hi - lo, generator=generator)[:max_tokens].sort().values.numpy()]
+            rows_c.append(torch.from_numpy(coords[keep, 1:].astype(np.int64)))
+            rows_f.append(torch.from_numpy(feats[keep].astype(np.float32)))
+            rows_s.append(torch.from_numpy(shared[keep].astype(np.float32)))
+    lengths = torch.tensor([len(c) for c in rows_c])
+    valid = torch.arange(int(lengths.max()))[None] < lengths[:, None]
+    pad = torch.nn.utils.rnn.pad_sequence
+    counts = [len(s["part_labels"]) for s in samples]
+    return {
+        "feats": pad(rows_f, batch_first=True),
+        "shared": pad(rows_s, batch_first=True),
+        "coords": pad(rows_c, batch_first=True),
+        "valid": valid,
+        "num_rows": torch.tensor(num_rows, dtype=torch.int64),
+        "cond": torch.stack([torch.as_tensor(s["cond"], dtype=torch.float32) for s in samples]),
+        "masks": torch.stack([torch.as_tensor(s["grid_mask"], dtype=torch.int64) for s in samples]),
+        "pixel_masks": torch.stack([torch.as_tensor(s["mask"]) for s in samples]).long(),
+        "num_parts": torch.tensor(counts, dtype=torch.int64),
+        **_part_targets(samples),
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
     }
 

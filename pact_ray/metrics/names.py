@@ -20,3 +20,47 @@ EMPTY = "empty"
 
 # Router diagnostics, in the order they are reported.
 ROUTER_DIAGNOSTICS = (GATE, EDGE_DELTA, VIRTUAL_MASS, PLAN_ENTROPY, MARGINAL_ERROR, SINKHORN_ITERS, OT_TIME_MS)
+
+# Stage2, every step (besides LOSS, ART_L2, MASK_PARTS and EMPTY).
+FLOW_LOSS = "flow_loss"  # rectified-flow MSE on the voxel latents (valid tokens)
+ART_LOSS = "art_loss"  # the articulation term of LOSS: ART_L2 times the config's art_weight
+ART_TYPE_ACC = "art_type_acc"  # decoded joint type == target, over the batch's parts
+ART_LABEL_ACC = "art_label_acc"  # decoded semantic label == target
+# Mean squared error of each slot group of the articulation vector (valid slots only),
+# keyed by pact_ray.data.articulation.SLOT_GROUPS.
+ART_GROUP_ERRORS = {
+    "type": "art_err_type",
+    "axis": "art_err_axis",
+    "origin": "art_err_origin",
+    "range": "art_err_range",
+    "label": "art_err_label",
+}
+# Spatial variants: the 2D mask moments of the parts (pact_ray.models.stage2.mask_moments),
+# in its column order, averaged over the batch's visible parts.
+MASK_MOMENTS = ("mask_area", "mask_cx", "mask_cy", "mask_xx", "mask_yy", "mask_xy", "mask_x0", "mask_y0", "mask_x1", "mask_y1")
+
+# World model (pact_ray.metrics.world_model): validation-split metrics, reported at the
+# evaluation steps and in the evaluation report; definitions in that module's docstring.
+VAL_MSE = "val_mse"
+VAL_MSE_VISUAL = "val_mse_visual"
+SSIM = "ssim"
+PSNR = "psnr"
+VAL_MSE_MOTOR_STRIP = "val_mse_motor_strip"
+VAL_MSE_ACTION = "val_mse_action_{k}"  # .format(k=action id): 0 STAY, 1 MOVE+, 2 MOVE-
+VAL_MSE_STATIC = "val_mse_static"
+VAL_MSE_DYNAMIC = "val_mse_dynamic"
+MOTOR_POSITION_MAE_MEAN = "motor_position_mae_mean"
+MOTOR_POSITION_MAE_PER_JOINT = "motor_position_mae_per_joint"  # a list; in MLflow one metric per joint:
+PER_JOINT = "{name}.{joint}"  # .format(name=..., joint="J0"): motor_position_mae_per_joint.J0
+MOTOR_POSITION_MAE_ACTION = "motor_position_mae_action_{k}"
+MOTOR_VELOCITY_MAE_MEAN = "motor_velocity_mae_mean"
+MOTOR_DIRECTION_ACCURACY = "motor_direction_accuracy"
+MOTOR_CONSISTENCY_ERROR = "motor_consistency_error"
+ACTION_DISCRIMINATION_SCORE = "action_discrimination_score"
+MOTOR_DISCRIMINATION_SCORE = "motor_discrimination_score"
+VAL_MSE_TEACHER_FORCED = "val_mse_teacher_forced"  # GPT only: val_mse of the teacher-forced frames
+TF_FR_GAP = "tf_fr_gap"  # GPT only: val_mse (free-running) - val_mse_teacher_forced
+VAL_SAMPLES = "val_samples"  # validation samples scored
+EVAL_TIME_S = "eval_time_s"  # seconds the evaluation took
+BEST_VAL_MSE = "best_val_mse"  # lowest val_mse so far (the weights kept as the best checkpoint)
+BEST_STEP = "best_step"  # the step of those weights

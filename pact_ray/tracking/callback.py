@@ -14,7 +14,7 @@ from typing import Any
 
 from ray import tune
 
-from pact_ray.runkinds import get_kind
+from pact_ray.runkinds import resolve_kind
 from pact_ray.tracking.writer import ROLE_TAG, TAG_PREFIX, TRIAL_TAG, MlflowWriter, RunRef, shared_writer, status_name
 
 SWEEP_TAG = TAG_PREFIX + "sweep_run_id"
@@ -65,8 +65,8 @@ class MlflowSweepCallback(tune.Callback):
         ref = self._refs.get(trial.trial_id)
         if ref is not None:
             return ref
-        kind = get_kind(self.kind)
-        cfg = kind.config(trial.config)
+        kind, own = resolve_kind(self.kind, trial.config)  # a matrix trial is tagged with its cell's own kind
+        cfg = kind.config(own)
         self._configs[trial.trial_id] = cfg
         flat = cfg.flat()
         variant = kind.variants[cfg.variant]

@@ -1,0 +1,179 @@
+"""Stage2 training: the rectified-flow step on the voxel latents plus PAct's articulation
+regression, with the articulation metrics every step and the spatial variants' mask
+diagnostics.
+
+The objective of one step, for the batch's valid voxel tokens V and part articulation
+slots A (validity mask of the joint type):
+
+    loss     = flow_loss + art_weight * art_l2
+    flow     = mean_{(i, c), i in V} (v_pred - ((1 - sigma_min) eps - x0))^2     (flow.py)
+    art_l2   = mean_{(p, s) in A} (a_pred - a)^2
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pact_ray import flow
+from pact_ray.config import Stage2RunConfig
+from pact_ray.data.articulation import SLOT_GROUPS, decode_articulation
+from pact_ray.data.cache import ensure_synthetic
+from pact_ray.data.loader import ArticulatedDataset, collate_voxels
+from pact_ray.metrics import names as M
+from pact_ray.models.checkpoint import load_core_weights
+from pact_ray.models.stage2 import ArticulatedSLatFlow, FeatureAverage, TokenLayout, build_stage2, mask_moments
+from pact_ray.presets import CONDITION_PRESETS, STAGE1_PRESETS, STAGE2_MAX_TOKENS, STAGE2_PRESETS
+from pact_ray.training.base import Trainer, step_generator
+
+BATCH_KEYS_TO_DEVICE = ("feats", "shared", "coords", "valid", "num_rows", "cond", "masks", "pixel_masks", "num_parts",
+                        "articulation", "art_valid", "part_labels", "joint_types")
+
+
+def build_model(cfg: Stage2RunConfig) -> ArticulatedSLatFlow:
+    """The Stage2 model of a run config (preset + the variant's spatial adapter)."""
+    preset = STAGE2_PRESETS[cfg.model]
+    use_ckpt = preset["use_checkpoint"] if cfg.grad_checkpointing is None else cfg.grad_checkpointing
+    return build_stage2(cfg.model, spatial_adapter=cfg.variant_info.adapter, use_checkpoint=use_ckpt)
+
+
+def token_cap(cfg: Stage2RunConfig) -> int | None:
+    """Voxel tokens kept per row: the config's max_tokens, else the preset's (None: all)."""
+    return cfg.max_tokens or STAGE2_MAX_TOKENS[cfg.model]
+
+
+def dataset_for(cfg: Stage2RunConfig) -> ArticulatedDataset:
+    """The run's dataset (with voxel sets): ``cfg.data`` if given, else the preset's synthetic data (cached)."""
+    preset = STAGE2_PRESETS[cfg.model]
+    expect = {"cond_channels": preset["cond_channels"], "voxel_resolution": preset["resolution"],
+              "voxel_channels": preset["out_channels"], "max_parts": preset["max_num_parts"]}
+    if cfg.data:
+        folder = Path(cfg.data)
+    else:
+        cond = CONDITION_PRESETS[cfg.model]
+        folder = ensure_synthetic(cfg.synthetic_samples, cfg.data_seed, resolution=STAGE1_PRESETS[cfg.model]["resolution"],
+                                  image_size=cond["image_size"], grid=cond["grid"], cond_channels=preset["cond_channels"],
+                                  prefix_tokens=cond["prefix_tokens"], voxel_resolution=preset["resolution"])
+    return ArticulatedDataset(folder, expect=expect)
+
+
+def model_input(x_t: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+    """x_t: [N, M, C2] noisy latents, shared: [N, M] flag -> [N, M, C2 + 1] (the model's 8 + 1 channels)."""
+    return torch.cat([x_t, shared[..., None].to(x_t.dtype)], dim=-1)
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of (pred - target)^2 over the True entries of ``mask`` (same shape); 0 when none."""
+    sq = (pred - target).pow(2).masked_fill(~mask, 0)
+    return sq.sum() / mask.sum().clamp(min=1)
+
+
+def articulation_metrics(
+    pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, joint_types: torch.Tensor, labels: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Errors of predicted articulation vectors.
+
+    pred, target: [P, 24]; valid: [P, 24] bool (articulation.validity_mask); joint_types,
+    labels: [P] target ids. Returns ART_L2 (MSE over valid slots), the MSE of each slot
+    group (ART_GROUP_ERRORS; a group with no valid slot, e.g. axis in a batch of fixed
+    joints, gives 0) and the accuracies of the decoded joint type and label.
+    """
+    out = {M.ART_L2: masked_mse(pred, target, valid)}
+    for group, name in M.ART_GROUP_ERRORS.items():
+        s = SLOT_GROUPS[group]
+        out[name] = masked_mse(pred[:, s], target[:, s], valid[:, s])
+    decoded = decode_articulation(pred.detach().float())
+    out[M.ART_TYPE_ACC] = (decoded["joint_type"] == joint_types).float().mean()
+    out[M.ART_LABEL_ACC] = (decoded["label"] == labels).float().mean()
+    return out
+
+
+class Stage2Trainer(Trainer):
+    def __init__(self, cfg: Stage2RunConfig, device=None, dataset: ArticulatedDataset | None = None):
+        super().__init__(cfg, device)
+        self.dataset = dataset if dataset is not None else dataset_for(cfg)
+        if len(self.dataset) < cfg.batch_size:
+            raise ValueError(f"the dataset has {len(self.dataset)} samples, fewer than batch_size {cfg.batch_size}")
+        model = build_model(cfg)
+        if cfg.init == "official":
+            load_core_weights(model, cfg.init_checkpoint, model.core_state_dict_keys(), what=f"the Stage2 '{cfg.model}' preset")
+        self.model = model.to(self.device)
+        self.variant = cfg.variant_info
+        self.build_optimizer(self.model.parameters())
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        """The batch of ``step``: a seeded draw of ``batch_size`` objects and of their voxel
+        subsample (resume-exact)."""
+        g = step_generator(self.cfg.seed, step, stream=0)
+        idx = torch.randperm(len(self.dataset), generator=g)[: self.cfg.batch_size].tolist()
+        batch = collate_voxels([self.dataset[i] for i in idx], token_cap(self.cfg), g)
+        pin = self.device.type == "cuda"
+        return {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=pin) for k, v in batch.items() if k in BATCH_KEYS_TO_DEVICE}
+
+    def loss_and_metrics(self, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        cfg = self.cfg
+        b = self.batch(step)
+        g = step_generator(cfg.seed, step, stream=1)
+        num_rows, num_parts = b["num_rows"].cpu(), b["num_parts"].cpu()
+        n_obj = num_rows.shape[0]
+        t_obj = flow.sample_t(n_obj, g)
+        x0 = b["feats"]
+        noise = torch.randn(x0.shape, generator=g).to(self.device)
+        cond, masks = b["cond"], b["masks"]
+        moments, visible = mask_moments(b["pixel_masks"], b["num_parts"])
+        if cfg.p_uncond > 0:  # CFG training: drop the image, its mask and the moments derived from it
+            drop = (torch.rand(n_obj, generator=g) < cfg.p_uncond).to(self.device)
+            cond = torch.where(drop[:, None, None], torch.zeros_like(cond), cond)
+            masks = torch.where(drop[:, None, None], torch.zeros_like(masks), masks)
+            moments = moments * ~torch.repeat_interleave(drop, num_parts.to(self.device))[:, None]
+        x_t = flow.diffuse(x0, torch.repeat_interleave(t_obj, num_rows).to(self.device), noise)
+        out = self.model(model_input(x_t, b["shared"]), (t_obj * flow.T_SCALE).to(self.device), cond,
+                         b["coords"], b["valid"], b["num_rows"], masks)
+        valid = b["valid"][..., None].expand_as(x0)
+        flow_loss = masked_mse(out.velocity.float(), flow.velocity_target(x0, noise), valid)
+        pred = self.model.articulate(out.features, out.layout, moments if self.variant.adapter else None).float()
+        art = articulation_metrics(pred, b["articulation"], b["art_valid"], b["joint_types"], b["part_labels"])
+        art_loss = cfg.art_weight * art[M.ART_L2]
+        metrics = {M.FLOW_LOSS: flow_loss, M.ART_LOSS: art_loss, **art,
+                   M.MASK_PARTS: visible.sum(), M.EMPTY: (~visible).sum()}
+        if self.variant.moments:  # the spatial rows: mean moments of the batch's visible parts
+            mean = (moments * visible[:, None]).sum(0) / visible.sum().clamp(min=1)
+            metrics.update(zip(M.MASK_MOMENTS, mean))
+        return flow_loss + art_loss, {k: v.detach() for k, v in metrics.items()}
+
+    @torch.no_grad()
+    def sample(self, batch: dict[str, torch.Tensor], steps: int = 25, guidance: float = 3.0, aggregate_last: int = 20,
+               seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample the voxel latents of ``batch`` (a collate_voxels batch on the device) and
+        predict the parts' articulation with multi-step feature aggregation.
+
+        Euler sampling over ``steps`` with classifier-free guidance (negative: zeroed image
+        and mask condition; TRELLIS's SLat default strength 3); the conditional pass's
+        last-block features are averaged over the last ``aggregate_last`` steps (PAct: 20
+        of 25) and the head runs once on the mean. Returns latents [N, M, C2] (zeros at
+        padding) and articulation [P, 24].
+        """
+        self.model.eval()
+        layout = TokenLayout.build(batch["num_rows"], batch["valid"])
+        average = FeatureAverage(steps, aggregate_last)
+        n_obj = batch["num_rows"].shape[0]
+        noise = torch.randn(batch["feats"].shape, generator=torch.Generator().manual_seed(seed)).to(self.device)
+
+        def velocity(x: torch.Tensor, t: torch.Tensor, conditional: bool) -> torch.Tensor:
+            cond, masks = batch["cond"], batch["masks"]
+            if not conditional:
+                cond, masks = torch.zeros_like(cond), torch.zeros_like(masks)
+            with self.autocast():  # t: [N], one value for all rows; the model takes one per object
+                out = self.model(model_input(x, batch["shared"]), t[:n_obj], cond, batch["coords"], batch["valid"],
+                                 batch["num_rows"], masks)
+            if conditional:
+                average.add(out.features)
+            return out.velocity.float()
+
+        latents = flow.euler_sample(velocity, noise, steps=steps, guidance=guidance) * batch["valid"][..., None]
+        moments = mask_moments(batch["pixel_masks"], batch["num_parts"])[0] if self.variant.adapter else None
+        with self.autocast():
+            articulation = self.model.articulate(average.mean, layout, moments)
+        return latents, articulation.float()

@@ -1,0 +1,25 @@
+"""The seed's whole OT matrix in one sweep: Stage1 router cells and Stage2 spatial cells,
+one MLflow parent run, one summary.
+
+    python sweeps/ot_matrix.py                          # quick: 8 cells, small preset, local Ray
+    python sweeps/ot_matrix.py --profile full --name matrix-full-1
+    python sweeps/ot_matrix.py --profile smoke --model tiny --variants stage1_baseline,stage2_spatial_adapter
+    python sweeps/ot_matrix.py --name matrix-full-1 --resume
+    python sweeps/ot_matrix.py --profile official-full --model pact --gpus-per-trial 1 \
+        --set stage1.init_checkpoint=/weights/ss_flow.safetensors --set stage2.init_checkpoint=/weights/stage2.pt
+
+Cells: stage1_baseline, stage1_ot_first, stage1_mask_prior, stage1_rgb_edge,
+stage1_virtual_patch, stage1_first_third_edge, stage2_spatial_diag, stage2_spatial_adapter.
+--set KEY=VALUE applies to every cell; --set stage1.KEY=VALUE or stage2.KEY=VALUE to the
+cells of that stage only. Run with --help for every flag.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from pact_ray.sweep import run_sweep  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(run_sweep("matrix", description=__doc__.split("\n\n")[0]))
