@@ -21,6 +21,7 @@ from pact_ray.ot.edges import (
 )
 
 grids = st.tuples(st.integers(1, 6), st.integers(1, 6))
+seeds = st.integers(0, 2**31 - 1)
 
 
 def patch_columns_lit(edge_map: torch.Tensor, grid: tuple[int, int]) -> set[int]:
@@ -65,8 +66,12 @@ def reference_smooth(plan: torch.Tensor, weights: GridWeights) -> torch.Tensor:
 def reference_edge_delta(plan0, plan, weights, threshold, part_valid):
     """edge_delta by a loop over neighbour pairs; plans [B, K, P], part_valid [B, K]."""
     h, w = weights.grid
-    pairs = [((i, j), (i, j + 1), weights.horizontal[:, i, j]) for i in range(h) for j in range(w - 1)]
-    pairs += [((i, j), (i + 1, j), weights.vertical[:, i, j]) for i in range(h - 1) for j in range(w)]
+    pairs = [
+        ((i, j), (i, j + 1), weights.horizontal[:, i, j]) for i in range(h) for j in range(w - 1)
+    ]
+    pairs += [
+        ((i, j), (i + 1, j), weights.vertical[:, i, j]) for i in range(h - 1) for j in range(w)
+    ]
     terms = []
     for (pi, pj), (qi, qj), weight in pairs:
         p, q = pi * w + pj, qi * w + qj
@@ -112,6 +117,18 @@ def test_sobel_of_a_constant_image_is_zero(colour, grid, patch):
     assert edge.shape == (2, grid[0] * grid[1]) and torch.all(edge == 0)
 
 
+@settings(max_examples=20, deadline=None)
+@given(grid=grids, patch=st.integers(1, 4), seed=seeds)
+def test_sobel_of_random_images_is_max_normalised(grid, patch, seed):
+    gen = torch.Generator().manual_seed(seed)
+    image = torch.rand(2, 3, grid[0] * patch, grid[1] * patch, generator=gen)
+
+    edge = sobel_edge_map(image, grid)
+
+    assert torch.all((edge >= 0) & (edge <= 1))
+    assert torch.all((edge.amax(dim=1) == 1) | (edge.amax(dim=1) == 0))
+
+
 def test_sobel_rejects_sizes_off_the_grid():
     with pytest.raises(ValueError, match="multiple"):
         sobel_edge_map(torch.zeros(1, 3, 30, 32), (4, 4))
@@ -140,7 +157,7 @@ def test_mask_edge_of_a_single_label_is_zero(label, grid, patch):
 
 
 @settings(max_examples=40, deadline=None)
-@given(grid=grids, patch=st.integers(1, 3), n_labels=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
+@given(grid=grids, patch=st.integers(1, 3), n_labels=st.integers(1, 4), seed=seeds)
 def test_mask_edge_matches_a_pixel_loop(grid, patch, n_labels, seed):
     gen = torch.Generator().manual_seed(seed)
     height, width = grid[0] * patch, grid[1] * patch
@@ -175,18 +192,19 @@ def test_neighbour_weights_use_the_larger_edge_of_each_pair():
 
 
 @settings(max_examples=30, deadline=None)
-@given(grid=grids, n_parts=st.integers(1, 4), beta=st.floats(0, 20), seed=st.integers(0, 2**31 - 1))
+@given(grid=grids, n_parts=st.integers(1, 4), beta=st.floats(0, 20), seed=seeds)
 def test_smooth_plan_matches_a_patch_loop(grid, n_parts, beta, seed):
     gen = torch.Generator().manual_seed(seed)
     n_patches = grid[0] * grid[1]
-    weights = neighbour_weights(torch.rand(2, n_patches, generator=gen, dtype=torch.float64), grid, beta)
+    edge = torch.rand(2, n_patches, generator=gen, dtype=torch.float64)
+    weights = neighbour_weights(edge, grid, beta)
     plan = torch.rand(2, n_parts, n_patches, generator=gen, dtype=torch.float64)
 
     torch.testing.assert_close(smooth_plan(plan, weights), reference_smooth(plan, weights))
 
 
 @settings(max_examples=30, deadline=None)
-@given(grid=grids, beta=st.floats(0, 50), seed=st.integers(0, 2**31 - 1))
+@given(grid=grids, beta=st.floats(0, 50), seed=seeds)
 def test_smooth_plan_keeps_a_plan_constant_over_the_grid(grid, beta, seed):
     gen = torch.Generator().manual_seed(seed)
     n_patches = grid[0] * grid[1]
@@ -225,7 +243,8 @@ def test_smoothing_does_not_cross_a_strong_edge():
     assert torch.all(smoothed[1, :, :edge_column] == 0)
     assert torch.all(smoothed[0, :, edge_column + 1 :] == 0)
     # The edge column is cut from both sides: only its own column neighbours count.
-    torch.testing.assert_close(smoothed[:, :, edge_column], plan.reshape(2, *grid)[:, :, edge_column])
+    on_edge = plan.reshape(2, *grid)[:, :, edge_column]
+    torch.testing.assert_close(smoothed[:, :, edge_column], on_edge)
 
 
 @pytest.mark.parametrize("grid", [(1, 1), (3, 3)])
@@ -261,11 +280,12 @@ def test_edge_delta_is_positive_when_the_plan_is_less_fragmented():
 
 
 @settings(max_examples=30, deadline=None)
-@given(grid=grids, n_parts=st.integers(1, 4), threshold=st.floats(0, 1), seed=st.integers(0, 2**31 - 1))
+@given(grid=grids, n_parts=st.integers(1, 4), threshold=st.floats(0, 1), seed=seeds)
 def test_edge_delta_matches_a_pair_loop(grid, n_parts, threshold, seed):
     gen = torch.Generator().manual_seed(seed)
     n_patches = grid[0] * grid[1]
-    weights = neighbour_weights(torch.rand(2, n_patches, generator=gen, dtype=torch.float64), grid, 1.0)
+    edge = torch.rand(2, n_patches, generator=gen, dtype=torch.float64)
+    weights = neighbour_weights(edge, grid, beta=1.0)
     plan0, plan = torch.rand(2, 2, n_parts, n_patches, generator=gen, dtype=torch.float64)
     part_valid = torch.rand(2, n_parts, generator=gen) > 0.3
 
@@ -315,7 +335,9 @@ def test_edge_regularised_plan_without_edge_term_is_the_base_plan():
     cost, a, b, grid = random_router_problem(3)
     weights = neighbour_weights(torch.rand(2, 36), grid, beta=2.0)
 
-    first, second = edge_regularised_plan(cost, a, b, weights, lambda_edge=0.0, eps=0.05, max_iter=50, tol=1e-6)
+    first, second = edge_regularised_plan(
+        cost, a, b, weights, lambda_edge=0.0, eps=0.05, max_iter=50, tol=1e-6
+    )
 
     assert torch.equal(first.plan, second.plan)
 
@@ -324,7 +346,9 @@ def test_edge_term_defragments_a_smooth_region():
     cost, a, b, grid = random_router_problem(4)
     weights = neighbour_weights(torch.zeros(2, 36), grid, beta=2.0)  # no edges at all
 
-    first, second = edge_regularised_plan(cost, a, b, weights, lambda_edge=1.0, eps=0.05, max_iter=200, tol=1e-5)
+    first, second = edge_regularised_plan(
+        cost, a, b, weights, lambda_edge=1.0, eps=0.05, max_iter=200, tol=1e-5
+    )
 
     assert edge_delta(first.plan, second.plan, weights) > 0
 

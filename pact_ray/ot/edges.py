@@ -188,7 +188,9 @@ def neighbour_weights(edge: torch.Tensor, grid: Grid, beta: float) -> GridWeight
     )
 
 
-def _to_grid(plan: torch.Tensor, weights: GridWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _to_grid(
+    plan: torch.Tensor, weights: GridWeights
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reshape plan [B, ..., K, P] to [B, ..., K, h, w] and weights to broadcast with it."""
     h, w = weights.grid
     if plan.dim() < 3 or plan.shape[-1] != h * w:
@@ -276,8 +278,9 @@ def edge_delta(
     threshold : float, optional
         Pairs with :math:`w_{pq} >` ``threshold`` count as non-edge pairs.
     part_valid : torch.Tensor, optional
-        Bool, [B, K] (broadcast over middle dims) or the shape of ``plan.shape[:-1]``;
-        False marks padded part rows, left out of the mean. Default: all valid.
+        Bool, [B, K] (broadcast over the middle dims) or any shape broadcastable to
+        ``plan.shape[:-1]`` such as [B, 1, K]; False marks padded part rows, left out
+        of the mean. Default: all valid.
 
     Returns
     -------

@@ -14,9 +14,9 @@ The problem, for every leading batch index, is
 with :math:`H(\pi) = -\sum_{kp} \pi_{kp} \log \pi_{kp}` (see :func:`plan_entropy`).
 Its solution is :math:`\pi_{kp} = \exp((f_k + g_p - C_{kp}) / \varepsilon)` for the
 dual potentials :math:`\mathbf{f}, \mathbf{g}` that Sinkhorn's alternating projections
-find [Cuturi 2013]. In the log domain [Peyré & Cuturi 2019, Remark 4.23;
+find [Cuturi 2013]. In the log domain [Peyré & Cuturi 2019, Section 4.4;
 Schmitzer 2019] each half-step is an exact log-sum-exp, so small
-:math:`\varepsilon` or large costs never overflow :math:`\exp(-C/\varepsilon)`:
+:math:`\varepsilon` or large costs never under- or overflow :math:`\exp(-C/\varepsilon)`:
 
 .. math::
     f_k &\leftarrow \varepsilon \log a_k
@@ -96,8 +96,8 @@ def sinkhorn_log(
     Padding: a zero weight (:math:`a_k = 0` or :math:`b_p = 0`) gives a potential of
     :math:`-\infty` and therefore exactly zero plan mass in that row or column; the
     other entries are those of the problem with the padded rows/columns removed.
-    Gradients stay finite, because log-sum-exp gives a weight of exactly 0 to
-    :math:`-\infty` entries. Each problem must still have some positive mass in ``a``
+    Gradients stay finite: :math:`-\infty` entries get exactly zero weight and zero
+    gradient in every log-sum-exp. Each problem must still have some positive mass in ``a``
     and ``b`` (both sum to 1).
 
     Parameters
@@ -183,11 +183,12 @@ def sinkhorn_log(
 
     with grad_context:
         cost = cost.to(dtype)
-        a = a.to(device=cost.device, dtype=dtype)
-        b = b.to(device=cost.device, dtype=dtype)
-        # Work with potentials scaled by 1/eps: u = f/eps, v = g/eps, and the log
-        # of the Gibbs kernel log K = -C/eps, so each half-step is a single LSE.
+        # Work with potentials scaled by 1/eps, u = f/eps as [..., K, 1] and
+        # v = g/eps as [..., 1, P], and with the log of the Gibbs kernel,
+        # log K = -C/eps: each half-step is then a single LSE over one axis.
         log_kernel = cost / -eps
+        a = a.to(device=cost.device, dtype=dtype).unsqueeze(-1)  # [..., K, 1]
+        b = b.to(device=cost.device, dtype=dtype).unsqueeze(-2)  # [..., 1, P]
         log_a, log_b = _log_weights(a), _log_weights(b)
         # Without autograd, every LSE reuses one [..., K, P] buffer in place: fresh
         # temporaries of that size cost more than the arithmetic on CPU.
@@ -196,26 +197,26 @@ def sinkhorn_log(
         )
 
         # Start from g = 0 on the real columns; padded ones are out from the start.
-        v = torch.where(b > 0, 0.0, log_b).expand(batch_shape + (n_cols,))
-        row_lse = _logsumexp(log_kernel, v.unsqueeze(-2), -1, workspace)
+        v = torch.where(b > 0, 0.0, log_b).expand(batch_shape + (1, n_cols))
+        row_lse = _logsumexp(log_kernel, v, -1, workspace)
         converged = False
         for iteration in range(1, max_iter + 1):
             u = log_a - row_lse
-            v = log_b - _logsumexp(log_kernel, u.unsqueeze(-1), -2, workspace)
+            v = log_b - _logsumexp(log_kernel, u, -2, workspace)
             # LSE of the next u update; it also gives this plan's row sums.
-            row_lse = _logsumexp(log_kernel, v.unsqueeze(-2), -1, workspace)
+            row_lse = _logsumexp(log_kernel, v, -1, workspace)
             if iteration % check_every == 0 or iteration == max_iter:
                 with torch.no_grad():
-                    row_error = (torch.exp(u + row_lse) - a).abs().sum(dim=-1)
-                    converged = bool(row_error.max() < tol)
+                    row_error = (torch.exp(u + row_lse) - a).abs().sum(dim=(-2, -1))
+                    converged = bool((row_error < tol).all())
                 if converged:
                     break
 
-        plan = torch.exp(log_kernel + u.unsqueeze(-1) + v.unsqueeze(-2))
+        plan = torch.exp(log_kernel + u + v)
         with torch.no_grad():
-            marginal_error = (plan.sum(dim=-1) - a).abs().sum(dim=-1) + (
-                plan.sum(dim=-2) - b
-            ).abs().sum(dim=-1)
+            row_error = (plan.sum(dim=-1, keepdim=True) - a).abs().sum(dim=(-2, -1))
+            col_error = (plan.sum(dim=-2, keepdim=True) - b).abs().sum(dim=(-2, -1))
+            marginal_error = row_error + col_error
 
     if warn and not converged:
         warnings.warn(
@@ -227,8 +228,8 @@ def sinkhorn_log(
         )
     return SinkhornResult(
         plan=plan,
-        f=eps * u,
-        g=eps * v,
+        f=eps * u.squeeze(-1),
+        g=eps * v.squeeze(-2),
         iterations=iteration,
         marginal_error=marginal_error,
         converged=converged,
@@ -263,7 +264,7 @@ def _logsumexp(
     log_kernel : torch.Tensor, shape [..., K, P]
         :math:`-\mathbf{C} / \varepsilon`.
     potential : torch.Tensor, shape [..., 1, P] or [..., K, 1]
-        Scaled potential broadcast against ``log_kernel``.
+        Scaled potential v or u, broadcast against ``log_kernel``.
     dim : int
         -1 (reduce over P, the f update) or -2 (reduce over K, the g update).
     workspace : torch.Tensor or None, shape [..., K, P]
@@ -271,19 +272,19 @@ def _logsumexp(
 
     Returns
     -------
-    torch.Tensor
-        The LSE, with ``dim`` removed.
+    torch.Tensor, shape [..., K, 1] (dim=-1) or [..., 1, P] (dim=-2)
+        The LSE, keeping ``dim`` as a singleton.
     """
     floor = math.log(torch.finfo(log_kernel.dtype).tiny) + 1.0
     if workspace is None:
         scores = log_kernel + potential
         shift = scores.detach().amax(dim=dim, keepdim=True)
         terms = (scores - shift).clamp_min(floor).exp()
-    else:
-        scores = torch.add(log_kernel, potential, out=workspace)
-        shift = scores.amax(dim=dim, keepdim=True)
-        terms = scores.sub_(shift).clamp_min_(floor).exp_()
-    return terms.sum(dim=dim).log() + shift.squeeze(dim)
+        return terms.sum(dim=dim, keepdim=True).log() + shift
+    scores = torch.add(log_kernel, potential, out=workspace)
+    shift = scores.amax(dim=dim, keepdim=True)
+    terms = scores.sub_(shift).clamp_min_(floor).exp_()
+    return terms.sum(dim=dim, keepdim=True).log_().add_(shift)
 
 
 def plan_entropy(plan: torch.Tensor) -> torch.Tensor:
