@@ -12,7 +12,7 @@ TORCH  ?= torch==2.13.0
 export RAY_AUTH_MODE ?= disabled
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install browser run test test-fast bench clean
 
 install: $(STAMP)
 
@@ -23,11 +23,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]" "$(TORCH)"
 	touch $(STAMP)
 
+# Headless Chromium (Debian's package) for the tests that screenshot the HTML reports.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
+
 # The main job: every router variant, quick profile, small preset, local Ray, ./mlflow.db.
 run: install
 	$(PY) sweeps/stage1_router.py $(ARGS)
 
-test: install
+test: install browser
 	$(PY) -m pytest -q --timeout=900 $(PYTEST_ARGS)
 
 # Skips the tests that start Ray sweeps.
@@ -39,6 +45,7 @@ bench: install
 	$(PY) bench/bench_router_block.py --out bench/results/router_block_cpu.json
 	$(PY) bench/bench_sweep.py --out bench/results/sweep_cpu.json
 	$(PY) bench/bench_stage2.py --out bench/results/stage2_cpu.json
+	$(PY) bench/bench_summary.py --out bench/results/summary_cpu.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

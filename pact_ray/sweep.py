@@ -358,7 +358,8 @@ def run_sweep(kind_name: str, argv: list[str] | None = None, description: str = 
 def _run(kind: RunKind, args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
-    from pact_ray.summary import collect_sweep_rows, write_summary
+    from pact_ray.report import write_report
+    from pact_ray.summary import collect_sweep
     from pact_ray.tracking.callback import MlflowSweepCallback
     from pact_ray.tracking.store import ensure_experiment, git_commit, ui_command
     from pact_ray.tracking.writer import ROLE_TAG, close_shared, env_fast_fail, shared_writer
@@ -412,8 +413,9 @@ def _run(kind: RunKind, args: argparse.Namespace) -> int:
         close_shared(plan.tracking_uri)
         client.set_terminated(parent_id, status=status if status == "FINISHED" else "KILLED")
 
-    rows = collect_sweep_rows(plan.tracking_uri, experiment_id, parent_id, kind)
-    files = write_summary(rows, plan.summary_dir)
+    data = collect_sweep(plan.tracking_uri, experiment_id, parent_id)
+    rows = data.rows
+    files = [f for f in write_report(data, plan.summary_dir, plan.tracking_uri) if f.suffix != ".png"]
     _print_report(plan, results, rows, files, time.time() - t0, ui_command(plan.tracking_uri))
     return 0 if results.num_errors == 0 else 1
 

@@ -1,0 +1,257 @@
+"""The report: route status and its statistics, parameter importance, the plots, the static
+page (parsed, and screenshotted in headless Chromium), and a real tiny sweep summarised
+from MLflow and from Ray's result folders."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import statistics
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import stats as sps
+
+from analysis.summarize import main as summarize
+from pact_ray.metrics import names as M
+from pact_ray.report import render_report, write_report
+from pact_ray.report.build import COUNT_LABELS, INDEX_HTML, ROUTE_JSON
+from pact_ray.report.groups import router_on
+from pact_ray.report.plots import PLOTS, placeholder
+from pact_ray.report.route import NO_BASELINE, route_status
+from pact_ray.report.stats import BETTER, INCONCLUSIVE, ONE_SEED, WORSE, difference, mean_interval, verdict
+from pact_ray.report.synthetic import TrialSpec, log_example
+from pact_ray.report.tuning import tuned_variants
+from pact_ray.runkinds import RUN_KINDS
+from pact_ray.summary import CSV_NAME, JSON_NAME, SummaryData, collect
+from pact_ray.sweep import run_sweep
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SCREEN = (1400, 2400)
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory) -> tuple[SummaryData, list[TrialSpec], str]:
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    uri = f"sqlite:///{path}"
+    specs = log_example(uri)
+    return collect(uri), specs, uri
+
+
+@pytest.fixture(scope="module")
+def report(example, tmp_path_factory) -> Path:
+    data, _, uri = example
+    out = tmp_path_factory.mktemp("report")
+    write_report(data, out, uri)
+    return out
+
+
+def finals(specs: list[TrialSpec], variant: str, profile: str = "quick", kind: str = "stage1") -> dict[int, float]:
+    return {s.seed: s.history[M.LOSS][-1] for s in specs
+            if (s.kind, s.profile, s.variant, s.status) == (kind, profile, variant, "finished") and not s.overrides}
+
+
+# ---------------------------------------------------------------- statistics
+
+def test_paired_welch_and_single_seed_intervals_match_scipy():
+    base = {0: 1.0, 1: 1.2, 2: 0.9, 3: 1.1}
+    variant = {0: 0.95, 1: 1.12, 2: 0.88, 3: 1.02}
+    paired = difference(variant, base)
+    ref = sps.ttest_rel(list(variant.values()), list(base.values())).confidence_interval(0.95)
+    assert paired.method == "paired" and paired.estimate.interval == pytest.approx((ref.low, ref.high))
+    assert verdict(paired) == BETTER and verdict(paired, mode="max") == WORSE
+
+    other = {10: 1.3, 11: 1.1, 12: 1.25}  # no shared seed: Welch
+    welch = difference(other, base)
+    ref = sps.ttest_ind(list(other.values()), list(base.values()), equal_var=False).confidence_interval(0.95)
+    assert welch.method == "welch" and welch.estimate.interval == pytest.approx((ref.low, ref.high))
+    assert welch.estimate.mean == pytest.approx(statistics.fmean(other.values()) - statistics.fmean(base.values()))
+
+    single = difference({0: 0.5}, {0: 1.0})
+    assert single.estimate.interval is None and verdict(single) == ONE_SEED
+    values = [1.0, 1.5, 1.2]
+    est = mean_interval(values)
+    ref = sps.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=sps.sem(values))
+    assert est.interval == pytest.approx(ref) and mean_interval([]) is None
+
+
+# ------------------------------------------------------------- route status
+
+def test_route_status_verdicts_deltas_and_diagnostics(example):
+    data, specs, _ = example
+    entries = {(e.setting[0], e.setting[1], e.variant, tuple(e.knobs.values())): e for e in route_status(data)}
+    base = finals(specs, "baseline")
+    expected = {"mask_prior": BETTER, "rgb_edge": WORSE, "ot_first": INCONCLUSIVE, "virtual_patch": ONE_SEED}
+    for variant, want in expected.items():
+        e = entries[("stage1", "quick", variant, ())]
+        got = finals(specs, variant)
+        shared = sorted(set(got) & set(base))
+        assert e.verdict == want, variant
+        assert e.seeds == tuple(sorted(got)) and e.baseline_seeds == tuple(sorted(base))
+        if len(shared) >= 2:
+            diffs = [got[s] - base[s] for s in shared]
+            ref = sps.ttest_rel([got[s] for s in shared], [base[s] for s in shared]).confidence_interval(0.95)
+            assert e.delta.method == "paired" and e.delta.estimate.interval == pytest.approx((ref.low, ref.high))
+            assert e.delta.estimate.mean == pytest.approx(statistics.fmean(diffs))
+        else:
+            assert e.delta.estimate.mean == pytest.approx(statistics.fmean(got.values()) - statistics.fmean(base.values()))
+        assert e.delta_pct.mean == pytest.approx(100 * e.delta.estimate.mean / statistics.fmean(base.values()))
+        gates = [s.history[M.GATE][-1] for s in specs if s.variant == variant and s.profile == "quick" and s.status == "finished"]
+        assert e.diagnostics[M.GATE].mean == pytest.approx(statistics.fmean(gates))
+        assert e.diagnostics[M.ART_L2] is None
+    # Unfinished runs give no entry of their own; Stage2 variants compare with the Stage2 baseline.
+    assert not any(k[2] in ("mask_edge", "first_third") for k in entries)
+    for variant in ("spatial_diag", "spatial_adapter"):
+        e = entries[("stage2", "quick", variant, ())]
+        assert e.delta.method == "paired" and e.diagnostics[M.ART_L2] is not None and e.diagnostics[M.GATE] is None
+    # Each configuration of the tuned variant is its own entry (one seed each).
+    tuned = [e for k, e in entries.items() if k[:3] == ("stage1", "smoke", "rgb_edge")]
+    assert len(tuned) == sum(1 for s in specs if s.overrides) and all(e.verdict == ONE_SEED for e in tuned)
+    assert all(set(e.knobs) == {"router.eps", "router.strength"} and "eps=" in e.label for e in tuned)
+
+
+def test_variant_without_a_baseline_says_so(example):
+    data, _, _ = example
+    rows = [r for r in data.rows if r["variant"] != "baseline"]
+    entries = route_status(SummaryData(rows, data.curves, data.params))
+    assert entries and all(e.verdict == NO_BASELINE and e.delta is None for e in entries)
+
+
+def test_param_importance_of_the_tuned_variant(example):
+    data, specs, _ = example
+    [tuned] = tuned_variants(data)
+    assert (tuned.setting[1], tuned.variant) == ("smoke", "rgb_edge")
+    assert tuned.knobs == ["router.eps", "router.strength"] and len(tuned.trials) == sum(1 for s in specs if s.overrides)
+    assert sum(tuned.importances.values()) == pytest.approx(1.0)
+    assert tuned.importances["router.eps"] > tuned.importances["router.strength"]  # the loss follows eps
+
+
+# ------------------------------------------------------------------ the files
+
+def png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+
+
+def test_report_writes_tables_json_and_plots(example, report):
+    data, specs, _ = example
+    assert (report / CSV_NAME).is_file() and json.loads((report / JSON_NAME).read_text()) == data.rows
+    summary = json.loads((report / ROUTE_JSON).read_text())
+    stage1 = [s for s in specs if s.kind == "stage1"]
+    assert summary["counts"] == {
+        "stage1_runs": len(stage1), "stage2_runs": len(specs) - len(stage1),
+        "ot_diagnostic_runs": sum(RUN_KINDS["stage1"].variants[s.variant].router is not None for s in stage1),
+        "total_parsed_runs": len(specs),
+    }
+    assert summary["status"] == {s: sum(sp.status == s for sp in specs) for s in ("finished", "errored", "running")}
+    assert {e["verdict"] for e in summary["route_status"]} >= {BETTER, WORSE, INCONCLUSIVE, ONE_SEED}
+    assert summary["param_importance"][0]["importances"]
+    pngs = [f"{p.name}.png" for p in PLOTS] + [summary["param_importance"][0]["parallel_coordinates"]]
+    for name in pngs:
+        pixels = png(report / name)
+        assert pixels.shape[0] > 200 and pixels.shape[1] > 600 and pixels.std() > 10, name
+
+
+def test_plots_without_data_are_placeholders(example):
+    data, _, _ = example
+    empty = placeholder("t", "m")
+    size = Image.open(io.BytesIO(empty)).size
+    stage1_only = SummaryData([r for r in data.rows if r["kind"] == "stage1"], data.curves, data.params)
+    files = render_report(stage1_only)
+    for spec in PLOTS:
+        drawn = Image.open(io.BytesIO(files[f"{spec.name}.png"]))
+        assert (drawn.size == size) == spec.name.startswith("stage2"), spec.name
+    nothing = render_report(SummaryData([]))
+    assert all(Image.open(io.BytesIO(nothing[f"{p.name}.png"])).size == size for p in PLOTS)
+    assert "No finished variant runs" in nothing[INDEX_HTML]
+
+
+class PageParser(HTMLParser):
+    """Sections, images, links, table rows and text of the report page."""
+
+    def __init__(self):
+        super().__init__()
+        self.sections, self.imgs, self.links, self.text = [], [], [], []
+        self.tags: set[str] = set()
+        self.section, self.rows_in = None, {}
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags.add(tag)
+        if tag == "section":
+            self.section = a.get("id")
+            self.sections.append(self.section)
+        elif tag == "img":
+            self.imgs.append(a["src"])
+        elif tag == "a":
+            self.links.append(a["href"])
+        elif tag == "tr":
+            self.rows_in[self.section] = self.rows_in.get(self.section, 0) + 1
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_page_parses_with_counts_sections_rows_and_relative_links(example, report):
+    data, specs, _ = example
+    page = PageParser()
+    page.feed((report / INDEX_HTML).read_text())
+    text = " ".join(page.text)
+    assert page.sections == ["counts", "route-status", "param-importance", "plots", "ablation-table", "files"]
+    counts = json.loads((report / ROUTE_JSON).read_text())["counts"]
+    for key, label in COUNT_LABELS.items():
+        assert f"{counts[key]} {label}" in text
+    assert counts["ot_diagnostic_runs"] == sum(router_on(r) for r in data.rows)
+    assert page.rows_in["ablation-table"] == 1 + len(data.rows)
+    assert page.rows_in["route-status"] == 1 + len(route_status(data))
+    for row in data.rows:
+        assert row["run"] in text and row["run_id"] in text
+    assert next(s.error for s in specs if s.error) in text and " - " in f" {text} "
+    assert set(page.imgs) >= {f"{p.name}.png" for p in PLOTS}
+    assert {CSV_NAME, JSON_NAME, ROUTE_JSON} <= set(page.links)
+    for ref in page.imgs + page.links:  # static: relative links to files beside the page
+        assert "://" not in ref and not ref.startswith("/") and (report / ref).is_file(), ref
+    assert "script" not in page.tags and "link" not in page.tags
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
+def test_page_screenshot_in_headless_chromium(report, tmp_path):
+    shot = tmp_path / "page.png"
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", f"--window-size={SCREEN[0]},{SCREEN[1]}",
+                    (report / INDEX_HTML).as_uri()], check=True, capture_output=True, timeout=120)
+    pixels = png(shot)
+    assert pixels.shape[:2] == (SCREEN[1], SCREEN[0])
+    assert pixels.std() > 20  # not blank: text, tables and plots
+    top, bottom = pixels[: SCREEN[1] // 2], pixels[SCREEN[1] // 2 :]
+    assert top.std() > 10 and bottom.std() > 10  # content all the way down, not only a header
+
+
+# --------------------------------------------------------------- a real sweep
+
+@pytest.mark.slow
+def test_real_sweep_summarised_from_mlflow_and_from_ray_results(tmp_path, ray_address, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc = run_sweep("stage1", ["--model", "tiny", "--profile", "smoke", "--variants", "baseline,ot_first", "--seeds", "0,1",
+                              "--name", "dash", "--storage-path", str(tmp_path / "runs"), "--tracking-uri", uri, "--quiet"])
+    assert rc == 0
+    assert summarize(["--tracking-uri", uri, "--out", str(tmp_path / "from_mlflow")]) == 0
+    assert summarize(["--results", str(tmp_path / "runs"), "--out", str(tmp_path / "from_ray")]) == 0
+    capsys.readouterr()
+
+    def rows(folder: str) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "mlflow_run_id"} for r in json.loads((tmp_path / folder / JSON_NAME).read_text())]
+    from_mlflow = rows("from_mlflow")
+    assert len(from_mlflow) == 4 and all(r["status"] == "finished" and r["steps"] == 1 for r in from_mlflow)
+    assert rows("from_ray") == from_mlflow  # the same floats, read from either source
+    for folder in ("from_mlflow", "from_ray"):
+        status = json.loads((tmp_path / folder / ROUTE_JSON).read_text())["route_status"]
+        assert [(e["variant"], e["seeds"], e["delta_method"]) for e in status] == [("ot_first", [0, 1], "paired")]
+        page = PageParser()
+        page.feed((tmp_path / folder / INDEX_HTML).read_text())
+        assert page.rows_in["ablation-table"] == 5 and set(page.imgs) >= {f"{p.name}.png" for p in PLOTS}
