@@ -1,0 +1,20 @@
+"""Sweep the MAE world model and its GPT baseline with Ray Tune, tracked in MLflow.
+
+    python sweeps/mae_world_model.py                     # quick: mae, mae_random, gpt at --model small, ...
+    python sweeps/mae_world_model.py --profile smoke --model tiny --variants mae,gpt --seeds 0,1
+    python sweeps/mae_world_model.py --variants mae_small,mae_seed,gpt_small --set lr=5e-4
+    python sweeps/mae_world_model.py --data /data/so100-pan --profile full --name wm-full
+    python sweeps/mae_world_model.py --name wm-full --resume
+
+Run with --help for every flag; then `python analysis/eval_report.py --run RUN_ID --out DIR`.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from pact_ray.sweep import run_sweep  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(run_sweep("world_model", description=__doc__.split("\n\n")[0]))
