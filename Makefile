@@ -46,6 +46,7 @@ bench: install
 	$(PY) bench/bench_sweep.py --out bench/results/sweep_cpu.json
 	$(PY) bench/bench_stage2.py --out bench/results/stage2_cpu.json
 	$(PY) bench/bench_summary.py --out bench/results/summary_cpu.json
+	$(PY) bench/bench_world_model.py --out bench/results/world_model_cpu.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -5,12 +5,12 @@ the summary need no per-kind code."""
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pact_ray.config import RunConfig, Stage1RunConfig
 from pact_ray.ot.router import ConfigError
-from pact_ray.variants import STAGE1_PROFILES, STAGE1_VARIANTS, Profile, Variant
+from pact_ray.variants import INT_KNOBS, KNOB_RANGES, STAGE1_PROFILES, STAGE1_VARIANTS, Profile, Variant
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,11 @@ class RunKind:
     dataset: str  # "module:function": config -> validated dataset
     metric: str = "loss"
     mode: str = "min"
+    # What --search optuna tunes: a variant's knobs, named "<knob_prefix><knob>" in the trial
+    # config, with (low, high, log scale) ranges; knobs in int_knobs are integers.
+    knob_prefix: str = "router."
+    knob_ranges: dict[str, tuple[float, float, bool]] = field(default_factory=lambda: dict(KNOB_RANGES))
+    int_knobs: frozenset[str] = INT_KNOBS
 
     @property
     def experiment(self) -> str:
@@ -142,7 +147,7 @@ def resolve_kind(kind: RunKind | str, trial_config: dict[str, Any]) -> tuple[Run
 
 # ---------------------------------------------------------------------- world model
 
-from pact_ray.world_model_config import WM_PROFILES, WM_VARIANTS, WorldModelRunConfig  # noqa: E402
+from pact_ray.world_model_config import WM_KNOB_RANGES, WM_PROFILES, WM_VARIANTS, WorldModelRunConfig  # noqa: E402
 
 # Tuned and early-stopped on the training loss: Tune checks its metric in every result, and
 # the validation metrics come only every eval_every steps (the best weights follow val_mse).
@@ -151,5 +156,5 @@ RUN_KINDS["world_model"] = RunKind(
     variants=WM_VARIANTS, profiles=WM_PROFILES,
     trainer="pact_ray.training.world_model:WorldModelTrainer", trainable="trainables.world_model:train_world_model",
     model="pact_ray.training.world_model:build_model", dataset="pact_ray.training.world_model:dataset_for",
-    metric="loss", mode="min",
+    metric="loss", mode="min", knob_prefix="", knob_ranges=WM_KNOB_RANGES, int_knobs=frozenset(),
 )

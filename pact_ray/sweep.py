@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from pact_ray.config import ConfigError
 from pact_ray.runkinds import RunKind, get_kind, resolve_kind
-from pact_ray.variants import INT_KNOBS, KNOB_RANGES, parse_variants
+from pact_ray.variants import parse_variants
 
 MANIFEST = "pact_ray_sweep.json"
 EXIT_USAGE = 2
@@ -248,14 +248,16 @@ def param_space(plan: SweepPlan) -> tuple[dict[str, Any], Any]:
     tc = plan.trial_configs[0]
     variant = plan.kind.variants[tc["variant"]]
     space = {**plan.base, "variant": tc["variant"], "seed": tc["seed"]}
+    kind = plan.kind
     for knob in variant.knobs:
-        if f"router.{knob}" in plan.base:
+        key = f"{kind.knob_prefix}{knob}"
+        if key in plan.base:
             continue  # fixed by --set
-        lo, hi, log = KNOB_RANGES[knob]
-        if knob in INT_KNOBS:
-            space[f"router.{knob}"] = tune.randint(int(lo), int(hi) + 1)
+        lo, hi, log = kind.knob_ranges[knob]
+        if knob in kind.int_knobs:
+            space[key] = tune.randint(int(lo), int(hi) + 1)
         else:
-            space[f"router.{knob}"] = tune.loguniform(lo, hi) if log else tune.uniform(lo, hi)
+            space[key] = tune.loguniform(lo, hi) if log else tune.uniform(lo, hi)
     storage_url = optuna_storage_url(plan)
     searcher = OptunaSearch(
         metric=plan.kind.metric, mode=plan.kind.mode, seed=args.optuna_seed,

@@ -99,3 +99,24 @@ def test_world_model_sweep_and_its_evaluation_report(tmp_path, ray_address, caps
     for colour in ACTION_COLOURS:  # the grids' STAY / MOVE+ / MOVE- rows and labels were drawn
         assert _near(img, colour) > 200, colour
     assert _near(img, "#00007f", tol=60) > 100  # the jet colormap's low end: the error heatmaps loaded
+
+
+@pytest.mark.slow
+def test_optuna_search_over_world_model_knobs(tmp_path, ray_address):
+    """--search optuna tunes the world model's own knobs (no router prefix), through the shared harness."""
+    from mlflow.tracking import MlflowClient
+
+    from pact_ray.sweep import run_sweep
+    from pact_ray.world_model_config import WM_VARIANTS
+
+    variant = next(name for name, v in WM_VARIANTS.items() if v.knobs)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc = run_sweep("world_model", ["--model", "tiny", "--profile", "smoke", "--search", "optuna", "--variant", variant,
+                                   "--num-samples", "2", "--name", "wm-opt", "--storage-path", str(tmp_path / "runs"),
+                                   "--tracking-uri", uri, "--quiet"])
+    assert rc == 0
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("pact-ray/mae_world_model")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`pact_ray.role` = 'trial'")
+    knob = WM_VARIANTS[variant].knobs[0]
+    assert len(runs) == 2 and len({r.data.params[knob] for r in runs}) == 2
