@@ -100,7 +100,7 @@ STAGE1_PROFILES: dict[str, Profile] = {
     for p in [
         Profile("smoke", 1, 1, None),
         Profile("stability", 5, 5, None, optimizer="sgd", lr=1e-3),
-        Profile("quick", 8, 3, "matrix", title="Matrix", checkpoint_every=4),
+        Profile("quick", 8, 3, "matrix", title="Matrix"),
         Profile("full", 60, 20, "full", export_final=True, checkpoint_every=10),
         Profile("official-full", 60, 20, "official-full", title="Official full", export_final=True, init="official", checkpoint_every=10),
     ]
