@@ -147,28 +147,7 @@ class Stage1RunConfig(RunConfig):
         get_profile(self.profile, STAGE1_PROFILES)
         if self.model not in STAGE1_PRESETS:
             raise ConfigError(f"unknown model preset {self.model!r}; choose from {', '.join(STAGE1_PRESETS)}")
-        if self.steps < 1:
-            raise ConfigError(f"steps must be >= 1, got {self.steps}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.init not in INITS:
-            raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
-        if self.init == "official" and not self.init_checkpoint:
-            raise ConfigError("init 'official' needs the official Stage1 weights: pass --checkpoint PATH")
-        if not 0 <= self.p_uncond < 1:
-            raise ConfigError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
-        if self.checkpoint_every < 0:
-            raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        if self.synthetic_samples < self.batch_size:
-            raise ConfigError(f"synthetic_samples ({self.synthetic_samples}) must be >= batch_size ({self.batch_size})")
-        if self.fail_mode not in ("once", "always"):
-            raise ConfigError(f"fail_mode must be 'once' or 'always', got {self.fail_mode!r}")
+        validate_training_fields(self, "the official Stage1 weights")
         if self.router is not None:
             self.router.validate()
             from pact_ray.ot.router import resolve_blocks

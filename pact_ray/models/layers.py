@@ -7,6 +7,7 @@ Module and parameter names follow the published model exactly (see
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -182,3 +183,15 @@ def unpatchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
+
+
+def build_from_preset(cls: type, presets: dict[str, dict[str, Any]], what: str, preset_or_config: str | dict[str, Any], **overrides: Any):
+    """``cls(**config)`` from a preset name in ``presets`` or a config dict, with ``overrides``."""
+    if isinstance(preset_or_config, str):
+        if preset_or_config not in presets:
+            raise ValueError(f"unknown {what} preset {preset_or_config!r}; choose one of {sorted(presets)}")
+        cfg = dict(presets[preset_or_config])
+    else:
+        cfg = dict(preset_or_config)
+    cfg.update(overrides)
+    return cls(**cfg)

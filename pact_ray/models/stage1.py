@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pact_ray.models.layers import (
     CrossAttention,
+    build_from_preset,
     FeedForwardNet,
     LayerNorm32,
     SelfAttention,
@@ -319,11 +320,4 @@ class PartStructureFlow(nn.Module):
 
 def build_stage1(preset_or_config: str | dict[str, Any], **overrides: Any) -> PartStructureFlow:
     """Build a Stage1 model from a preset name (tiny, small, pact) or an official config dict."""
-    if isinstance(preset_or_config, str):
-        if preset_or_config not in STAGE1_PRESETS:
-            raise ValueError(f"unknown Stage1 preset {preset_or_config!r}; choose one of {sorted(STAGE1_PRESETS)}")
-        cfg = dict(STAGE1_PRESETS[preset_or_config])
-    else:
-        cfg = dict(preset_or_config)
-    cfg.update(overrides)
-    return PartStructureFlow(**cfg)
+    return build_from_preset(PartStructureFlow, STAGE1_PRESETS, "Stage1", preset_or_config, **overrides)

@@ -52,6 +52,7 @@ from pact_ray.metrics import names as M
 from pact_ray.models.layers import (
     CrossAttention,
     FeedForwardNet,
+    build_from_preset,
     LayerNorm32,
     SelfAttention,
     TimestepEmbedder,
@@ -461,12 +462,5 @@ class FeatureAverage:
 
 def build_stage2(preset_or_config: str | dict[str, Any], **overrides: Any) -> ArticulatedSLatFlow:
     """Build a Stage2 model from a preset name (tiny, small, pact) or a config dict."""
-    if isinstance(preset_or_config, str):
-        if preset_or_config not in STAGE2_PRESETS:
-            raise ValueError(f"unknown Stage2 preset {preset_or_config!r}; choose one of {sorted(STAGE2_PRESETS)}")
-        cfg = dict(STAGE2_PRESETS[preset_or_config])
-    else:
-        cfg = dict(preset_or_config)
-    cfg.update(overrides)
-    return ArticulatedSLatFlow(**cfg)
+    return build_from_preset(ArticulatedSLatFlow, STAGE2_PRESETS, "Stage2", preset_or_config, **overrides)
 

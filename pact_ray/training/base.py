@@ -72,6 +72,22 @@ class Trainer:
         np.random.seed(cfg.seed % 2**32)
         random.seed(cfg.seed)
 
+    def setup(self, dataset, build_model, title: str) -> None:
+        """The construction every trainer shares: the run's dataset (at least one batch of it),
+        its model (strictly initialised from ``init_checkpoint`` for official runs) on the
+        device, and the optimiser."""
+        from pact_ray.models.checkpoint import load_core_weights
+
+        cfg = self.cfg
+        self.dataset = dataset
+        if len(dataset) < cfg.batch_size:
+            raise ValueError(f"the dataset has {len(dataset)} samples, fewer than batch_size {cfg.batch_size}")
+        model = build_model(cfg)
+        if cfg.init == "official":
+            load_core_weights(model, cfg.init_checkpoint, model.core_state_dict_keys(), what=f"the {title} '{cfg.model}' preset")
+        self.model = model.to(self.device)
+        self.build_optimizer(self.model.parameters())
+
     def build_optimizer(self, params) -> None:
         cfg = self.cfg
         if cfg.optimizer == "sgd":

@@ -13,7 +13,6 @@ from pact_ray import flow
 from pact_ray.config import Stage1RunConfig
 from pact_ray.data.cache import ensure_synthetic
 from pact_ray.data.loader import ArticulatedDataset, collate_parts
-from pact_ray.models.checkpoint import load_core_weights
 from pact_ray.models.stage1 import CONDITION_PRESETS, STAGE1_PRESETS, PartStructureFlow, build_stage1
 from pact_ray.training.base import Trainer, step_generator
 
@@ -45,14 +44,7 @@ def dataset_for(cfg: Stage1RunConfig) -> ArticulatedDataset:
 class Stage1Trainer(Trainer):
     def __init__(self, cfg: Stage1RunConfig, device=None, dataset: ArticulatedDataset | None = None):
         super().__init__(cfg, device)
-        self.dataset = dataset if dataset is not None else dataset_for(cfg)
-        if len(self.dataset) < cfg.batch_size:
-            raise ValueError(f"the dataset has {len(self.dataset)} samples, fewer than batch_size {cfg.batch_size}")
-        model = build_model(cfg)
-        if cfg.init == "official":
-            load_core_weights(model, cfg.init_checkpoint, model.core_state_dict_keys(), what=f"the Stage1 '{cfg.model}' preset")
-        self.model = model.to(self.device)
-        self.build_optimizer(self.model.parameters())
+        self.setup(dataset if dataset is not None else dataset_for(cfg), build_model, "Stage1")
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         """The batch of ``step``: a seeded draw of ``batch_size`` objects (resume-exact)."""

@@ -23,7 +23,6 @@ from pact_ray.data.articulation import SLOT_GROUPS, decode_articulation
 from pact_ray.data.cache import ensure_synthetic
 from pact_ray.data.loader import ArticulatedDataset, collate_voxels
 from pact_ray.metrics import names as M
-from pact_ray.models.checkpoint import load_core_weights
 from pact_ray.models.stage2 import ArticulatedSLatFlow, FeatureAverage, TokenLayout, build_stage2, mask_moments
 from pact_ray.presets import CONDITION_PRESETS, STAGE1_PRESETS, STAGE2_MAX_TOKENS, STAGE2_PRESETS
 from pact_ray.training.base import Trainer, step_generator
@@ -93,15 +92,8 @@ def articulation_metrics(
 class Stage2Trainer(Trainer):
     def __init__(self, cfg: Stage2RunConfig, device=None, dataset: ArticulatedDataset | None = None):
         super().__init__(cfg, device)
-        self.dataset = dataset if dataset is not None else dataset_for(cfg)
-        if len(self.dataset) < cfg.batch_size:
-            raise ValueError(f"the dataset has {len(self.dataset)} samples, fewer than batch_size {cfg.batch_size}")
-        model = build_model(cfg)
-        if cfg.init == "official":
-            load_core_weights(model, cfg.init_checkpoint, model.core_state_dict_keys(), what=f"the Stage2 '{cfg.model}' preset")
-        self.model = model.to(self.device)
         self.variant = cfg.variant_info
-        self.build_optimizer(self.model.parameters())
+        self.setup(dataset if dataset is not None else dataset_for(cfg), build_model, "Stage2")
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         """The batch of ``step``: a seeded draw of ``batch_size`` objects and of their voxel
