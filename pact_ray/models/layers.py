@@ -180,6 +180,22 @@ def unpatchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.reshape(x.shape[0], c, *[x.shape[2 + 2 * i] * patch_size for i in range(dims)])
 
 
+class ModulatedBlockModules(nn.Module):
+    """The modules of a TRELLIS ``ModulatedTransformerCrossBlock`` (names as in the official
+    checkpoints): norm1/norm3 without affine, norm2 with affine, self-attention, cross-attention,
+    MLP and the adaLN modulation producing six chunks. Subclasses define ``forward``."""
+
+    def __init__(self, channels: int, ctx_channels: int, num_heads: int, mlp_ratio: float, qk_rms_norm: bool):
+        super().__init__()
+        self.norm1 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
+        self.norm2 = LayerNorm32(channels, elementwise_affine=True, eps=1e-6)
+        self.norm3 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
+        self.self_attn = SelfAttention(channels, num_heads, qk_rms_norm=qk_rms_norm)
+        self.cross_attn = CrossAttention(channels, ctx_channels, num_heads)
+        self.mlp = FeedForwardNet(channels, mlp_ratio)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 6 * channels))
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 

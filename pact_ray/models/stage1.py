@@ -22,12 +22,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pact_ray.models.layers import (
-    CrossAttention,
-    build_from_preset,
-    FeedForwardNet,
-    LayerNorm32,
-    SelfAttention,
+    ModulatedBlockModules,
     TimestepEmbedder,
+    build_from_preset,
     absolute_position_embedding,
     modulate,
     patchify,
@@ -78,19 +75,12 @@ class PartLayout:
         return cls(num_parts=num_parts, row_obj=row_obj, part_idx=part_idx.to(device), groups=groups)
 
 
-class ModulatedCrossBlock(nn.Module):
+class ModulatedCrossBlock(ModulatedBlockModules):
     """``blocks.{i}``: adaLN-modulated self-attention (local or object-global), cross-attention, MLP."""
 
     def __init__(self, channels: int, ctx_channels: int, num_heads: int, mlp_ratio: float, qk_rms_norm: bool, global_attn: bool):
-        super().__init__()
+        super().__init__(channels, ctx_channels, num_heads, mlp_ratio, qk_rms_norm)
         self.global_attn = global_attn
-        self.norm1 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
-        self.norm2 = LayerNorm32(channels, elementwise_affine=True, eps=1e-6)
-        self.norm3 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
-        self.self_attn = SelfAttention(channels, num_heads, qk_rms_norm=qk_rms_norm)
-        self.cross_attn = CrossAttention(channels, ctx_channels, num_heads)
-        self.mlp = FeedForwardNet(channels, mlp_ratio)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 6 * channels))
 
     def _self_attention(self, h: torch.Tensor, layout: PartLayout) -> torch.Tensor:
         if not self.global_attn:

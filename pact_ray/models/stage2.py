@@ -49,16 +49,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pact_ray.data.articulation import ARTICULATION_DIM
 from pact_ray.metrics import names as M
-from pact_ray.models.layers import (
-    CrossAttention,
-    FeedForwardNet,
-    build_from_preset,
-    LayerNorm32,
-    SelfAttention,
-    TimestepEmbedder,
-    modulate,
-    sdpa,
-)
+from pact_ray.models.layers import ModulatedBlockModules, TimestepEmbedder, build_from_preset, modulate, sdpa
 from pact_ray.presets import STAGE2_PRESETS
 
 # The spatial moments of a part's 2D mask: the column order of mask_moments (and their metric names).
@@ -178,20 +169,13 @@ def mask_moments(pixel_masks: torch.Tensor, num_parts: torch.Tensor) -> tuple[to
 
 # ------------------------------------------------------------------ modules
 
-class MaskedCrossBlock(nn.Module):
+class MaskedCrossBlock(ModulatedBlockModules):
     """``blocks.{i}``: adaLN-modulated self-attention over an object's voxel tokens (padding
     masked out of the keys), cross-attention to its image tokens, MLP. TRELLIS's
     ModulatedSparseTransformerCrossBlock on padded sets; the submodule names follow it."""
 
     def __init__(self, channels: int, ctx_channels: int, num_heads: int, mlp_ratio: float, qk_rms_norm: bool):
-        super().__init__()
-        self.norm1 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
-        self.norm2 = LayerNorm32(channels, elementwise_affine=True, eps=1e-6)
-        self.norm3 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
-        self.self_attn = SelfAttention(channels, num_heads, qk_rms_norm=qk_rms_norm)
-        self.cross_attn = CrossAttention(channels, ctx_channels, num_heads)
-        self.mlp = FeedForwardNet(channels, mlp_ratio)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 6 * channels))
+        super().__init__(channels, ctx_channels, num_heads, mlp_ratio, qk_rms_norm)
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor, cond: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
         """x: [B, S, C]; t_emb: [B, C]; cond: [B, L, Cc]; key_bias: [B, 1, 1, S] -> [B, S, C]."""

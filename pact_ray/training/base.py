@@ -88,6 +88,15 @@ class Trainer:
         self.model = model.to(self.device)
         self.build_optimizer(self.model.parameters())
 
+    def draw_batch(self, step: int, collate, keys) -> dict[str, torch.Tensor]:
+        """The batch of ``step``: a seeded draw of ``batch_size`` objects (resume-exact), collated
+        by ``collate(items, generator)`` and moved to the device (pinned, non-blocking on CUDA)."""
+        g = step_generator(self.cfg.seed, step, stream=0)
+        idx = torch.randperm(len(self.dataset), generator=g)[: self.cfg.batch_size].tolist()
+        batch = collate([self.dataset[i] for i in idx], g)
+        pin = self.device.type == "cuda"
+        return {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=pin) for k, v in batch.items() if k in keys}
+
     def build_optimizer(self, params) -> None:
         cfg = self.cfg
         if cfg.optimizer == "sgd":

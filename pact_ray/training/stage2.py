@@ -98,11 +98,7 @@ class Stage2Trainer(Trainer):
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         """The batch of ``step``: a seeded draw of ``batch_size`` objects and of their voxel
         subsample (resume-exact)."""
-        g = step_generator(self.cfg.seed, step, stream=0)
-        idx = torch.randperm(len(self.dataset), generator=g)[: self.cfg.batch_size].tolist()
-        batch = collate_voxels([self.dataset[i] for i in idx], token_cap(self.cfg), g)
-        pin = self.device.type == "cuda"
-        return {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=pin) for k, v in batch.items() if k in BATCH_KEYS_TO_DEVICE}
+        return self.draw_batch(step, lambda items, g: collate_voxels(items, token_cap(self.cfg), g), BATCH_KEYS_TO_DEVICE)
 
     def loss_and_metrics(self, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         cfg = self.cfg
