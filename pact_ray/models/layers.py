@@ -14,11 +14,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when it is a lower precision (TRELLIS computes its norms in float32),
+    otherwise unchanged (float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class LayerNorm32(nn.LayerNorm):
-    """LayerNorm computed in float32 whatever the input dtype (TRELLIS convention)."""
+    """LayerNorm computed in float32 or wider whatever the input dtype (TRELLIS convention)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        return super().forward(at_least_float32(x)).type(x.dtype)
 
 
 class MultiHeadRMSNorm(nn.Module):
@@ -33,7 +39,7 @@ class MultiHeadRMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(heads, head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (F.normalize(x.float(), dim=-1) * self.gamma * self.scale).to(x.dtype)
+        return (F.normalize(at_least_float32(x), dim=-1) * self.gamma * self.scale).to(x.dtype)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -138,7 +144,9 @@ class TimestepEmbedder(nn.Module):
         return emb
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+        # The embedding is computed in float32 (as TRELLIS does) and handed to the MLP in its
+        # own dtype: a no-op for float32 weights, exact float64 for the invariance tests.
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size).to(self.mlp[0].weight.dtype))
 
 
 def absolute_position_embedding(resolution: int, channels: int) -> torch.Tensor:

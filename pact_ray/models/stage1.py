@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from pact_ray.models.layers import (
     ModulatedBlockModules,
     TimestepEmbedder,
+    at_least_float32,
     build_from_preset,
     absolute_position_embedding,
     modulate,
@@ -297,7 +298,7 @@ class PartStructureFlow(nn.Module):
             self.ot_router.finish(route)
         elif self.ot_router is not None:
             self.ot_router._last_records = []
-        h = F.layer_norm(h.float(), h.shape[-1:])
+        h = F.layer_norm(at_least_float32(h), h.shape[-1:])
         h = self.out_layer(h.to(self.out_layer.weight.dtype))
         grid = self.resolution // self.patch_size
         h = h.permute(0, 2, 1).reshape(h.shape[0], h.shape[2], grid, grid, grid)

@@ -49,7 +49,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pact_ray.data.articulation import ARTICULATION_DIM
 from pact_ray.metrics import names as M
-from pact_ray.models.layers import ModulatedBlockModules, TimestepEmbedder, build_from_preset, modulate, sdpa
+from pact_ray.models.layers import ModulatedBlockModules, TimestepEmbedder, at_least_float32, build_from_preset, modulate, sdpa
 from pact_ray.presets import STAGE2_PRESETS
 
 # The spatial moments of a part's 2D mask: the column order of mask_moments (and their metric names).
@@ -398,7 +398,7 @@ class ArticulatedSLatFlow(nn.Module):
             else:
                 h = block(h, t_emb, cond, bias)
         features = layout.to_rows(h)
-        out = self.out_layer(F.layer_norm(features.float(), features.shape[-1:]).to(self.out_layer.weight.dtype))
+        out = self.out_layer(F.layer_norm(at_least_float32(features), features.shape[-1:]).to(self.out_layer.weight.dtype))
         return Stage2Output(velocity=out * valid[..., None], features=features, layout=layout)
 
     def articulate(self, features: torch.Tensor, layout: TokenLayout, moments: torch.Tensor | None = None) -> torch.Tensor:
