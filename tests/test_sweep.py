@@ -60,7 +60,7 @@ def test_smoke_sweep_of_every_variant(tmp_path, ray_address, capsys):
     by_id = {r.info.run_id: r for r in runs}
     for row in rows:
         run = by_id[row["mlflow_run_id"]]
-        assert row["loss"] == pytest.approx(run.data.metrics["loss"])
+        assert row["loss"] == run.data.metrics["loss"]  # the same float64 MLflow holds
         assert row["steps"] == 1 and row["status"] == "finished" and row["phase"] == STAGE1_VARIANTS[row["variant"]].phase
         assert (row["gate"] is None) == (row["variant"] == "baseline")
     csv_lines = (tmp_path / "runs" / "smoke-all" / "summary" / "ablation_summary.csv").read_text().splitlines()
