@@ -77,7 +77,7 @@ def assert_within_rounding(actual: torch.Tensor, expected: torch.Tensor, *, ops:
     assert actual.shape == expected.shape, f"{what}: shapes differ ({tuple(actual.shape)} vs {tuple(expected.shape)})"
     s = magnitude(actual, expected) if scale is None else scale
     bound = rounding_bound(s, ops, actual.dtype, gain)
-    diff = float((actual - expected).abs().max()) if actual.numel() else 0.0
+    diff = float((actual - expected).detach().abs().max()) if actual.numel() else 0.0
     assert diff <= bound, (
         f"{what or 'values'} differ by {diff:.3e}, more than rounding allows "
         f"({bound:.3e} = 2 gamma_{ops} x scale {s:.3e} x gain {gain:g} in {actual.dtype})"
