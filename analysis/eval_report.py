@@ -16,9 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from pact_ray.sweep import EXIT_USAGE, OneLineParser  # noqa: E402
+from pact_ray.cli import OneLineParser, user_errors
 
 
 def build_parser() -> OneLineParser:
@@ -39,18 +37,11 @@ def build_parser() -> OneLineParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep stderr for errors
-    try:
-        return _run(args)
-    except (ValueError, FileNotFoundError, PermissionError) as e:
-        # ReportError, CheckpointError, DataError, ConfigError, TrackingError are ValueErrors.
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return EXIT_USAGE
-
+    return user_errors(lambda: _run(args))  # ReportError, CheckpointError, DataError, ConfigError, TrackingError
 
 def _run(args) -> int:
+    from pact_ray.report.world_model import ReportError, build_report, log_report, read_notes, resolve_checkpoint
     from pact_ray.tracking.store import default_tracking_uri
-    from pact_ray.wm_report import ReportError, build_report, log_report, read_notes, resolve_checkpoint
 
     if args.samples < 0 or args.max_samples < 0:
         raise ReportError("--samples and --max-samples must be >= 0")

@@ -23,12 +23,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pact_ray.config import Stage2RunConfig  # noqa: E402
-from pact_ray.models.stage2 import build_stage2  # noqa: E402
-from pact_ray.training.base import count_parameters  # noqa: E402
-from pact_ray.training.stage2 import Stage2Trainer, token_cap  # noqa: E402
+from pact_ray.models.stage2 import build_stage2
+from pact_ray.runs.stage2 import Stage2RunConfig
+from pact_ray.training.base import count_parameters
+from pact_ray.training.stage2 import Stage2Trainer, token_cap
 
 VARIANTS = ("baseline", "spatial_adapter")
 

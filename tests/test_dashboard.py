@@ -14,24 +14,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from example_store import TrialSpec, log_example
+from numerics import statistic_bound
 from PIL import Image
 from scipy import stats as sps
 
 from analysis.summarize import main as summarize
 from pact_ray.metrics import names as M
-from pact_ray.report import render_report, write_report
-from pact_ray.report.build import COUNT_LABELS, INDEX_HTML, ROUTE_JSON
-from pact_ray.report.groups import router_on
-from pact_ray.report.plots import PLOTS, placeholder
-from pact_ray.report.route import NO_BASELINE, route_status
-from pact_ray.report.stats import BETTER, INCONCLUSIVE, ONE_SEED, WORSE, difference, mean_interval, verdict
-from pact_ray.report.synthetic import TrialSpec, log_example
-from pact_ray.report.tuning import tuned_variants
-from pact_ray.runkinds import RUN_KINDS
-from pact_ray.summary import CSV_NAME, JSON_NAME, SummaryData, collect
-from pact_ray.sweep import run_sweep
-
-from numerics import statistic_bound
+from pact_ray.report.ablation import render_report, write_report
+from pact_ray.report.ablation.build import COUNT_LABELS, INDEX_HTML, ROUTE_JSON
+from pact_ray.report.ablation.groups import router_on
+from pact_ray.report.ablation.plots import PLOTS, placeholder
+from pact_ray.report.ablation.route import NO_BASELINE, route_status
+from pact_ray.report.ablation.stats import BETTER, INCONCLUSIVE, ONE_SEED, WORSE, difference, mean_interval, verdict
+from pact_ray.report.ablation.tuning import tuned_variants
+from pact_ray.report.summary import CSV_NAME, JSON_NAME, SummaryData, collect
+from pact_ray.runs.kinds import RUN_KINDS
+from pact_ray.tune.sweep import run_sweep
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREEN = (1400, 2400)

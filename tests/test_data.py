@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from numerics import rounding_bound
 
 from pact_ray.data.articulation import (
     AXIS_ZERO_TOL,
@@ -41,8 +42,6 @@ from pact_ray.data.format import (
 )
 from pact_ray.data.loader import ArticulatedDataset, collate_parts, make_loader
 from pact_ray.data.synthetic import BACKGROUND, PRESETS, SyntheticGenerator, generate_dataset, main
-
-from numerics import rounding_bound
 
 TINY = PRESETS["tiny"]
 TINY_SPEC = DatasetSpec(name="tiny", num_samples=1, max_parts=8, prefix_tokens=5, **TINY)

@@ -14,13 +14,15 @@ import torch
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from pact_ray.config import Stage1RunConfig
-from pact_ray.summary import JSON_NAME
-from pact_ray.sweep import MANIFEST, run_sweep
-from pact_ray.tracking.callback import SWEEP_TAG
+from pact_ray.report.summary import JSON_NAME
+from pact_ray.runs.stage1 import Stage1RunConfig
 from pact_ray.tracking.server import start_server
+from pact_ray.tracking.tags import SWEEP_TAG
+from pact_ray.training.checkpoints import read_checkpoint, write_checkpoint
 from pact_ray.training.stage1 import Stage1Trainer
-from pact_ray.tune_trial import read_checkpoint, restore, write_checkpoint
+from pact_ray.tune.manifest import MANIFEST
+from pact_ray.tune.sweep import run_sweep
+from pact_ray.tune.trial import restore
 
 
 def _runs(uri: str, storage: Path, name: str):

@@ -6,15 +6,14 @@ import json
 
 import pytest
 import torch
+from conftest import fixture_path
+from numerics import assert_within_rounding, rounding_bound, transformer_ops
 from safetensors.torch import save_file
 
-from conftest import fixture_path
 from pact_ray.models.checkpoint import CheckpointError, load_core_weights, read_weights
 from pact_ray.models.layers import absolute_position_embedding, patchify, unpatchify
 from pact_ray.models.stage1 import CONDITION_PRESETS, STAGE1_PRESETS, PartStructureFlow, build_stage1
 from pact_ray.ot.router import RouterConfig
-
-from numerics import assert_within_rounding, rounding_bound, transformer_ops
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +32,7 @@ def test_official_config_has_exact_key_set_and_shapes():
     assert model.mask_group_emb is model.part_pe and model.mask_group_emb_proj is model.part_pe_proj
 
 
-GOLDEN_ATOL = 1e-5  # the spec's fidelity target (shared/specs/stage1_pact.md)
+GOLDEN_ATOL = 1e-5  # the spec's fidelity target (docs/specs/stage1_pact.md)
 
 
 def _in_float64(inputs: dict) -> dict:

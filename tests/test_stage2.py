@@ -9,14 +9,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from numerics import assert_within_rounding, transformer_ops
 
-from pact_ray.config import ConfigError, Stage2RunConfig
 from pact_ray.data.articulation import SLOT_GROUPS, encode_articulation_batch, validity_mask
 from pact_ray.data.loader import ArticulatedDataset, collate_voxels
 from pact_ray.data.synthetic import PRESETS, generate_dataset
+from pact_ray.errors import ConfigError
 from pact_ray.metrics import names as M
 from pact_ray.models.checkpoint import CheckpointError, load_core_weights
 from pact_ray.models.layers import absolute_position_embedding
+from pact_ray.models.presets import STAGE2_PRESETS
 from pact_ray.models.stage2 import (
     ArticulationHead,
     FeatureAverage,
@@ -25,11 +27,9 @@ from pact_ray.models.stage2 import (
     mask_moments,
     voxel_position_embedding,
 )
+from pact_ray.runs.registry import STAGE2_VARIANTS
+from pact_ray.runs.stage2 import Stage2RunConfig
 from pact_ray.training.stage2 import Stage2Trainer, articulation_metrics, model_input
-from pact_ray.presets import STAGE2_PRESETS
-from pact_ray.variants import STAGE2_VARIANTS
-
-from numerics import assert_within_rounding, transformer_ops
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +316,7 @@ def test_checkpoint_with_another_head_is_named_by_its_head_keys(tmp_path, datase
 
 
 def test_sweep_rejects_a_checkpoint_with_another_head(tmp_path, capsys):
-    from pact_ray.sweep import run_sweep
+    from pact_ray.tune.sweep import run_sweep
 
     other = tmp_path / "other_head.pt"
     torch.save(build_stage2("tiny", head_channels=32).state_dict(), other)
@@ -382,9 +382,10 @@ def test_profiles_and_phases():
 def test_stage2_smoke_sweep_of_every_variant(tmp_path, ray_address, capsys):
     from mlflow.tracking import MlflowClient
 
-    from pact_ray.summary import JSON_NAME
-    from pact_ray.sweep import MANIFEST, run_sweep
-    from pact_ray.tracking.callback import SWEEP_TAG
+    from pact_ray.report.summary import JSON_NAME
+    from pact_ray.tracking.tags import SWEEP_TAG
+    from pact_ray.tune.manifest import MANIFEST
+    from pact_ray.tune.sweep import run_sweep
 
     name = "s2-smoke"
     rc = run_sweep("stage2", ["--model", "tiny", "--profile", "smoke", "--name", name, "--storage-path", str(tmp_path / "runs"),

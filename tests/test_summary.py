@@ -3,22 +3,21 @@
 
 from __future__ import annotations
 
-import math
-
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
+from example_store import TrialSpec, example_specs, log_example, log_sweep
 from mlflow.tracking import MlflowClient
 
 from analysis.compare import main as compare
 from analysis.summarize import main as summarize
 from pact_ray.metrics import names as M
-from pact_ray.report import collect_results
-from pact_ray.report.synthetic import TrialSpec, example_specs, log_example, log_sweep
-from pact_ray.summary import ALL_COLUMNS, COLUMNS, CSV_NAME, JSON_NAME, collect, collect_rows, fetch_curves, sort_rows
-from pact_ray.sweep import MANIFEST
+from pact_ray.report.ablation import collect_results
+from pact_ray.report.summary import ALL_COLUMNS, COLUMNS, CSV_NAME, JSON_NAME, collect, collect_rows, fetch_curves, sort_rows
+from pact_ray.tune.manifest import MANIFEST
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pact_ray.summary import ALL_COLUMNS, COLUMNS, JSON_NAME
-from pact_ray.sweep import MANIFEST, run_sweep
-from pact_ray.tracking.callback import SWEEP_TAG
-from pact_ray.tracking.writer import TRIAL_TAG
-from pact_ray.variants import STAGE1_VARIANTS
+from pact_ray.report.summary import ALL_COLUMNS, COLUMNS, JSON_NAME
+from pact_ray.runs.registry import STAGE1_VARIANTS
+from pact_ray.tracking.tags import SWEEP_TAG, TRIAL_TAG
+from pact_ray.tune.manifest import MANIFEST
+from pact_ray.tune.sweep import run_sweep
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

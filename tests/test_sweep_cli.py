@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from pact_ray.data.synthetic import generate_dataset
-from pact_ray.presets import CONDITION_PRESETS, STAGE1_PRESETS
-from pact_ray.sweep import run_sweep
+from pact_ray.models.presets import CONDITION_PRESETS, STAGE1_PRESETS
+from pact_ray.tune.sweep import run_sweep
 
 
 def base(tmp_path: Path, *extra: str) -> list[str]:

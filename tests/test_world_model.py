@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from numerics import assert_within_rounding, pairwise_sum_ops, rounding_bound, transformer_ops
 from skimage.metrics import structural_similarity
 
 from pact_ray.data.arm import ArmEpisodeConfig, MotorStrip, WorldModelData, generate_arm_dataset
+from pact_ray.errors import ConfigError
 from pact_ray.metrics import names as M
 from pact_ray.metrics.world_model import PSNR_CAP, Evaluation, compute_metrics, eval_sample_ids, loggable
 from pact_ray.models.checkpoint import CheckpointError
@@ -22,16 +24,14 @@ from pact_ray.models.world_model import (
     AutoregressiveWorldModel,
     MaskedWorldModel,
     build_world_model,
-    mae_seed,
+    mae_reference,
     preset_config,
     random_masking,
 )
-from pact_ray.ot.router import ConfigError
+from pact_ray.runs.registry import WM_VARIANTS
+from pact_ray.runs.world_model import WorldModelRunConfig
+from pact_ray.training.checkpoints import write_checkpoint
 from pact_ray.training.world_model import WorldModelTrainer, load_checkpoint
-from pact_ray.tune_trial import write_checkpoint
-from pact_ray.world_model_config import WM_VARIANTS, WorldModelRunConfig
-
-from numerics import assert_within_rounding, pairwise_sum_ops, rounding_bound, transformer_ops
 
 SMALL = dict(image_size=32, patch_size=8, context_frames=2)  # 16 patches per frame
 
@@ -72,8 +72,8 @@ def test_mae_step_shapes_and_presets():
     assert loss.ndim == 0 and mask.shape == (3, 48) and mask[:, 32:].eq(1).all()
     assert model.predict(context, action).shape == (3, 3, 32, 32)
     assert torch.equal(model.unpatchify(model.patchify(target)), target)
-    seed = mae_seed()
-    assert (seed.embed_dim, seed.depth, seed.decoder_embed_dim, seed.decoder_depth) == (384, 8, 192, 4)
+    reference = mae_reference()
+    assert (reference.embed_dim, reference.depth, reference.decoder_embed_dim, reference.decoder_depth) == (384, 8, 192, 4)
 
 
 def test_random_masking_keeps_the_unmasked_tokens_in_place():
@@ -258,11 +258,11 @@ def test_run_config_from_variants_and_profiles():
     cfg = WorldModelRunConfig.for_variant("mae_random", "smoke", "tiny", 3)
     assert (cfg.model_type, cfg.mask, cfg.model, cfg.steps, cfg.eval_every, cfg.phase) == ("mae", "target_random", "tiny", 1, 1, "iter3")
     assert WorldModelRunConfig.from_flat(cfg.flat()) == cfg
-    seed = WorldModelRunConfig.for_variant("mae_seed", "quick", "tiny")
-    assert seed.model == "seed" and seed.model_config().embed_dim == 384 and seed.phase == "matrix"
+    reference = WorldModelRunConfig.for_variant("mae_reference", "quick", "tiny")
+    assert reference.model == "reference" and reference.model_config().embed_dim == 384 and reference.phase == "matrix"
     gpt = WorldModelRunConfig.for_variant("gpt", "smoke", "small", embed_dim=96, depth=2)
     assert asdict(gpt.model_config())["embed_dim"] == 96 and gpt.variant_info.phase == "iter2"
-    assert all(v.stage == "world_model" and v.knobs for v in WM_VARIANTS.values())
+    assert all(v.knobs for v in WM_VARIANTS.values())
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -373,7 +373,7 @@ def test_eval_report_bad_input_is_one_line(tmp_path, capsys, data):
 def test_sweep_rejects_a_bad_data_folder_before_starting(tmp_path, capsys, data):
     import pyarrow.parquet as pq
 
-    from pact_ray.sweep import run_sweep
+    from pact_ray.tune.sweep import run_sweep
 
     broken = Path(shutil.copytree(data.folder, tmp_path / "broken"))
     path = broken / "data" / "chunk-000" / "episode_000001.parquet"

@@ -8,11 +8,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 import pyarrow.parquet as pq
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numerics import rounding_bound
 
 from pact_ray.data.arm import (
     ACTIONS,
@@ -34,8 +35,6 @@ from pact_ray.data.arm import (
 )
 from pact_ray.data.format import DataError
 from pact_ray.data.lerobot import IMAGE_PATH, INFO_FILE, REQUIRED_COLUMNS, Episode, read_lerobot, write_lerobot
-
-from numerics import rounding_bound
 
 SHORT = ArmEpisodeConfig(length=8)
 

@@ -14,10 +14,10 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pact_ray.metrics import names as M
-from pact_ray.sweep import MANIFEST, run_sweep
-from pact_ray.tracking.callback import SWEEP_TAG
-from pact_ray.tracking.writer import TRIAL_TAG
-from pact_ray.wm_report import ACTION_COLOURS, ARTIFACT_PATH
+from pact_ray.report.world_model import ACTION_COLOURS, ARTIFACT_PATH
+from pact_ray.tracking.tags import SWEEP_TAG, TRIAL_TAG
+from pact_ray.tune.manifest import MANIFEST
+from pact_ray.tune.sweep import run_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -106,8 +106,8 @@ def test_optuna_search_over_world_model_knobs(tmp_path, ray_address):
     """--search optuna tunes the world model's own knobs (no router prefix), through the shared harness."""
     from mlflow.tracking import MlflowClient
 
-    from pact_ray.sweep import run_sweep
-    from pact_ray.world_model_config import WM_VARIANTS
+    from pact_ray.runs.world_model import WM_VARIANTS
+    from pact_ray.tune.sweep import run_sweep
 
     variant = next(name for name, v in WM_VARIANTS.items() if v.knobs)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

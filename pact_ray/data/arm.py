@@ -466,7 +466,7 @@ class WorldModelData:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pact_ray.sweep import OneLineParser
+    from pact_ray.cli import OneLineParser
 
     p = OneLineParser(description="Write a synthetic SO-100-style arm data set (LeRobot-style folder).")
     p.add_argument("--out", required=True, help="the folder to create")

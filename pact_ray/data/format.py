@@ -77,8 +77,8 @@ generator uses the stand-ins of encoder.py instead.
 
 import json
 import os
-import zipfile
 import uuid
+import zipfile
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields

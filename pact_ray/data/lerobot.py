@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from pact_ray.data.format import DataError
+from pact_ray.errors import first_line
 
 STATE, ACTION = "observation.state", "action"
 EPISODE_INDEX, FRAME_INDEX, TIMESTAMP = "episode_index", "frame_index", "timestamp"
@@ -195,7 +196,7 @@ def _read_table(root: Path) -> dict[str, np.ndarray]:
         try:
             table = pq.read_table(path)
         except (OSError, pa.ArrowException) as e:
-            raise DataError(f"{path} is not a readable parquet table ({str(e).splitlines()[0]})") from None
+            raise DataError(f"{path} is not a readable parquet table ({first_line(e)})") from None
         missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
         if missing:
             raise DataError(f"{path} lacks the column{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
@@ -232,7 +233,7 @@ def _load_array(path: Path) -> np.ndarray:
                 return np.asarray(data["frames"])
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError, KeyError, EOFError) as e:
-        raise DataError(f"{path} is not a readable frame array ({str(e).splitlines()[0]})") from None
+        raise DataError(f"{path} is not a readable frame array ({first_line(e)})") from None
 
 
 def _read_frame_file(stem: Path) -> np.ndarray:
@@ -245,7 +246,7 @@ def _read_frame_file(stem: Path) -> np.ndarray:
             with Image.open(png) as im:
                 return np.asarray(im.convert("RGB"))
         except (OSError, UnidentifiedImageError) as e:
-            raise DataError(f"{png} is not a readable image ({str(e).splitlines()[0]})") from None
+            raise DataError(f"{png} is not a readable image ({first_line(e)})") from None
     if npy.is_file():
         return _check_frames(npy, _load_array(npy)[None])[0]
     raise DataError(f"frame {png} is missing (no .png or .npy file)")

@@ -52,13 +52,13 @@ import numpy as np
 from pact_ray.data.articulation import JOINT_TYPES, LABEL_IDS, encode_articulation_batch
 from pact_ray.data.encoder import StandInImageEncoder, StandInStructureEncoder
 from pact_ray.data.format import DATASET_FILE, DatasetSpec, write_dataset_spec, write_sample
-from pact_ray.presets import CONDITION_PRESETS, STAGE1_PRESETS
+from pact_ray.models.presets import CONDITION_PRESETS, STAGE1_PRESETS
 
 GENERATOR_NAME = "pact_ray.data.synthetic"
 MIN_PARTS, MAX_PARTS = 2, 8
 BACKGROUND = (255, 255, 255)
 
-# Data sizes of each model preset (pact_ray.presets is the one source).
+# Data sizes of each model preset (pact_ray.models.presets is the one source).
 PRESETS: dict[str, dict[str, int | tuple[int, int]]] = {
     name: {"resolution": STAGE1_PRESETS[name]["resolution"], "image_size": CONDITION_PRESETS[name]["image_size"],
            "grid": CONDITION_PRESETS[name]["grid"], "cond_channels": STAGE1_PRESETS[name]["cond_channels"]}

@@ -1,4 +1,4 @@
-"""Validation metrics of a world model (``shared/specs/world_model.md``; names in
+"""Validation metrics of a world model (``docs/specs/world_model.md``; names in
 :mod:`pact_ray.metrics.names`).
 
 Every sample is predicted under each action (the counterfactuals); the metrics of "the

@@ -1,6 +1,6 @@
 """Stage2: PAct's structured-latent flow transformer with its articulation regression head.
 
-PAct's Stage2 (``shared/specs/stage2.md``) denoises the structured latents of the occupied
+PAct's Stage2 (``docs/specs/stage2.md``) denoises the structured latents of the occupied
 voxels of every part, with one extra row per object for the whole object (the union of
 its parts' voxels), and regresses each part's 24-number articulation vector from the
 last block's features. This core keeps that shape at a configurable size:
@@ -50,7 +50,7 @@ from torch.utils.checkpoint import checkpoint
 from pact_ray.data.articulation import ARTICULATION_DIM
 from pact_ray.metrics import names as M
 from pact_ray.models.layers import ModulatedBlockModules, TimestepEmbedder, at_least_float32, build_from_preset, modulate, sdpa
-from pact_ray.presets import STAGE2_PRESETS
+from pact_ray.models.presets import STAGE2_PRESETS
 
 # The spatial moments of a part's 2D mask: the column order of mask_moments (and their metric names).
 MOMENT_NAMES = M.MASK_MOMENTS

@@ -14,10 +14,11 @@ from typing import Any
 
 from ray import tune
 
-from pact_ray.runkinds import resolve_kind
-from pact_ray.tracking.writer import ROLE_TAG, TAG_PREFIX, TRIAL_TAG, MlflowWriter, RunRef, shared_writer, status_name
+from pact_ray.errors import error_line
+from pact_ray.runs.kinds import resolve_kind
+from pact_ray.tracking.tags import ROLE_TAG, SWEEP_TAG, TRIAL_TAG
+from pact_ray.tracking.writer import MlflowWriter, RunRef, shared_writer, status_name
 
-SWEEP_TAG = TAG_PREFIX + "sweep_run_id"
 # Ray's own bookkeeping in every result: not metrics of the model.
 RAY_RESULT_KEYS = frozenset({
     "training_iteration", "time_this_iter_s", "timestamp", "pid", "date", "hostname", "node_ip",
@@ -25,19 +26,6 @@ RAY_RESULT_KEYS = frozenset({
     "experiment_tag", "trial_id", "checkpoint_dir_name", "should_checkpoint", "config", "time_total_s",
     "timesteps_since_restore", "episodes_this_iter", "timesteps_this_iter",
 })
-
-
-def error_line(trial) -> str:
-    """The last line of a trial's error (what the summary shows)."""
-    path = getattr(trial, "error_file", None)
-    text = ""
-    if path and os.path.isfile(path):
-        with open(path) as f:
-            text = f.read()
-    elif getattr(trial, "error_msg", None):
-        text = trial.error_msg
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1][:500] if lines else "unknown error"
 
 
 class MlflowSweepCallback(tune.Callback):
@@ -69,10 +57,10 @@ class MlflowSweepCallback(tune.Callback):
         cfg = kind.config(own)
         self._configs[trial.trial_id] = cfg
         flat = cfg.flat()
-        variant = kind.variants[cfg.variant]
+        variant = cfg.variant_info
         tags = {
             "variant": cfg.variant, "phase": cfg.phase, "profile": cfg.profile, "model": cfg.model,
-            "seed": cfg.seed, "note": variant.note, "kind": kind.name, "stage": variant.stage,
+            "seed": cfg.seed, "note": variant.note, "kind": kind.name, "stage": kind.name,
             "trial_name": str(trial), "git_commit": self.commit, "sweep": self.sweep, "status": "running",
             ROLE_TAG: "trial", "mlflow.note.content": variant.note,
         }

@@ -118,7 +118,7 @@ def start_server(store: str | os.PathLike, port: int | None = None, host: str = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pact_ray.sweep import OneLineParser
+    from pact_ray.cli import OneLineParser
 
     p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--store", default="tracking", help="folder for mlflow.db and artifacts/")

@@ -25,11 +25,10 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from pact_ray.errors import first_line
+
 log = logging.getLogger(__name__)
 
-TAG_PREFIX = "pact_ray."
-TRIAL_TAG = TAG_PREFIX + "trial_id"
-ROLE_TAG = TAG_PREFIX + "role"
 STEP_METRIC = "loss"  # every reported row has it: its history tells the last step a run holds
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch
 MAX_PARAM_LEN = 6000
@@ -148,7 +147,7 @@ class MlflowWriter:
             except Exception as e:  # noqa: BLE001 - any tracking failure is retried, never fatal to the sweep
                 if first:
                     self.failures += 1
-                    log.warning("MLflow write failed (%s); retrying until the tracking store answers", str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+                    log.warning("MLflow write failed (%s); retrying until the tracking store answers", first_line(e, 200))
                     first = False
                 time.sleep(delay)
                 delay = min(delay * 2, self.retry_max_s)

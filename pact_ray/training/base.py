@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pact_ray.errors import ConfigError
 from pact_ray.metrics import names as M
-from pact_ray.ot.router import ConfigError
 
 
 class InjectedFault(RuntimeError):

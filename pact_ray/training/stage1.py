@@ -9,11 +9,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pact_ray import flow
-from pact_ray.config import Stage1RunConfig
 from pact_ray.data.cache import ensure_synthetic
 from pact_ray.data.loader import ArticulatedDataset, collate_parts
 from pact_ray.models.stage1 import CONDITION_PRESETS, STAGE1_PRESETS, PartStructureFlow, build_stage1
+from pact_ray.runs.stage1 import Stage1RunConfig
+from pact_ray.training import flow
 from pact_ray.training.base import Trainer, step_generator
 
 BATCH_KEYS_TO_DEVICE = ("x", "cond", "masks", "num_parts", "part_idx", "images", "pixel_masks")

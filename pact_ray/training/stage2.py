@@ -17,14 +17,14 @@ from typing import Any
 
 import torch
 
-from pact_ray import flow
-from pact_ray.config import Stage2RunConfig
 from pact_ray.data.articulation import SLOT_GROUPS, decode_articulation
 from pact_ray.data.cache import ensure_synthetic
 from pact_ray.data.loader import ArticulatedDataset, collate_voxels
 from pact_ray.metrics import names as M
+from pact_ray.models.presets import CONDITION_PRESETS, STAGE1_PRESETS, STAGE2_MAX_TOKENS, STAGE2_PRESETS
 from pact_ray.models.stage2 import ArticulatedSLatFlow, FeatureAverage, TokenLayout, build_stage2, mask_moments
-from pact_ray.presets import CONDITION_PRESETS, STAGE1_PRESETS, STAGE2_MAX_TOKENS, STAGE2_PRESETS
+from pact_ray.runs.stage2 import Stage2RunConfig
+from pact_ray.training import flow
 from pact_ray.training.base import Trainer, step_generator
 
 BATCH_KEYS_TO_DEVICE = ("feats", "shared", "coords", "valid", "num_rows", "cond", "masks", "pixel_masks", "num_parts",

@@ -17,8 +17,8 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from pact_ray.report.groups import Setting, knob_values, objective, setting_label, variant_runs
-from pact_ray.summary import SummaryData, variant_label
+from pact_ray.report.ablation.groups import Setting, knob_values, objective, setting_label, variant_runs
+from pact_ray.report.summary import SummaryData, variant_label
 
 IMPORTANCE_SEED = 0
 LOG_SPAN = 10.0  # a positive knob whose tried values span this factor gets a log-scale distribution

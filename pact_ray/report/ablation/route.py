@@ -3,7 +3,7 @@
 For each configuration (a variant's seeds; each value set of a tuned variant on its
 own), over its finished runs: the final objective (loss) as mean ± 95% interval, its
 difference from the baseline of the same kind, profile and model (absolute and in % of
-the baseline mean; paired by seed, else Welch, see :mod:`pact_ray.report.stats`), the
+the baseline mean; paired by seed, else Welch, see :mod:`pact_ray.report.ablation.stats`), the
 router diagnostics (gate, edge delta, virtual mass) and Stage2's Art L2 as mean ± 95%
 interval, and a verdict from the interval of the difference.
 """
@@ -15,11 +15,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from pact_ray.metrics import names as M
-from pact_ray.report.groups import (
-    BASELINE, Row, Setting, VariantRuns, group_by, knob_text, knob_values, objective, setting_label, variant_runs,
+from pact_ray.report.ablation.groups import (
+    BASELINE,
+    Row,
+    Setting,
+    VariantRuns,
+    group_by,
+    knob_text,
+    knob_values,
+    objective,
+    setting_label,
+    variant_runs,
 )
-from pact_ray.report.stats import Difference, Estimate, difference, estimate, mean_interval, verdict
-from pact_ray.summary import SummaryData, variant_label
+from pact_ray.report.ablation.stats import Difference, Estimate, difference, estimate, mean_interval, verdict
+from pact_ray.report.summary import SummaryData, variant_label
 
 DIAGNOSTICS = (M.GATE, M.EDGE_DELTA, M.VIRTUAL_MASS, M.ART_L2)
 NO_BASELINE = "no baseline"

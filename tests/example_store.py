@@ -24,11 +24,11 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from pact_ray.metrics import names as M
-from pact_ray.runkinds import RUN_KINDS
-from pact_ray.summary import FINISHED, RUNNING, STATUSES
-from pact_ray.tracking.callback import SWEEP_TAG
+from pact_ray.report.summary import FINISHED, RUNNING, STATUSES
+from pact_ray.runs.kinds import RUN_KINDS
 from pact_ray.tracking.store import ensure_experiment
-from pact_ray.tracking.writer import MAX_BATCH, ROLE_TAG, TRIAL_TAG, status_name
+from pact_ray.tracking.tags import ROLE_TAG, SWEEP_TAG, TRIAL_TAG
+from pact_ray.tracking.writer import MAX_BATCH, status_name
 
 STEP_MS = 1000  # metric timestamps: one step per second from the run's start
 MLFLOW_RUNNING = RunStatus.to_string(RunStatus.RUNNING)

@@ -1,4 +1,4 @@
-"""The world model's evaluation report (``shared/seeds/world_model_eval_report.txt``): one
+"""The world model's evaluation report (``docs/design/world_model_eval_report.txt``): one
 HTML page and one Markdown file per evaluated run, with their PNG figures.
 
 Sections: a header (run name, model type, checkpoint, data set, date, validation
@@ -36,8 +36,8 @@ from pact_ray.data.arm import ACTIONS, JOINT_LABELS, MOVE_NEG, MOVE_POS, STAY, W
 from pact_ray.metrics import names as M
 from pact_ray.metrics.world_model import Evaluation, Metrics, compute_metrics, eval_sample_ids, evaluate_model
 from pact_ray.models.checkpoint import CheckpointError
+from pact_ray.runs.world_model import WorldModelRunConfig
 from pact_ray.training.world_model import KIND, LoadedWorldModel, dataset_for, load_checkpoint
-from pact_ray.world_model_config import WorldModelRunConfig
 
 ACTION_COLOURS = ("#d62728", "#2ca02c", "#1f77b4")  # STAY red, MOVE+ green, MOVE- blue
 GT_COLOUR = "#222222"
@@ -53,7 +53,7 @@ class ReportError(ValueError):
 # ------------------------------------------------------------------ metrics order
 
 def metric_order(metrics: Metrics) -> list[str]:
-    """The seed report's order, then any per-action entries and the GPT's TF/FR metrics."""
+    """The evaluation report design's order, then any per-action entries and the GPT's TF/FR metrics."""
     actions = range(len(ACTIONS))
     head = [M.VAL_MSE, M.VAL_MSE_VISUAL, M.SSIM, M.PSNR, M.VAL_MSE_MOTOR_STRIP]
     head += [M.VAL_MSE_ACTION.format(k=k) for k in actions]
@@ -186,7 +186,7 @@ def resolve_checkpoint(spec: str, tracking_uri: str, storage_path: str | os.Path
     from mlflow.tracking import MlflowClient
 
     from pact_ray.tracking.store import check_tracking_uri, sqlite_path
-    from pact_ray.tracking.writer import TRIAL_TAG
+    from pact_ray.tracking.tags import TRIAL_TAG
 
     if "/" in spec or "\\" in spec or spec.endswith((".pt", ".pth")):
         raise ReportError(f"checkpoint {spec} does not exist")

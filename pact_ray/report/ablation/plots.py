@@ -25,12 +25,20 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from pact_ray.metrics import names as M
-from pact_ray.report.groups import (
-    STAGE1, STAGE2, Row, Setting, finished_with, group_by, router_on, setting_label, setting_of,
+from pact_ray.report.ablation.groups import (
+    STAGE1,
+    STAGE2,
+    Row,
+    Setting,
+    finished_with,
+    group_by,
+    router_on,
+    setting_label,
+    setting_of,
 )
-from pact_ray.report.stats import Estimate, mean_interval
-from pact_ray.report.tuning import TunedVariant
-from pact_ray.summary import ERRORED, FINISHED, RUNNING, Curve, SummaryData, kind_title, variant_label
+from pact_ray.report.ablation.stats import Estimate, mean_interval
+from pact_ray.report.ablation.tuning import TunedVariant
+from pact_ray.report.summary import ERRORED, FINISHED, RUNNING, Curve, SummaryData, kind_title, variant_label
 
 DPI = 100
 WIDTH_IN = 8.0  # shown about 620 px wide, two to a row on the page

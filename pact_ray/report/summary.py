@@ -1,4 +1,4 @@
-"""The ablation summary table (``shared/specs/summary.md``): one row per trial run.
+"""The ablation summary table (``docs/specs/summary.md``): one row per trial run.
 
 Rows come from MLflow (the runs' params, tags and latest metrics); errored and unfinished
 runs are kept with their status and error line, never dropped. :func:`collect` also reads
@@ -21,10 +21,10 @@ from typing import Any, Iterable, Mapping
 from mlflow.entities import Experiment, Run, ViewType
 from mlflow.tracking import MlflowClient
 
+from pact_ray.fileio import atomic_write
 from pact_ray.metrics import names as M
-from pact_ray.runkinds import RUN_KINDS, RunKind
-from pact_ray.tracking.callback import SWEEP_TAG
-from pact_ray.tracking.writer import ROLE_TAG, TRIAL_TAG
+from pact_ray.runs.kinds import RUN_KINDS, RunKind
+from pact_ray.tracking.tags import ROLE_TAG, SWEEP_TAG, TRIAL_TAG
 
 # summary.md's column order, then the extra columns.
 COLUMNS = ["run", "run_id", "phase", "steps", "loss", "art_l2", "gate", "edge_delta", "virtual_mass", "mask_parts", "empty", "note"]
@@ -265,16 +265,6 @@ def collect_rows(tracking_uri: str, experiments: list[str] | None = None) -> lis
 
 
 # --------------------------------------------------------------------- files
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data, encoding="utf-8")
-    os.replace(tmp, path)
-
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()

@@ -1,4 +1,4 @@
-"""Rectified-flow objective and sampler (TRELLIS convention, ``shared/specs/stage1_pact.md``).
+"""Rectified-flow objective and sampler (TRELLIS convention, ``docs/specs/stage1_pact.md``).
 
     x_t = (1 - t) x0 + (sigma_min + (1 - sigma_min) t) eps,   t in [0, 1]
     v   = (1 - sigma_min) eps - x0                           (the model predicts v from t * 1000)

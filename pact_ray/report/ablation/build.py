@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pact_ray.report.groups import STAGE1, STAGE2, router_on
-from pact_ray.report.page import PlotLink, render_page
-from pact_ray.report.plots import PLOTS, parallel_coordinates
-from pact_ray.report.route import route_status
-from pact_ray.report.tuning import tuned_variants
-from pact_ray.summary import CSV_NAME, JSON_NAME, STATUSES, SummaryData, atomic_write, kind_title, to_csv, to_json
+from pact_ray.fileio import atomic_write
+from pact_ray.report.ablation.groups import STAGE1, STAGE2, router_on
+from pact_ray.report.ablation.page import PlotLink, render_page
+from pact_ray.report.ablation.plots import PLOTS, parallel_coordinates
+from pact_ray.report.ablation.route import route_status
+from pact_ray.report.ablation.tuning import tuned_variants
+from pact_ray.report.summary import CSV_NAME, JSON_NAME, STATUSES, SummaryData, kind_title, to_csv, to_json
 
 ROUTE_JSON, INDEX_HTML = "route_status.json", "index.html"  # route_status.json also holds the counts and importances
 COUNT_LABELS = {"stage1_runs": f"{kind_title(STAGE1)} runs", "stage2_runs": f"{kind_title(STAGE2)} runs",

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pact_ray.config import ConfigError, RunConfig
+from pact_ray.errors import ConfigError, error_line
 from pact_ray.metrics import names as M
-from pact_ray.runkinds import RUN_KINDS, resolve_kind
-from pact_ray.summary import DEFAULT_KIND, ERRORED, FINISHED, RUNNING, Curve, SummaryData, make_row, sort_rows
-from pact_ray.sweep import MANIFEST
-from pact_ray.tracking.callback import error_line
+from pact_ray.report.summary import DEFAULT_KIND, ERRORED, FINISHED, RUNNING, Curve, SummaryData, make_row, sort_rows
+from pact_ray.runs.config import RunConfig
+from pact_ray.runs.kinds import RUN_KINDS, resolve_kind
+from pact_ray.tune.manifest import MANIFEST
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class TrialState:
 
 @dataclass(frozen=True)
 class _ErrorFile:
-    """The trial attributes :func:`pact_ray.tracking.callback.error_line` reads."""
+    """The trial attributes :func:`pact_ray.errors.error_line` reads."""
 
     error_file: str
     error_msg: str | None = None

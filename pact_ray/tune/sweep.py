@@ -11,125 +11,24 @@ with exit status 2; nothing is created before the checks pass.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from pact_ray.config import ConfigError
-from pact_ray.runkinds import RunKind, get_kind, resolve_kind
-from pact_ray.variants import parse_variants
-
-MANIFEST = "pact_ray_sweep.json"
-EXIT_USAGE = 2
+from pact_ray.cli import user_errors
+from pact_ray.errors import ConfigError
+from pact_ray.runs.config import RunConfig
+from pact_ray.runs.kinds import RunKind, get_kind, resolve_kind
+from pact_ray.runs.registry import parse_variants
+from pact_ray.tune.flags import build_parser, parse_overrides, parse_seeds
+from pact_ray.tune.manifest import MANIFEST, load_manifest, write_manifest
 
 
 class SweepError(ValueError):
     """A sweep that cannot start or resume (one-sentence message)."""
-
-
-# ---------------------------------------------------------------------- flags
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one sentence (no usage dump) and exits with 2."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
-
-
-def build_parser(kind: RunKind, description: str) -> argparse.ArgumentParser:
-    p = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("what to run")
-    g.add_argument("--profile", default="quick", choices=list(kind.profiles), help="steps, optimiser and export of each run")
-    g.add_argument("--model", default="small", help="model preset (tiny for tests, small for CPU, pact for GPUs)")
-    g.add_argument("--variants", default="all", help="comma-separated variants for the grid, or 'all': " + ", ".join(kind.variants))
-    g.add_argument("--seeds", default="0", help="comma-separated seeds; the grid is variants x seeds")
-    g.add_argument("--search", default="grid", choices=["grid", "optuna"], help="grid over named variants, or Optuna over one variant's continuous knobs")
-    g.add_argument("--variant", default=None, help="the variant whose knobs --search optuna tunes")
-    g.add_argument("--num-samples", type=_positive_int, default=8, help="Optuna trials")
-    g.add_argument("--scheduler", default="none", choices=["none", "asha"], help="asha stops poor trials early on loss")
-    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field for every trial (e.g. lr=3e-4, batch_size=4, router.eps=0.1); repeatable")
-    g.add_argument("--data", default=None, help="dataset folder (default: synthetic data generated for the preset)")
-    g.add_argument("--checkpoint", default=None, help="official weights (.safetensors or .pt) for --profile official-full")
-    g = p.add_argument_group("where")
-    g.add_argument("--name", default=None, help="sweep name (default: <script>-<profile>-<time>)")
-    g.add_argument("--storage-path", default=None, help="absolute folder or URI for Ray results (default: ./runs)")
-    g.add_argument("--tracking-uri", default=None, help="MLflow store: absolute sqlite:/// file (default ./mlflow.db) or http:// server")
-    g.add_argument("--summary-dir", default=None, help="where the summary files go (default: <storage-path>/<name>/summary)")
-    g = p.add_argument_group("how")
-    g.add_argument("--address", default=None, help="an existing Ray cluster (e.g. auto or ray://host:10001); default starts a local one")
-    g.add_argument("--resume", action="store_true", help="continue the sweep --name where it stopped")
-    g.add_argument("--max-concurrent", type=_nonneg_int, default=0, help="trials at once (0: as many as resources allow)")
-    g.add_argument("--cpus-per-trial", type=_positive_float, default=1.0, help="CPUs per trial (torch threads follow)")
-    g.add_argument("--gpus-per-trial", type=_nonneg_float, default=0.0, help="GPUs per trial; fractions pack trials on one GPU")
-    g.add_argument("--max-failures", type=_nonneg_int, default=2, help="retries of a failed trial from its last checkpoint")
-    g.add_argument("--optuna-seed", type=int, default=0, help="seed of the Optuna sampler")
-    g.add_argument("--quiet", action="store_true", help="no progress table")
-    return p
-
-
-def _positive_int(s: str) -> int:
-    v = _num(int, s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {s}")
-    return v
-
-
-def _nonneg_int(s: str) -> int:
-    v = _num(int, s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    v = _num(float, s)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-    return v
-
-
-def _nonneg_float(s: str) -> float:
-    v = _num(float, s)
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
-    return v
-
-
-def _num(t, s: str):
-    try:
-        return t(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a{'n integer' if t is int else ' number'}") from None
-
-
-def parse_overrides(items: list[str], kind: RunKind) -> dict[str, Any]:
-    """``KEY=VALUE`` strings -> typed values (JSON literals where they parse, strings otherwise)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r} is not KEY=VALUE")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        out[key.strip()] = value
-    return out
-
-
-def parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(f"--seeds {text!r} is not a comma-separated list of integers") from None
-    if not seeds:
-        raise ConfigError("--seeds names no seed")
-    return list(dict.fromkeys(seeds))
 
 
 # ------------------------------------------------------------------- the plan
@@ -145,6 +44,12 @@ class SweepPlan:
     summary_dir: Path
     base: dict[str, Any]  # fixed trial-config entries
     trial_configs: list[dict[str, Any]]  # grid points (or one Optuna template)
+    configs: list[tuple[RunKind, RunConfig]]  # each grid point's own kind and config, built once
+
+    @property
+    def local_dir(self) -> Path | None:
+        """The sweep's folder when the storage is a local path (None for an object store)."""
+        return None if "://" in self.exp_dir else Path(self.exp_dir)
 
 
 def _storage_path(arg: str | None) -> str:
@@ -185,7 +90,7 @@ def make_plan(kind: RunKind, args: argparse.Namespace) -> SweepPlan:
     storage = _storage_path(args.storage_path)
     name = _safe_name(args.name or f"{kind.script}-{args.profile}-{time.strftime('%Y%m%d-%H%M%S')}")
     exp_dir = f"{storage.rstrip('/')}/{name}"
-    overrides = parse_overrides(args.overrides, kind)
+    overrides = parse_overrides(args.overrides)
     base: dict[str, Any] = {"profile": args.profile, "model": args.model, **overrides}
     if args.data:
         base["data"] = str(Path(args.data).resolve())
@@ -204,31 +109,38 @@ def make_plan(kind: RunKind, args: argparse.Namespace) -> SweepPlan:
     else:
         variants = parse_variants(args.variants, kind.variants)
     trial_configs = [{**base, "variant": v, "seed": s} for v in variants for s in seeds]
+    configs = []
     for tc in trial_configs:  # every config error surfaces before anything starts
-        kind.config(tc)
+        own_kind, own = resolve_kind(kind, tc)
+        configs.append((own_kind, own_kind.config(own)))
 
     tracking_uri = args.tracking_uri or default_tracking_uri()
     check_tracking_uri(tracking_uri)
     summary_dir = Path(args.summary_dir).resolve() if args.summary_dir else Path(exp_dir) / "summary"
-    return SweepPlan(kind, args, name, storage, exp_dir, tracking_uri, summary_dir, base, trial_configs)
+    return SweepPlan(kind, args, name, storage, exp_dir, tracking_uri, summary_dir, base, trial_configs, configs)
 
 
 def validate_inputs(plan: SweepPlan) -> None:
     """Data folder and official checkpoint are read and checked in the driver, before Ray starts
     (once for each run kind of the sweep: the matrix holds Stage1 and Stage2 trials)."""
-    first_of_kind = {}
-    for tc in plan.trial_configs:
-        kind, own = resolve_kind(plan.kind, tc)
-        first_of_kind.setdefault(kind.name, (kind, own))
-    for kind, tc in first_of_kind.values():
-        cfg = kind.config(tc)
-        if getattr(cfg, "data", ""):
-            kind.dataset_fn()(cfg).validate_all()
+    first_of_kind: dict[str, tuple[RunKind, RunConfig]] = {}
+    for kind, cfg in plan.configs:
+        first_of_kind.setdefault(kind.name, (kind, cfg))
+    for kind, cfg in first_of_kind.values():
+        if cfg.data:
+            kind.dataset(cfg).validate_all()
         if getattr(cfg, "init", "scratch") == "official":
             from pact_ray.models.checkpoint import load_core_weights
 
-            model = kind.model_fn()(cfg)
+            model = kind.build_model(cfg)
             load_core_weights(model, cfg.init_checkpoint, model.core_state_dict_keys(), what=f"the {kind.title} '{cfg.model}' preset")
+
+
+def read_manifest(plan: SweepPlan) -> dict[str, Any]:
+    manifest = load_manifest(plan.local_dir) if plan.local_dir is not None else None
+    if manifest is None:
+        raise SweepError(f"sweep {plan.name!r} has no {MANIFEST} in {plan.exp_dir}: nothing to resume")
+    return manifest
 
 
 # ---------------------------------------------------------------- search space
@@ -248,16 +160,14 @@ def param_space(plan: SweepPlan) -> tuple[dict[str, Any], Any]:
     tc = plan.trial_configs[0]
     variant = plan.kind.variants[tc["variant"]]
     space = {**plan.base, "variant": tc["variant"], "seed": tc["seed"]}
-    kind = plan.kind
-    for knob in variant.knobs:
-        key = f"{kind.knob_prefix}{knob}"
+    for key in variant.knobs:
         if key in plan.base:
             continue  # fixed by --set
-        lo, hi, log = kind.knob_ranges[knob]
-        if knob in kind.int_knobs:
-            space[key] = tune.randint(int(lo), int(hi) + 1)
+        knob = plan.kind.knobs[key]
+        if knob.integer:
+            space[key] = tune.randint(int(knob.low), int(knob.high) + 1)
         else:
-            space[key] = tune.loguniform(lo, hi) if log else tune.uniform(lo, hi)
+            space[key] = tune.loguniform(knob.low, knob.high) if knob.log else tune.uniform(knob.low, knob.high)
     storage_url = optuna_storage_url(plan)
     searcher = OptunaSearch(
         metric=plan.kind.metric, mode=plan.kind.mode, seed=args.optuna_seed,
@@ -268,28 +178,9 @@ def param_space(plan: SweepPlan) -> tuple[dict[str, Any], Any]:
 
 def optuna_storage_url(plan: SweepPlan) -> str | None:
     """A persistent Optuna study next to the Ray results, readable by optuna-dashboard."""
-    if "://" in plan.storage:
+    if plan.local_dir is None:
         return None
-    return f"sqlite:///{plan.exp_dir}/optuna.db"
-
-
-# ------------------------------------------------------------------- manifest
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def _manifest_path(plan: SweepPlan) -> Path | None:
-    return None if "://" in plan.exp_dir else Path(plan.exp_dir) / MANIFEST
-
-
-def read_manifest(plan: SweepPlan) -> dict[str, Any]:
-    path = _manifest_path(plan)
-    if path is None or not path.is_file():
-        raise SweepError(f"sweep {plan.name!r} has no {MANIFEST} in {plan.exp_dir}: nothing to resume")
-    return json.loads(path.read_text())
+    return f"sqlite:///{plan.local_dir}/optuna.db"
 
 
 # ------------------------------------------------------------------------ run
@@ -298,14 +189,16 @@ def _tuner(plan: SweepPlan, callback, resume: bool):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from pact_ray.tune.trainables import TRAINABLES
+
     kind, args = plan.kind, plan.args
-    trainable = tune.with_resources(kind.trainable_fn(), {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
+    trainable = tune.with_resources(TRAINABLES[kind.name], {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
     if resume:
         if not tune.Tuner.can_restore(plan.exp_dir):
             raise SweepError(f"sweep {plan.name!r} at {plan.exp_dir} has no Ray state to resume")
         return tune.Tuner.restore(plan.exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     space, searcher = param_space(plan)
-    steps = max(kind.config(tc).steps for tc in plan.trial_configs)
+    steps = max(cfg.steps for _, cfg in plan.configs)
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=steps, grace_period=max(1, steps // 4), reduction_factor=2) if args.scheduler == "asha" else None
     tune_config = tune.TuneConfig(
         metric=kind.metric, mode=kind.mode, search_alg=searcher, scheduler=scheduler,
@@ -336,7 +229,6 @@ def init_ray(address: str | None, quiet: bool) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # The trainables must import on every worker; the package folder travels when it is not installed.
     kw: dict[str, Any] = dict(include_dashboard=False, log_to_driver=not quiet, configure_logging=True)
     if address:
         ray.init(address=address, **kw)
@@ -344,31 +236,26 @@ def init_ray(address: str | None, quiet: bool) -> None:
         ray.init(**kw)
 
 
-def run_sweep(kind_name: str, argv: list[str] | None = None, description: str = "") -> int:
+def run_sweep(kind: RunKind | str, argv: list[str] | None = None, description: str = "") -> int:
     """Entry point of every sweep script. Returns the process exit status."""
-    kind = get_kind(kind_name)
+    kind = get_kind(kind) if isinstance(kind, str) else kind
     args = build_parser(kind, description or kind.script).parse_args(argv)
-    try:
-        return _run(kind, args)
-    except (ValueError, FileNotFoundError, PermissionError) as e:
-        # ConfigError, DataError, CheckpointError, TrackingError, SweepError are ValueErrors.
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return EXIT_USAGE
+    return user_errors(lambda: _run(kind, args))
 
 
 def _run(kind: RunKind, args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
-    from pact_ray.report import write_report
-    from pact_ray.summary import collect_sweep
+    from pact_ray.report.ablation import write_report
+    from pact_ray.report.summary import collect_sweep
     from pact_ray.tracking.callback import MlflowSweepCallback
     from pact_ray.tracking.store import ensure_experiment, git_commit, ui_command
-    from pact_ray.tracking.writer import ROLE_TAG, close_shared, env_fast_fail, shared_writer
+    from pact_ray.tracking.tags import ROLE_TAG
+    from pact_ray.tracking.writer import close_shared, env_fast_fail, shared_writer
 
     plan = make_plan(kind, args)
     _check_writable(plan.storage)
-    exp_path = Path(plan.exp_dir) if "://" not in plan.exp_dir else None
+    exp_path = plan.local_dir
     if args.resume:
         manifest = read_manifest(plan)
         if args.tracking_uri and args.tracking_uri != manifest["tracking_uri"]:
@@ -397,7 +284,7 @@ def _run(kind: RunKind, args: argparse.Namespace) -> int:
             client.log_param(parent_id, key, str(value))
         if exp_path is not None:
             exp_path.mkdir(parents=True, exist_ok=False)
-            write_json_atomic(exp_path / MANIFEST, {
+            write_manifest(exp_path, {
                 "kind": kind.name, "name": plan.name, "tracking_uri": plan.tracking_uri, "experiment_id": experiment_id,
                 "parent_run_id": parent_id, "argv": sys.argv[1:], "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "summary_dir": str(plan.summary_dir),

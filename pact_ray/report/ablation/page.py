@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from html import escape
 from typing import Any, Iterable, Sequence
 
-from pact_ray.report.groups import setting_label
-from pact_ray.report.route import DIAGNOSTICS, RouteEntry
-from pact_ray.report.stats import BETTER, WORSE, Estimate
-from pact_ray.report.tuning import TunedVariant
+from pact_ray.report.ablation.groups import setting_label
+from pact_ray.report.ablation.route import DIAGNOSTICS, RouteEntry
+from pact_ray.report.ablation.stats import BETTER, WORSE, Estimate
+from pact_ray.report.ablation.tuning import TunedVariant
 
 TITLE = "PAct × SceneTransporter: OT routing ablation summary"
 PURPOSE = ("One place for the minimal closed-loop checks of Stage1 OT-gated cross-attention, the mask soft prior, "
