@@ -50,6 +50,9 @@ class TrialSpec:
     phase: str = ""  # with note: log these and the identifying params, not the registry's config
     note: str = ""
     wall_s_per_step: float = 0.5
+    # Validation loss by step; None: at the profile's evaluation steps (the last step for a
+    # kind the registry does not know), equal to the training loss there.
+    val: Mapping[int, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -75,12 +78,27 @@ def _config(spec: TrialSpec) -> tuple[dict[str, Any], str, str]:
     return cfg.flat(), cfg.phase, kind.variants[spec.variant].note
 
 
+def validation(spec: TrialSpec) -> dict[int, float]:
+    """The validation loss ``spec`` logs, by step."""
+    if spec.val is not None:
+        return dict(spec.val)
+    losses = spec.history[M.LOSS]
+    kind = RUN_KINDS.get(spec.kind)
+    if kind is None or spec.phase:
+        return {len(losses): losses[-1]} if spec.status == FINISHED else {}
+    cfg = kind.config({"variant": spec.variant, "profile": spec.profile, "model": spec.model, "seed": spec.seed, **spec.overrides})
+    return {step: losses[step - 1] for step in range(1, len(losses) + 1) if cfg.eval_due(step)}
+
+
 def _metrics(spec: TrialSpec, start_ms: int) -> list[Metric]:
     out = []
+    val = validation(spec)
     for i in range(len(spec.history[M.LOSS])):
         step = i + 1
         row = {key: values[i] for key, values in spec.history.items() if i < len(values)}
         row.update({M.STEP: float(step), "wall_s": spec.wall_s_per_step * step})
+        if step in val:
+            row[M.VAL_LOSS] = val[step]
         out.extend(Metric(key, float(value), start_ms + i * STEP_MS, step) for key, value in row.items())
     return out
 

@@ -22,9 +22,9 @@ from scipy import stats as sps
 from analysis.summarize import main as summarize
 from pact_ray.metrics import names as M
 from pact_ray.report.ablation import render_report, write_report
-from pact_ray.report.ablation.build import COUNT_LABELS, INDEX_HTML, ROUTE_JSON
+from pact_ray.report.ablation.build import COUNT_LABELS, INDEX_HTML, REPORT_JSON, ROUTE_JSON
 from pact_ray.report.ablation.groups import router_on
-from pact_ray.report.ablation.plots import PLOTS, placeholder
+from pact_ray.report.ablation.plots import PLOTS, placeholder, plots_for
 from pact_ray.report.ablation.route import NO_BASELINE, route_status
 from pact_ray.report.ablation.stats import BETTER, INCONCLUSIVE, ONE_SEED, WORSE, difference, mean_interval, verdict
 from pact_ray.report.ablation.tuning import tuned_variants
@@ -125,7 +125,7 @@ def test_route_status_verdicts_deltas_and_diagnostics(example):
 def test_variant_without_a_baseline_says_so(example):
     data, _, _ = example
     rows = [r for r in data.rows if r["variant"] != "baseline"]
-    entries = route_status(SummaryData(rows, data.curves, data.params))
+    entries = route_status(SummaryData(rows, data.curves, data.params, data.val_curves))
     assert entries and all(e.verdict == NO_BASELINE and e.delta is None for e in entries)
 
 
@@ -148,7 +148,8 @@ def png(path: Path) -> np.ndarray:
 def test_report_writes_tables_json_and_plots(example, report):
     data, specs, _ = example
     assert (report / CSV_NAME).is_file() and json.loads((report / JSON_NAME).read_text()) == data.rows
-    summary = json.loads((report / ROUTE_JSON).read_text())
+    summary = json.loads((report / REPORT_JSON).read_text())
+    route = json.loads((report / ROUTE_JSON).read_text())
     stage1 = [s for s in specs if s.kind == "stage1"]
     assert summary["counts"] == {
         "stage1_runs": len(stage1), "stage2_runs": len(specs) - len(stage1),
@@ -156,26 +157,32 @@ def test_report_writes_tables_json_and_plots(example, report):
         "total_parsed_runs": len(specs),
     }
     assert summary["status"] == {s: sum(sp.status == s for sp in specs) for s in ("finished", "errored", "running")}
-    assert {e["verdict"] for e in summary["route_status"]} >= {BETTER, WORSE, INCONCLUSIVE, ONE_SEED}
+    assert {e["verdict"] for e in route} >= {BETTER, WORSE, INCONCLUSIVE, ONE_SEED}
+    required = {"variant", "baseline", "metric", "step", "seeds", "delta", "delta_pct", "ci_low", "ci_high", "verdict",
+                "verdict_corrected", "valid", "reason"}
+    assert all(required <= set(e) for e in route) and {e["metric"] for e in route} == {M.VAL_LOSS}
     assert summary["param_importance"][0]["importances"]
-    pngs = [f"{p.name}.png" for p in PLOTS] + [summary["param_importance"][0]["parallel_coordinates"]]
+    pngs = [f"{p.name}.png" for p in plots_for(data)] + [summary["param_importance"][0]["parallel_coordinates"]]
     for name in pngs:
         pixels = png(report / name)
         assert pixels.shape[0] > 200 and pixels.shape[1] > 600 and pixels.std() > 10, name
 
 
-def test_plots_without_data_are_placeholders(example):
+def test_only_the_panels_of_what_the_sweep_ran(example):
     data, _, _ = example
-    empty = placeholder("t", "m")
-    size = Image.open(io.BytesIO(empty)).size
-    stage1_only = SummaryData([r for r in data.rows if r["kind"] == "stage1"], data.curves, data.params)
+    stage1_only = SummaryData([r for r in data.rows if r["kind"] == "stage1"], data.curves, data.params, data.val_curves)
     files = render_report(stage1_only)
-    for spec in PLOTS:
-        drawn = Image.open(io.BytesIO(files[f"{spec.name}.png"]))
-        assert (drawn.size == size) == spec.name.startswith("stage2"), spec.name
+    drawn = {name for name in files if name.endswith(".png")}
+    assert {f"{p.name}.png" for p in PLOTS if p.name.startswith("stage1")} <= drawn
+    assert not any(name.startswith("stage2") for name in drawn)
     nothing = render_report(SummaryData([]))
-    assert all(Image.open(io.BytesIO(nothing[f"{p.name}.png"])).size == size for p in PLOTS)
+    assert not [name for name in nothing if name.endswith(".png")]
     assert "No finished variant runs" in nothing[INDEX_HTML]
+    # A figure with nothing to draw says why instead of drawing empty axes.
+    empty = placeholder("t", "m")
+    no_val = SummaryData(stage1_only.rows, stage1_only.curves, stage1_only.params, {})
+    size = Image.open(io.BytesIO(empty)).size
+    assert Image.open(io.BytesIO(render_report(no_val)["stage1_val_curves.png"])).size == size
 
 
 class PageParser(HTMLParser):
@@ -210,7 +217,7 @@ def test_page_parses_with_counts_sections_rows_and_relative_links(example, repor
     page.feed((report / INDEX_HTML).read_text())
     text = " ".join(page.text)
     assert page.sections == ["counts", "route-status", "param-importance", "plots", "ablation-table", "files"]
-    counts = json.loads((report / ROUTE_JSON).read_text())["counts"]
+    counts = json.loads((report / REPORT_JSON).read_text())["counts"]
     for key, label in COUNT_LABELS.items():
         assert f"{counts[key]} {label}" in text
     assert counts["ot_diagnostic_runs"] == sum(router_on(r) for r in data.rows)
@@ -219,8 +226,8 @@ def test_page_parses_with_counts_sections_rows_and_relative_links(example, repor
     for row in data.rows:
         assert row["run"] in text and row["run_id"] in text
     assert next(s.error for s in specs if s.error) in text and " - " in f" {text} "
-    assert set(page.imgs) >= {f"{p.name}.png" for p in PLOTS}
-    assert {CSV_NAME, JSON_NAME, ROUTE_JSON} <= set(page.links)
+    assert set(page.imgs) >= {f"{p.name}.png" for p in plots_for(data)}
+    assert {CSV_NAME, JSON_NAME, ROUTE_JSON, REPORT_JSON} <= set(page.links)
     for ref in page.imgs + page.links:  # static: relative links to files beside the page
         assert "://" not in ref and not ref.startswith("/") and (report / ref).is_file(), ref
     assert "script" not in page.tags and "link" not in page.tags
@@ -258,8 +265,10 @@ def test_real_sweep_summarised_from_mlflow_and_from_ray_results(tmp_path, ray_ad
     assert len(from_mlflow) == 4 and all(r["status"] == "finished" and r["steps"] == 1 for r in from_mlflow)
     assert rows("from_ray") == from_mlflow  # the same floats, read from either source
     for folder in ("from_mlflow", "from_ray"):
-        status = json.loads((tmp_path / folder / ROUTE_JSON).read_text())["route_status"]
-        assert [(e["variant"], e["seeds"], e["delta_method"]) for e in status] == [("ot_first", [0, 1], "paired")]
+        status = json.loads((tmp_path / folder / ROUTE_JSON).read_text())
+        assert [(e["variant"], e["seeds"], e["method"], e["step"], e["metric"]) for e in status] == [
+            ("ot_first", [0, 1], "paired", 1, M.VAL_LOSS)]
         page = PageParser()
         page.feed((tmp_path / folder / INDEX_HTML).read_text())
-        assert page.rows_in["ablation-table"] == 5 and set(page.imgs) >= {f"{p.name}.png" for p in PLOTS}
+        assert page.rows_in["ablation-table"] == 5 and set(page.imgs) >= {"stage1_val_delta.png", "stage1_loss_curves.png"}
+        assert not any(img.startswith("stage2") for img in page.imgs)

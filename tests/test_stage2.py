@@ -223,15 +223,16 @@ def test_moments_of_a_known_mask():
 
 
 def test_mask_parts_and_empty_are_counted_per_batch(dataset):
-    trainer = Stage2Trainer(Stage2RunConfig.for_variant("spatial_diag", "smoke", "tiny", batch_size=6), dataset=dataset)
+    trainer = Stage2Trainer(Stage2RunConfig.for_variant("spatial_diag", "smoke", "tiny", batch_size=4), dataset=dataset)
     b = trainer.batch(0)
+    assert len(b["num_parts"]) == len(trainer.train_ids) == 4  # every training object (2 of the 6 are held out)
     starts = torch.cumsum(b["num_parts"], 0) - b["num_parts"]
     visible = [bool((b["pixel_masks"][o] == k + 1).any()) for o in range(len(starts)) for k in range(int(b["num_parts"][o]))]
     metrics = trainer.train_step()
     assert metrics[M.MASK_PARTS] == sum(visible) and metrics[M.EMPTY] == len(visible) - sum(visible)
-    assert metrics[M.EMPTY] == 1  # the whole dataset: one occluded knob
+    assert metrics[M.EMPTY] >= 1  # the training objects hold an occluded part
     assert set(M.MASK_MOMENTS) <= set(metrics) and 0 < metrics["mask_area"] < 1
-    baseline = Stage2Trainer(Stage2RunConfig.for_variant("baseline", "smoke", "tiny", batch_size=6), dataset=dataset).train_step()
+    baseline = Stage2Trainer(Stage2RunConfig.for_variant("baseline", "smoke", "tiny", batch_size=4), dataset=dataset).train_step()
     assert not set(M.MASK_MOMENTS) & set(baseline) and baseline[M.MASK_PARTS] == metrics[M.MASK_PARTS]
 
 

@@ -18,7 +18,8 @@ from skimage.metrics import structural_similarity
 from pact_ray.data.arm import ArmEpisodeConfig, MotorStrip, WorldModelData, generate_arm_dataset
 from pact_ray.errors import ConfigError
 from pact_ray.metrics import names as M
-from pact_ray.metrics.world_model import PSNR_CAP, Evaluation, compute_metrics, eval_sample_ids, loggable
+from pact_ray.metrics.world_model import PSNR_CAP, Evaluation, compute_metrics, loggable
+from pact_ray.training.validation import eval_sample_ids
 from pact_ray.models.checkpoint import CheckpointError
 from pact_ray.models.world_model import (
     AutoregressiveWorldModel,

@@ -12,6 +12,15 @@ STEP_TIME_S = "step_time_s"
 GRAD_NORM = "grad_norm"
 LR = "lr"
 STEP = "step"
+NONFINITE_STEPS = "nonfinite_steps"  # steps so far whose training loss was NaN or infinite (a diverged run)
+
+# Held-out validation (pact_ray.training.validation), at the profile's evaluation steps and
+# at the last step: the same samples, timesteps and noise for every variant and seed.
+VAL_LOSS = "val_loss"  # the training objective on the validation split (Stage1: flow MSE; Stage2: flow + art)
+VAL_FLOW_LOSS = "val_flow_loss"  # the rectified-flow MSE alone
+VAL_ART_L2 = "val_art_l2"  # Stage2: articulation MSE over valid slots
+VAL_ART_TYPE_ACC = "val_art_type_acc"  # Stage2: decoded joint type == target
+VAL_ART_LABEL_ACC = "val_art_label_acc"  # Stage2: decoded semantic label == target
 
 # Stage2
 ART_L2 = "art_l2"

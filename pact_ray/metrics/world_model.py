@@ -80,13 +80,6 @@ class Evaluation:
         return self.counterfactual[np.arange(len(self.action)), self.action]
 
 
-def eval_sample_ids(n: int, limit: int) -> np.ndarray:
-    """``limit`` sample ids spread evenly over a split of ``n`` samples (all of them if limit is 0 or >= n)."""
-    if limit <= 0 or limit >= n:
-        return np.arange(n)
-    return np.unique(np.linspace(0, n - 1, limit).round().astype(np.int64))
-
-
 def _hwc(x: torch.Tensor) -> np.ndarray:
     """[..., 3, H, W] tensor -> [..., H, W, 3] float32 array, clamped to [0, 1]."""
     return x.detach().float().clamp(0, 1).movedim(-3, -1).cpu().numpy()

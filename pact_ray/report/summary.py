@@ -28,9 +28,13 @@ from pact_ray.tracking.tags import ROLE_TAG, SWEEP_TAG, TRIAL_TAG
 
 # summary.md's column order, then the extra columns.
 COLUMNS = ["run", "run_id", "phase", "steps", "loss", "art_l2", "gate", "edge_delta", "virtual_mass", "mask_parts", "empty", "note"]
-EXTRA_COLUMNS = ["variant", "profile", "model", "seed", "status", "error", "wall_s", "kind", "experiment", "mlflow_run_id"]
+# val_loss is the held-out objective at the run's last validation (val_step); the route status
+# compares on it. nonfinite_steps counts steps whose training loss was not finite.
+EXTRA_COLUMNS = ["val_loss", "val_step", "variant", "profile", "model", "seed", "status", "error", "wall_s", "kind",
+                 "experiment", "mlflow_run_id", "nonfinite_steps", "marginal_error"]
 ALL_COLUMNS = COLUMNS + EXTRA_COLUMNS
-METRIC_COLUMNS = (M.LOSS, M.ART_L2, M.GATE, M.EDGE_DELTA, M.VIRTUAL_MASS, M.MASK_PARTS, M.EMPTY)
+METRIC_COLUMNS = (M.LOSS, M.ART_L2, M.GATE, M.EDGE_DELTA, M.VIRTUAL_MASS, M.MASK_PARTS, M.EMPTY, M.VAL_LOSS, M.NONFINITE_STEPS,
+                  M.MARGINAL_ERROR)
 CSV_NAME, JSON_NAME = "ablation_summary.csv", "ablation_summary.json"
 DEFAULT_KIND = "stage1"  # runs logged before the kind tag existed
 FINISHED, ERRORED, RUNNING = "finished", "errored", "running"
@@ -45,14 +49,16 @@ Curve = list[tuple[int, float]]  # (step, value), ascending steps
 class SummaryData:
     """Everything the summary and its report are built from.
 
-    ``curves`` and ``params`` are keyed by a row's ``run_id`` (``experiment/trial_id``):
-    the run's loss at every logged step, and its flattened config as MLflow params
-    (strings, ``router.eps`` for nested fields).
+    ``curves``, ``val_curves`` and ``params`` are keyed by a row's ``run_id``
+    (``experiment/trial_id``): the run's training loss at every logged step, its validation
+    loss at every validation step, and its flattened config as MLflow params (strings,
+    ``router.eps`` for nested fields).
     """
 
     rows: list[dict[str, Any]]
     curves: dict[str, Curve] = field(default_factory=dict)
     params: dict[str, dict[str, str]] = field(default_factory=dict)
+    val_curves: dict[str, Curve] = field(default_factory=dict)
 
 
 def kind_title(kind: str) -> str:
@@ -103,7 +109,7 @@ def make_row(*, kind: str, experiment: str, trial_id: str, variant: str, profile
         "run": run_label(kind, profile, variant, seed), "run_id": f"{experiment}/{trial_id}", "phase": phase,
         "steps": _int(metrics.get(M.STEP)), "note": note, "variant": variant, "profile": profile, "model": model,
         "seed": seed, "status": status, "error": error or None, "wall_s": _number(metrics.get("wall_s")),
-        "kind": kind, "experiment": experiment, "mlflow_run_id": mlflow_run_id,
+        "kind": kind, "experiment": experiment, "mlflow_run_id": mlflow_run_id, "val_step": None,
     }
     row.update({m: _number(metrics.get(m)) for m in METRIC_COLUMNS})
     return {c: row[c] for c in ALL_COLUMNS}
@@ -233,8 +239,19 @@ def _summary_data(tracking_uri: str, runs: Iterable[tuple[Run, str]], curves: bo
         rows.append(row)
         params[row["run_id"]] = dict(run.data.params)
     rows = sort_rows(rows)
-    histories = fetch_curves(tracking_uri, {r["run_id"]: r["mlflow_run_id"] for r in rows}) if curves and rows else {}
-    return SummaryData(rows, histories, params)
+    if not (curves and rows):
+        return SummaryData(rows, {}, params, {})
+    ids = {r["run_id"]: r["mlflow_run_id"] for r in rows}
+    data = SummaryData(rows, fetch_curves(tracking_uri, ids), params, fetch_curves(tracking_uri, ids, M.VAL_LOSS))
+    set_val_steps(data)
+    return data
+
+
+def set_val_steps(data: SummaryData) -> None:
+    """Fill each row's ``val_step``: the step of its last validation."""
+    for row in data.rows:
+        curve = data.val_curves.get(row["run_id"])
+        row["val_step"] = curve[-1][0] if curve else None
 
 
 def collect(tracking_uri: str, experiments: list[str] | None = None, curves: bool = True) -> SummaryData:

@@ -34,9 +34,10 @@ from matplotlib.figure import Figure
 
 from pact_ray.data.arm import ACTIONS, JOINT_LABELS, MOVE_NEG, MOVE_POS, STAY, WorldModelData
 from pact_ray.metrics import names as M
-from pact_ray.metrics.world_model import Evaluation, Metrics, compute_metrics, eval_sample_ids, evaluate_model
+from pact_ray.metrics.world_model import Evaluation, Metrics, compute_metrics, evaluate_model
 from pact_ray.models.checkpoint import CheckpointError
 from pact_ray.runs.world_model import WorldModelRunConfig
+from pact_ray.training.validation import eval_sample_ids
 from pact_ray.training.world_model import KIND, LoadedWorldModel, dataset_for, load_checkpoint
 
 ACTION_COLOURS = ("#d62728", "#2ca02c", "#1f77b4")  # STAY red, MOVE+ green, MOVE- blue

@@ -12,6 +12,7 @@ slots A (validity mask of the joint type):
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from pact_ray.models.stage2 import ArticulatedSLatFlow, FeatureAverage, TokenLay
 from pact_ray.runs.stage2 import Stage2RunConfig
 from pact_ray.training import flow
 from pact_ray.training.base import Trainer, step_generator
+from pact_ray.training.validation import eval_sample_ids, stratified_timesteps, validation_generator
 
 BATCH_KEYS_TO_DEVICE = ("feats", "shared", "coords", "valid", "num_rows", "cond", "masks", "pixel_masks", "num_parts",
                         "articulation", "art_valid", "part_labels", "joint_types")
@@ -94,6 +96,9 @@ class Stage2Trainer(Trainer):
         super().__init__(cfg, device)
         self.variant = cfg.variant_info
         self.setup(dataset if dataset is not None else dataset_for(cfg), build_model, "Stage2")
+        self.eval_ids = self.val_ids[eval_sample_ids(len(self.val_ids), cfg.eval_samples)]
+        self.eval_t = stratified_timesteps(cfg.eval_timesteps)
+        self._val_items: list[dict[str, Any]] | None = None  # loaded on the first evaluation, then kept
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         """The batch of ``step``: a seeded draw of ``batch_size`` objects and of their voxel
@@ -116,13 +121,7 @@ class Stage2Trainer(Trainer):
             cond = torch.where(drop[:, None, None], torch.zeros_like(cond), cond)
             masks = torch.where(drop[:, None, None], torch.zeros_like(masks), masks)
             moments = moments * ~torch.repeat_interleave(drop, num_parts.to(self.device))[:, None]
-        x_t = flow.diffuse(x0, torch.repeat_interleave(t_obj, num_rows).to(self.device), noise)
-        out = self.model(model_input(x_t, b["shared"]), (t_obj * flow.T_SCALE).to(self.device), cond,
-                         b["coords"], b["valid"], b["num_rows"], masks)
-        valid = b["valid"][..., None].expand_as(x0)
-        flow_loss = masked_mse(out.velocity.float(), flow.velocity_target(x0, noise), valid)
-        pred = self.model.articulate(out.features, out.layout, moments if self.variant.adapter else None).float()
-        art = articulation_metrics(pred, b["articulation"], b["art_valid"], b["joint_types"], b["part_labels"])
+        flow_loss, art = self.objective(b, t_obj, noise, cond, masks, moments)
         art_loss = cfg.art_weight * art[M.ART_L2]
         metrics = {M.FLOW_LOSS: flow_loss, M.ART_LOSS: art_loss, **art,
                    M.MASK_PARTS: visible.sum(), M.EMPTY: (~visible).sum()}
@@ -130,6 +129,47 @@ class Stage2Trainer(Trainer):
             mean = (moments * visible[:, None]).sum(0) / visible.sum().clamp(min=1)
             metrics.update(zip(M.MASK_MOMENTS, mean))
         return flow_loss + art_loss, {k: v.detach() for k, v in metrics.items()}
+
+    def objective(self, b: dict[str, torch.Tensor], t_obj: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor,
+                  masks: torch.Tensor, moments: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The flow MSE over valid voxel tokens and the articulation metrics of batch ``b``
+        noised at per-object timesteps ``t_obj`` [B] with ``noise`` (training and validation)."""
+        x0 = b["feats"]
+        x_t = flow.diffuse(x0, torch.repeat_interleave(t_obj, b["num_rows"].cpu()).to(self.device), noise)
+        out = self.model(model_input(x_t, b["shared"]), (t_obj * flow.T_SCALE).to(self.device), cond,
+                         b["coords"], b["valid"], b["num_rows"], masks)
+        valid = b["valid"][..., None].expand_as(x0)
+        flow_loss = masked_mse(out.velocity.float(), flow.velocity_target(x0, noise), valid)
+        pred = self.model.articulate(out.features, out.layout, moments if self.variant.adapter else None).float()
+        return flow_loss, articulation_metrics(pred, b["articulation"], b["art_valid"], b["joint_types"], b["part_labels"])
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """The objective on the validation samples (conditional, no CFG dropout), object by
+        object, at the stratified timesteps with noise and voxel subsample fixed per sample
+        (``pact_ray.training.validation``): the same draws for every variant and seed."""
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        if self._val_items is None:
+            self._val_items = [self.dataset[int(i)] for i in self.eval_ids]
+        self.model.eval()
+        sums = {M.VAL_FLOW_LOSS: 0.0, M.VAL_ART_L2: 0.0, M.VAL_ART_TYPE_ACC: 0.0, M.VAL_ART_LABEL_ACC: 0.0}
+        for item in self._val_items:
+            subsample = validation_generator(cfg.data_seed, item["index"], len(self.eval_t))  # its own stream
+            b = {k: v.to(self.device) for k, v in collate_voxels([item], token_cap(cfg), subsample).items() if k in BATCH_KEYS_TO_DEVICE}
+            moments = mask_moments(b["pixel_masks"], b["num_parts"])[0]
+            for j, t in enumerate(self.eval_t.tolist()):
+                noise = torch.randn(b["feats"].shape, generator=validation_generator(cfg.data_seed, item["index"], j)).to(self.device)
+                with self.autocast():
+                    flow_loss, art = self.objective(b, torch.tensor([t]), noise, b["cond"], b["masks"], moments)
+                for key, value in ((M.VAL_FLOW_LOSS, flow_loss), (M.VAL_ART_L2, art[M.ART_L2]),
+                                   (M.VAL_ART_TYPE_ACC, art[M.ART_TYPE_ACC]), (M.VAL_ART_LABEL_ACC, art[M.ART_LABEL_ACC])):
+                    sums[key] += float(value)
+        self.model.train()
+        out = {k: v / (len(self._val_items) * len(self.eval_t)) for k, v in sums.items()}
+        out[M.VAL_LOSS] = out[M.VAL_FLOW_LOSS] + cfg.art_weight * out[M.VAL_ART_L2]
+        out.update({M.VAL_SAMPLES: float(len(self._val_items)), M.EVAL_TIME_S: time.perf_counter() - t0})
+        return out
 
     @torch.no_grad()
     def sample(self, batch: dict[str, torch.Tensor], steps: int = 25, guidance: float = 3.0, aggregate_last: int = 20,

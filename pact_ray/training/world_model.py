@@ -19,11 +19,12 @@ import torch
 from pact_ray.data.arm import WorldModelData, ensure_arm_dataset
 from pact_ray.errors import first_line
 from pact_ray.metrics import names as M
-from pact_ray.metrics.world_model import compute_metrics, eval_sample_ids, evaluate_model, loggable
+from pact_ray.metrics.world_model import compute_metrics, evaluate_model, loggable
 from pact_ray.models.checkpoint import CheckpointError, describe_mismatch
 from pact_ray.models.world_model import WorldModel, build_world_model
 from pact_ray.runs.world_model import WorldModelRunConfig
 from pact_ray.training.base import Trainer, step_generator
+from pact_ray.training.validation import eval_sample_ids
 
 KIND = WorldModelRunConfig.kind
 
@@ -59,14 +60,6 @@ class WorldModelTrainer(Trainer):
         b = self.data.train.batch(ids.numpy()).to(self.device)
         loss = self.model.training_loss(b.context, b.action, b.target, generator=step_generator(cfg.seed, step, stream=1))
         return loss, {}
-
-    def train_step(self) -> dict[str, float]:
-        """One optimiser step; at evaluation steps (every eval_every, and the last) the
-        validation metrics join the step's metrics."""
-        metrics = super().train_step()
-        if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
-            metrics.update(self.evaluate())
-        return metrics
 
     def evaluate(self) -> dict[str, float]:
         """Validation metrics of the current weights (and keep them if they are the best so far)."""

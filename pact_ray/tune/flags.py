@@ -22,6 +22,9 @@ def build_parser(kind: RunKind, description: str) -> argparse.ArgumentParser:
     g.add_argument("--variant", default=None, help="the variant whose knobs --search optuna tunes")
     g.add_argument("--num-samples", type=positive_int, default=8, help="Optuna trials")
     g.add_argument("--scheduler", default="none", choices=["none", "asha"], help="asha stops poor trials early on loss")
+    g.add_argument("--until-conclusive", type=positive_int, default=0, metavar="MAX_SEEDS",
+                   help="after the grid, add seeds to the variants whose corrected verdict against the baseline is still "
+                        "inconclusive, up to MAX_SEEDS per variant (0: off)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field for every trial (e.g. lr=3e-4, batch_size=4, router.eps=0.1); repeatable")
     g.add_argument("--data", default=None, help="dataset folder (default: synthetic data generated for the preset)")

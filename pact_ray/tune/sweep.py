@@ -21,7 +21,7 @@ from typing import Any
 from pact_ray.cli import user_errors
 from pact_ray.errors import ConfigError
 from pact_ray.runs.config import RunConfig
-from pact_ray.runs.kinds import RunKind, get_kind, resolve_kind
+from pact_ray.runs.kinds import WORLD_MODEL, RunKind, get_kind, resolve_kind
 from pact_ray.runs.registry import parse_variants
 from pact_ray.tune.flags import build_parser, parse_overrides, parse_seeds
 from pact_ray.tune.manifest import MANIFEST, load_manifest, write_manifest
@@ -108,6 +108,8 @@ def make_plan(kind: RunKind, args: argparse.Namespace) -> SweepPlan:
             raise ConfigError(f"variant {variants[0]!r} has no continuous knobs to tune")
     else:
         variants = parse_variants(args.variants, kind.variants)
+    if args.until_conclusive:
+        _check_adaptive(kind, args, variants, seeds)
     trial_configs = [{**base, "variant": v, "seed": s} for v in variants for s in seeds]
     configs = []
     for tc in trial_configs:  # every config error surfaces before anything starts
@@ -118,6 +120,22 @@ def make_plan(kind: RunKind, args: argparse.Namespace) -> SweepPlan:
     check_tracking_uri(tracking_uri)
     summary_dir = Path(args.summary_dir).resolve() if args.summary_dir else Path(exp_dir) / "summary"
     return SweepPlan(kind, args, name, storage, exp_dir, tracking_uri, summary_dir, base, trial_configs, configs)
+
+
+def _check_adaptive(kind: RunKind, args: argparse.Namespace, variants: list[str], seeds: list[int]) -> None:
+    from pact_ray.runs.kinds import MatrixKind
+    from pact_ray.tune.adaptive import BASELINE
+
+    if args.search != "grid":
+        raise ConfigError("--until-conclusive adds seeds to a grid of variants; it does not combine with --search optuna")
+    if isinstance(kind, MatrixKind) or BASELINE not in kind.variants:
+        raise ConfigError(f"--until-conclusive compares variants with a baseline; the {kind.script} sweep has none "
+                          "(use stage1_router.py or stage2_spatial.py)")
+    if BASELINE not in variants or len(variants) < 2:
+        raise ConfigError("--until-conclusive compares variants with the baseline: --variants must name baseline and at least one other")
+    if args.until_conclusive < max(2, len(seeds)):
+        raise ConfigError(f"--until-conclusive {args.until_conclusive} must be at least 2 (a paired interval needs 2 seeds) "
+                          f"and at least the {len(seeds)} seed(s) of --seeds")
 
 
 def validate_inputs(plan: SweepPlan) -> None:
@@ -150,9 +168,14 @@ def param_space(plan: SweepPlan) -> tuple[dict[str, Any], Any]:
     from ray import tune
 
     args = plan.args
+    variants = list(dict.fromkeys(tc["variant"] for tc in plan.trial_configs))
+    seeds = list(dict.fromkeys(tc["seed"] for tc in plan.trial_configs))
+    if args.until_conclusive:
+        from pact_ray.tune.adaptive import AdaptiveSeedSearcher
+
+        return dict(plan.base), AdaptiveSeedSearcher(plan.base, variants, seeds, args.until_conclusive,
+                                                     metric=plan.kind.val_metric, mode=plan.kind.mode)
     if args.search == "grid":
-        variants = list(dict.fromkeys(tc["variant"] for tc in plan.trial_configs))
-        seeds = list(dict.fromkeys(tc["seed"] for tc in plan.trial_configs))
         return {**plan.base, "variant": tune.grid_search(variants), "seed": tune.grid_search(seeds)}, None
     import optuna
     from ray.tune.search.optuna import OptunaSearch
@@ -202,7 +225,7 @@ def _tuner(plan: SweepPlan, callback, resume: bool):
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=steps, grace_period=max(1, steps // 4), reduction_factor=2) if args.scheduler == "asha" else None
     tune_config = tune.TuneConfig(
         metric=kind.metric, mode=kind.mode, search_alg=searcher, scheduler=scheduler,
-        num_samples=args.num_samples if args.search == "optuna" else 1,
+        num_samples=_num_samples(plan),
         max_concurrent_trials=args.max_concurrent or None,
         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
         # Every trial asks for the same resources: reusing the worker process saves each
@@ -216,6 +239,16 @@ def _tuner(plan: SweepPlan, callback, resume: bool):
         verbose=0 if args.quiet else 1,
     )
     return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
+
+
+def _num_samples(plan: SweepPlan) -> int:
+    """Trials Tune may start: Optuna's budget; for adaptive seeds the most the searcher can
+    ask for (it ends the search itself); one pass over the grid otherwise."""
+    if plan.args.search == "optuna":
+        return plan.args.num_samples
+    if plan.args.until_conclusive:
+        return len({tc["variant"] for tc in plan.trial_configs}) * plan.args.until_conclusive
+    return 1
 
 
 def _trial_name(trial) -> str:
@@ -247,6 +280,7 @@ def _run(kind: RunKind, args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
     from pact_ray.report.ablation import write_report
+    from pact_ray.report.ablation.route import print_verdicts, route_status
     from pact_ray.report.summary import collect_sweep
     from pact_ray.tracking.callback import MlflowSweepCallback
     from pact_ray.tracking.store import ensure_experiment, git_commit, ui_command
@@ -302,30 +336,34 @@ def _run(kind: RunKind, args: argparse.Namespace) -> int:
         close_shared(plan.tracking_uri)
         client.set_terminated(parent_id, status=status if status == "FINISHED" else "KILLED")
 
-    data = collect_sweep(plan.tracking_uri, experiment_id, parent_id)
-    rows = data.rows
-    files = [f for f in write_report(data, plan.summary_dir, plan.tracking_uri) if f.suffix != ".png"]
-    _print_report(plan, results, rows, files, time.time() - t0, ui_command(plan.tracking_uri))
+    if kind.name == WORLD_MODEL.name:
+        from pact_ray.report.world_model_sweep import collect_world_model_sweep, print_world_model_summary, write_world_model_summary
+
+        wm = collect_world_model_sweep(plan.tracking_uri, experiment_id, parent_id, storage=plan.storage)
+        files = [f for f in write_world_model_summary(wm, plan.summary_dir) if f.suffix != ".png"]
+        _print_header(plan, results, wm.rows, time.time() - t0)
+        print_world_model_summary(wm)
+    else:
+        data = collect_sweep(plan.tracking_uri, experiment_id, parent_id)
+        files = [f for f in write_report(data, plan.summary_dir, plan.tracking_uri) if f.suffix != ".png"]
+        _print_header(plan, results, data.rows, time.time() - t0)
+        print_verdicts(route_status(data))
+    _print_footer(plan, files, ui_command(plan.tracking_uri))
     return 0 if results.num_errors == 0 else 1
 
 
-def _print_report(plan: SweepPlan, results, rows: list[dict], files: list[Path], wall: float, ui: str) -> None:
-    kind = plan.kind
+def _print_header(plan: SweepPlan, results, rows: list[dict], wall: float) -> None:
     done = sum(r["status"] == "finished" for r in rows)
     print()
     print(f"Sweep {plan.name}: {done}/{len(rows)} trials finished, {results.num_errors} errored, {wall:.0f} s")
-    finished = [r for r in rows if r["status"] == "finished" and r.get(kind.metric) is not None]
-    row_kinds = list(dict.fromkeys(r["kind"] for r in finished))
-    for row_kind in row_kinds:  # losses of different kinds do not compare: one best per kind
-        of_kind = [r for r in finished if r["kind"] == row_kind]
-        best = min(of_kind, key=lambda r: r[kind.metric]) if kind.mode == "min" else max(of_kind, key=lambda r: r[kind.metric])
-        which = f"{get_kind(row_kind).title} variant" if len(row_kinds) > 1 else "variant"
-        print(f"Best {which}: {best['variant']} (seed {best['seed']}), final {kind.metric} {best[kind.metric]:.6g}")
     for r in rows:
         if r["status"] == "errored":
             print(f"  errored: {r['run']}: {r['error']}")
+
+
+def _print_footer(plan: SweepPlan, files: list[Path], ui: str) -> None:
     print(f"Ray results:  {plan.exp_dir}")
-    print(f"MLflow:       {plan.tracking_uri}  (experiment {kind.experiment})")
+    print(f"MLflow:       {plan.tracking_uri}  (experiment {plan.kind.experiment})")
     for f in files:
         print(f"Summary:      {f}")
     print(f"Open the UI:  {ui}")

@@ -1,5 +1,5 @@
-"""The whole report of a summary: the CSV and JSON tables, route status, the seven plots,
-one parallel-coordinates plot per tuned variant, and ``index.html``.
+"""The whole report of a summary: the CSV and JSON tables, route status, the plots of what
+the sweep ran, one parallel-coordinates plot per tuned variant, and ``index.html``.
 
 Everything is rendered in memory first and written only after it all rendered, each file
 atomically (temporary file, then rename), so an error never leaves half a report.
@@ -16,12 +16,14 @@ from typing import Any
 from pact_ray.fileio import atomic_write
 from pact_ray.report.ablation.groups import STAGE1, STAGE2, router_on
 from pact_ray.report.ablation.page import PlotLink, render_page
-from pact_ray.report.ablation.plots import PLOTS, parallel_coordinates
+from pact_ray.report.ablation.plots import parallel_coordinates, plots_for
 from pact_ray.report.ablation.route import route_status
 from pact_ray.report.ablation.tuning import tuned_variants
 from pact_ray.report.summary import CSV_NAME, JSON_NAME, STATUSES, SummaryData, kind_title, to_csv, to_json
 
-ROUTE_JSON, INDEX_HTML = "route_status.json", "index.html"  # route_status.json also holds the counts and importances
+# route_status.json: one row per (variant, setting) comparison; report.json: the counts and
+# the knob importances of tuned variants.
+ROUTE_JSON, REPORT_JSON, INDEX_HTML = "route_status.json", "report.json", "index.html"
 COUNT_LABELS = {"stage1_runs": f"{kind_title(STAGE1)} runs", "stage2_runs": f"{kind_title(STAGE2)} runs",
                 "ot_diagnostic_runs": "OT diagnostic runs", "total_parsed_runs": "total parsed runs"}
 
@@ -47,16 +49,17 @@ def render_report(data: SummaryData, source: str = "") -> dict[str, str | bytes]
     entries, tuned = route_status(data), tuned_variants(data)
     counts, status = run_counts(data.rows), status_counts(data.rows)
     files: dict[str, str | bytes] = {CSV_NAME: to_csv(data.rows), JSON_NAME: to_json(data.rows)}
-    files[ROUTE_JSON] = json.dumps({"counts": counts, "status": status, "route_status": [e.to_json() for e in entries],
-                                    "param_importance": [t.to_json() for t in tuned]}, indent=1)
-    for spec in PLOTS:
-        files[f"{spec.name}.png"] = spec.draw(data)
+    files[ROUTE_JSON] = json.dumps([e.to_json() for e in entries], indent=1)
+    files[REPORT_JSON] = json.dumps({"counts": counts, "status": status, "param_importance": [t.to_json() for t in tuned]}, indent=1)
+    plots = plots_for(data)
+    for spec in plots:
+        files[f"{spec.name}.png"] = spec.draw(data, entries)
     for t in tuned:
         files[t.png] = parallel_coordinates(t)
     files[INDEX_HTML] = render_page(
         counts={COUNT_LABELS[k]: n for k, n in counts.items()}, status=status, entries=entries, tuned=tuned,
-        figures=[PlotLink(f"{s.name}.png", s.caption) for s in PLOTS], rows=data.rows,
-        files=[CSV_NAME, JSON_NAME, ROUTE_JSON], source=source, generated=time.strftime("%Y-%m-%d %H:%M:%S"),
+        figures=[PlotLink(f"{s.name}.png", s.caption) for s in plots], rows=data.rows,
+        files=[CSV_NAME, JSON_NAME, ROUTE_JSON, REPORT_JSON], source=source, generated=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
     return files
 

@@ -31,9 +31,10 @@ def setting_label(setting: Setting) -> str:
 
 
 def objective(kind: str) -> tuple[str, str]:
-    """(metric, mode) that ranks runs of ``kind`` (the kind's own; loss/min when unknown)."""
+    """(metric, mode) that compares runs of ``kind``: the kind's held-out validation metric
+    (val_loss when the kind is unknown), lower is better for mode "min"."""
     k = RUN_KINDS.get(kind)
-    return (k.metric, k.mode) if k else (M.LOSS, "min")
+    return (k.val_metric, k.mode) if k else (M.VAL_LOSS, "min")
 
 
 def router_on(row: Row) -> bool:
@@ -92,7 +93,7 @@ class VariantRuns:
     setting: Setting
     variant: str
     rows: list[Row]
-    finished: list[Row]  # finished runs that reported the setting's objective metric
+    finished: list[Row]  # finished runs
     knobs: list[str]  # config params that vary between the finished runs (empty: seeds of one configuration)
 
     @property
@@ -104,7 +105,7 @@ def variant_runs(data: SummaryData) -> list[VariantRuns]:
     """The runs of each (setting, variant), in registry order."""
     out = []
     for (setting, variant), rows in group_by(data.rows, lambda r: (setting_of(r), r["variant"])).items():
-        done = finished_with(rows, objective(setting[0])[0])
+        done = [r for r in rows if r["status"] == FINISHED]
         knobs = varying_params(data.params.get(r["run_id"], {}) for r in done)
         out.append(VariantRuns(setting, variant, rows, done, knobs))
     return out

@@ -18,7 +18,8 @@ TITLE = "PAct × SceneTransporter: OT routing ablation summary"
 PURPOSE = ("One place for the minimal closed-loop checks of Stage1 OT-gated cross-attention, the mask soft prior, "
            "the edge-regularised cost and the virtual patch, and of the Stage2 spatial articulation adapter.")
 MISSING = "-"
-TABLE_COLUMNS = (("phase", "Phase"), ("steps", "Steps"), ("loss", "Loss"), ("art_l2", "Art L2"), ("gate", "Gate"),
+TABLE_COLUMNS = (("phase", "Phase"), ("steps", "Steps"), ("loss", "Loss"), ("val_loss", "Val loss"), ("val_step", "Val step"),
+                 ("art_l2", "Art L2"), ("gate", "Gate"),
                  ("edge_delta", "Edge delta"), ("virtual_mass", "Virtual mass"), ("mask_parts", "Mask parts"), ("empty", "Empty"))
 DIAGNOSTIC_HEADERS = {"gate": "Gate", "edge_delta": "Edge delta", "virtual_mass": "Virtual mass", "art_l2": "Art L2"}
 
@@ -100,26 +101,42 @@ def counts_section(counts: dict[str, int], status: dict[str, int]) -> str:
     return f'<section id="counts"><div class="cards">{cards}</div><p class="meta">Run status: {line}</p></section>'
 
 
+def _p(value: float | None) -> str:
+    return MISSING if value is None else (f"{value:.2g}" if value >= 1e-3 else "<0.001")
+
+
+def _verdict_badge(verdict: str) -> str:
+    return _badge(verdict, {BETTER: "better", WORSE: "worse"}.get(verdict, "neutral"))
+
+
 def _route_row(e: RouteEntry) -> str:
-    verdict_cls = {BETTER: "better", WORSE: "worse"}.get(e.verdict, "neutral")
     seeds = f"{len(e.seeds)} / {len(e.baseline_seeds)}"
     unfinished = f'<span class="error">{e.unfinished} run(s) errored or running, left out</span>' if e.unfinished else ""
-    cells = [escape(setting_label(e.setting)), escape(e.label) + unfinished]
-    nums = [seeds, fmt_estimate(e.value), fmt_estimate(e.baseline), fmt_estimate(e.delta.estimate if e.delta else None, signed=True),
-            fmt_estimate(e.delta_pct, signed=True, suffix="%")] + [fmt_estimate(e.diagnostics[m]) for m in DIAGNOSTICS]
-    return f"<tr>{_cells(cells)}{_cells((escape(n) for n in nums), cls='num')}<td>{_badge(e.verdict, verdict_cls)}</td></tr>"
+    reason = f'<span class="error">{escape(e.reason)}</span>' if e.reason else ""
+    interval = e.delta.estimate.interval if e.delta else None
+    ci = MISSING if interval is None else f"[{interval[0]:+.3g}, {interval[1]:+.3g}]"
+    cells = [escape(setting_label(e.setting)), escape(e.label) + unfinished + reason]
+    nums = [MISSING if e.step is None else str(e.step), seeds, fmt_estimate(e.value), fmt_estimate(e.baseline),
+            fmt_estimate(e.delta.estimate if e.delta else None, signed=True), ci,
+            fmt_estimate(e.delta_pct, signed=True, suffix="%"), _p(e.delta.p_value if e.delta else None), _p(e.p_corrected)]
+    nums += [fmt_estimate(e.diagnostics[m]) for m in DIAGNOSTICS]
+    return (f"<tr>{_cells(cells)}{_cells((escape(n) for n in nums), cls='num')}"
+            f"<td>{_verdict_badge(e.verdict)}</td><td>{_verdict_badge(e.verdict_corrected)}</td></tr>")
 
 
 def route_section(entries: Sequence[RouteEntry]) -> str:
-    hint = ("Each variant against the baseline of the same kind, profile and model preset, over finished runs. "
-            "Values are mean ± half width of the 95% t interval over seeds; Δ is paired by seed where both sides have "
-            "the seed, else Welch. The verdict is <b>better</b> / <b>worse</b> when the interval of Δ excludes 0, "
-            "else inconclusive; one seed per side gives no interval.")
+    hint = ("Each variant against the baseline of the same kind, profile and model preset, on the held-out validation loss "
+            "(the same samples, timesteps and noise for every run) at the <b>same step</b>: where the variant last validated, "
+            "which is where the baseline also validated. Values are mean ± half width of the 95% t interval over seeds; Δ is "
+            "paired by seed where both sides have the seed, else Welch. The verdict is <b>better</b> / <b>worse</b> when the "
+            "95% interval of Δ excludes 0; the corrected verdict applies Holm's correction over the variants of the setting "
+            "(p Holm), so that testing many variants does not make a chance “better”. A variant whose runs diverged or whose "
+            "OT plans did not converge gets no verdict.")
     if not entries:
         return f'<section id="route-status"><h2>Route status</h2><p class="hint">{hint}</p><p>No finished variant runs to compare.</p></section>'
     metric = entries[0].metric
-    headers = ["Setting", "Variant", "Seeds (variant / baseline)", f"Final {metric}", "Baseline", f"Δ {metric}", "Δ %",
-               *[DIAGNOSTIC_HEADERS[m] for m in DIAGNOSTICS], "Verdict"]
+    headers = ["Setting", "Variant", "Step", "Seeds (variant / baseline)", metric, "Baseline", f"Δ {metric}", "95% CI of Δ", "Δ %",
+               "p", "p Holm", *[DIAGNOSTIC_HEADERS[m] for m in DIAGNOSTICS], "Verdict", "Corrected verdict"]
     return (f'<section id="route-status"><h2>Route status</h2><p class="hint">{hint}</p>'
             f"{_table(headers, (_route_row(e) for e in entries))}</section>")
 

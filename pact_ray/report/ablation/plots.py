@@ -1,10 +1,15 @@
 """The report's figures, drawn with matplotlib's object API on the Agg canvas (no pyplot,
 no global backend switch) and returned as PNG bytes.
 
-Bar charts have one horizontal bar per variant and setting (kind, profile, model): the
-bar is the mean over the variant's finished runs, the whisker its 95% t interval and the
-dots the single runs; errored and running runs are left out and counted in the legend.
-Curves have one line per run. A figure without data is a placeholder that says so.
+- Decisions: one horizontal interval per variant configuration, the difference of its
+  validation metric from the baseline's at the same step (the route status), with its 95%
+  interval and the corrected verdict as its colour; the zero line is "no change". Never a
+  bar from 0, which hides a 0.05 % difference.
+- Diagnostics (gate, edge delta, Art L2, mask parts): bars of the final values per variant,
+  the whisker their 95% t interval and the dots the single runs.
+- Curves: one colour per variant; each run's raw values faint, the variant's smoothed mean
+  over seeds as a line and the seeds' range as a band; validation values as markers.
+Only the figures of what the sweep ran are drawn (no Stage2 panels for a Stage1 sweep).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -36,7 +42,8 @@ from pact_ray.report.ablation.groups import (
     setting_label,
     setting_of,
 )
-from pact_ray.report.ablation.stats import Estimate, mean_interval
+from pact_ray.report.ablation.route import RouteEntry
+from pact_ray.report.ablation.stats import BETTER, WORSE, Estimate, mean_interval
 from pact_ray.report.ablation.tuning import TunedVariant
 from pact_ray.report.summary import ERRORED, FINISHED, RUNNING, Curve, SummaryData, kind_title, variant_label
 
@@ -55,7 +62,8 @@ UNITS = {
     M.ART_L2: "Art L2: MSE over the valid articulation slots",
     M.MASK_PARTS: "parts per batch",
 }
-CURVE_Y = "loss (flow-matching MSE, unitless)"
+CURVE_Y = "training loss (one minibatch; flow-matching MSE)"
+VAL_CURVE_Y = "validation loss (held-out, fixed draws)"
 
 
 def styled(draw: Callable[..., bytes]) -> Callable[..., bytes]:
@@ -189,16 +197,46 @@ def _panel_grid(n: int) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
-def _draw_curves(ax, rows: Sequence[Row], curves: dict[str, Curve], colors: dict[tuple[str, str], str]) -> None:
-    """One line per run (single-step runs as dots), colored by variant; dashed when not finished."""
+SMOOTHING_STEPS = 20  # one step of half window per this many logged steps
+
+
+def smooth(values: Sequence[float]) -> list[float]:
+    """A centred moving average over ``2k + 1`` values, ``k = len(values) // 20`` (no
+    smoothing below 20 steps), shrinking at the ends. Centred, so a falling loss is not
+    drawn late (an exponential moving average lags behind its curve)."""
+    k = len(values) // SMOOTHING_STEPS
+    if k == 0:
+        return list(values)
+    out = []
+    for i in range(len(values)):
+        lo, hi = max(0, i - k), min(len(values), i + k + 1)
+        out.append(statistics.fmean(values[lo:hi]))
+    return out
+
+
+def _variant_band(curves: list[Curve]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """(steps, mean, low, high) over the runs' smoothed curves, at the steps every run has."""
+    smoothed = [dict(zip([s for s, _ in c], smooth([v for _, v in c]))) for c in curves if c]
+    steps = sorted(set.intersection(*(set(c) for c in smoothed))) if smoothed else []
+    rows = [[c[s] for c in smoothed] for s in steps]
+    return steps, [statistics.fmean(r) for r in rows], [min(r) for r in rows], [max(r) for r in rows]
+
+
+def _draw_curves(ax, rows: Sequence[Row], curves: dict[str, Curve], colors: dict[tuple[str, str], str], markers: bool = False) -> None:
+    """Per variant: each run's raw values faint (dashed when not finished), the smoothed mean
+    over its runs as a line and their range as a band (``markers``: points, not lines)."""
     for (kind, variant), rs in group_by(rows, lambda r: (r["kind"], r["variant"])).items():
         color = colors[(kind, variant)]
         for done, style in ((True, "-"), (False, "--")):
             lines = [curves.get(r["run_id"], []) for r in rs if (r["status"] == FINISHED) == done]
-            ax.add_collection(LineCollection([c for c in lines if len(c) > 1], colors=color, linestyles=style, linewidths=1.0, alpha=0.75))
-            dots = [p for c in lines if len(c) == 1 for p in c]
+            ax.add_collection(LineCollection([c for c in lines if len(c) > 1], colors=color, linestyles=style, linewidths=0.8, alpha=0.22))
+            dots = [p for c in lines if len(c) == 1 or markers for p in c]
             if dots:
-                ax.scatter(*zip(*dots), color=color, s=20, marker="o" if done else "x", zorder=3)
+                ax.scatter(*zip(*dots), color=color, s=12, marker="o" if done else "x", alpha=0.35, zorder=3, linewidths=0)
+        steps, mean, low, high = _variant_band([curves.get(r["run_id"], []) for r in rs if r["status"] == FINISHED])
+        if steps:
+            ax.fill_between(steps, low, high, color=color, alpha=0.15, linewidth=0)
+            ax.plot(steps, mean, color=color, linewidth=1.8, marker="o" if markers or len(steps) == 1 else None, markersize=4)
     ax.autoscale_view()
     steps = [s for r in rows for s, _ in curves.get(r["run_id"], [])]
     if steps and min(steps) == max(steps):  # single-step runs: one step's width either side, not a float zoom
@@ -208,17 +246,20 @@ def _draw_curves(ax, rows: Sequence[Row], curves: dict[str, Curve], colors: dict
 
 
 def _curve_legend(rows: Sequence[Row], colors: dict[tuple[str, str], str]) -> list:
-    handles = [Line2D([], [], color=colors[k], label=f"{variant_label(*k)} ({len(rs)} run{'s' * (len(rs) != 1)})")
+    handles = [Line2D([], [], color=colors[k], linewidth=1.8, label=f"{variant_label(*k)} ({len(rs)} run{'s' * (len(rs) != 1)})")
                for k, rs in group_by(rows, lambda r: (r["kind"], r["variant"])).items()]
+    handles.append(Patch(color="#999999", alpha=0.3, label="band: range over seeds; faint: single runs"))
     if any(r["status"] != FINISHED for r in rows):
         handles.append(Line2D([], [], color="#666666", linestyle="--", marker="x", label="errored / running"))
     return handles
 
 
 @styled
-def loss_curves(data: SummaryData, kind: str, title: str, empty: str) -> bytes:
-    """Loss against step, one line per run colored by variant, one panel per setting (profile, model)."""
-    rows = [r for r in data.rows if r["kind"] == kind and data.curves.get(r["run_id"])]
+def loss_curves(data: SummaryData, kind: str, title: str, empty: str, validation: bool = False) -> bytes:
+    """Loss (``validation``: the held-out validation loss) against step, per variant, one
+    panel per setting (profile, model)."""
+    curves = data.val_curves if validation else data.curves
+    rows = [r for r in data.rows if r["kind"] == kind and curves.get(r["run_id"])]
     if not rows:
         return placeholder(title, empty)
     panels: dict[Setting, list[Row]] = group_by(rows, setting_of)
@@ -227,15 +268,64 @@ def loss_curves(data: SummaryData, kind: str, title: str, empty: str) -> bytes:
     axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
     colors = variant_colors(data.rows)
     for ax, (setting, rs) in zip(axes, panels.items()):
-        _draw_curves(ax, rs, data.curves, colors)
+        _draw_curves(ax, rs, curves, colors, markers=validation)
         ax.set_title(setting_label(setting), fontsize=11)
         ax.set_xlabel("step (optimizer steps)")
-        ax.set_ylabel(CURVE_Y)
+        ax.set_ylabel(VAL_CURVE_Y if validation else CURVE_Y)
     for ax in axes[len(panels):]:
         ax.set_axis_off()
     handles = _curve_legend(rows, colors)
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 3), frameon=False)
     fig.suptitle(title, x=0.01, ha="left")
+    return to_png(fig)
+
+
+VERDICT_COLORS = {BETTER: "#2E7D32", WORSE: "#C62828"}
+NEUTRAL = "#6B7280"
+
+
+@styled
+def delta_forest(entries: Sequence[RouteEntry], kind: str, title: str, empty: str) -> bytes:
+    """Each configuration's difference from the baseline at equal steps, one panel per
+    setting: the point is the mean difference, the line its 95% interval, the colour the
+    corrected verdict; the text right of the axes gives Δ ± half width, the seeds and the
+    corrected verdict (or why there is none)."""
+    shown = [e for e in entries if e.setting[0] == kind and e.delta is not None]
+    if not shown:
+        missing = [e for e in entries if e.setting[0] == kind]
+        reasons = "; ".join(dict.fromkeys(f"{e.label}: {e.reason or e.verdict}" for e in missing))
+        return placeholder(title, empty if not missing else (reasons[:90] + ("…" if len(reasons) > 90 else "")))
+    panels = group_by(shown, lambda e: e.setting)
+    heights = [len(es) for es in panels.values()]
+    fig = Figure(figsize=(WIDTH_IN, 1.7 + 0.75 * len(panels) + BAR_IN * sum(heights)), layout="constrained")
+    axes = fig.subplots(len(panels), 1, squeeze=False, gridspec_kw={"height_ratios": heights}).ravel()
+    for ax, (setting, es) in zip(axes, panels.items()):
+        for y, e in enumerate(es):
+            est = e.delta.estimate
+            color = VERDICT_COLORS.get(e.verdict_corrected, NEUTRAL) if e.valid else "#B0B0B0"
+            if est.half_width is not None:
+                ax.errorbar([est.mean], [y], xerr=[[est.half_width], [est.half_width]], fmt="o", color=color, capsize=4,
+                            linewidth=1.6, markersize=6)
+            else:
+                ax.scatter([est.mean], [y], color=color, marker="D", s=30, zorder=3)
+            said = e.verdict_corrected if e.valid else "no verdict"
+            ax.annotate(f"{est.text(signed=True)} · n={len(e.seeds)} · {said}", xy=(1.0, y), xycoords=("axes fraction", "data"),
+                        xytext=(6, 0), textcoords="offset points", va="center", ha="left", fontsize=8.5)
+        ax.axvline(0, color="#222222", linewidth=1.0)
+        ax.set_yticks(range(len(es)), [f"{e.label} @ {e.step}" for e in es])
+        ax.set_ylim(len(es) - 0.5, -0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_title(f"{setting_label(setting)}  (@ step: where variant and baseline are compared)", fontsize=10.5, loc="left")
+    axes[-1].set_xlabel(f"Δ {shown[0].metric} = variant − baseline (negative: lower loss)")
+    fig.suptitle(title, x=0.01, ha="left")
+    handles = [Line2D([], [], color=VERDICT_COLORS[BETTER], marker="o", label="better (Holm-corrected)"),
+               Line2D([], [], color=VERDICT_COLORS[WORSE], marker="o", label="worse (Holm-corrected)"),
+               Line2D([], [], color=NEUTRAL, marker="o", label="inconclusive"),
+               Line2D([], [], color="#B0B0B0", marker="o", label="no verdict (validity gate)"),
+               Line2D([], [], color="black", marker="|", markersize=8, linewidth=1, label="95% interval (paired t)"),
+               Line2D([], [], color=NEUTRAL, marker="D", linewidth=0, label="one seed: no interval")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=3, frameon=False)
     return to_png(fig)
 
 
@@ -284,28 +374,47 @@ def _unit_scale(values: Sequence[float]) -> list[float]:
 
 @dataclass(frozen=True)
 class PlotSpec:
-    """One of the report's fixed figures: file stem, caption and how to draw it."""
+    """One of the report's figures: file stem, caption, when it applies and how to draw it."""
 
     name: str
     caption: str
-    draw: Callable[[SummaryData], bytes]
+    applies: Callable[[SummaryData], bool]
+    draw: Callable[[SummaryData, Sequence[RouteEntry]], bytes]
+
+
+def _has(kind: str, router_only: bool = False) -> Callable[[SummaryData], bool]:
+    return lambda d: any(r["kind"] == kind and (router_on(r) or not router_only) for r in d.rows)
 
 
 S1, S2 = kind_title(STAGE1), kind_title(STAGE2)
 NO_S1, NO_S2, NO_OT = f"no {S1} runs", f"no {S2} runs", f"no {S1} runs with the OT router"
+NO_VAL = "no validation yet"
 PLOTS: tuple[PlotSpec, ...] = (
-    PlotSpec("stage1_loss_bars", f"{S1} final loss per variant and setting (mean, 95% interval, single runs)",
-             lambda d: metric_bars(d, STAGE1, M.LOSS, f"{S1}: final loss per variant", NO_S1)),
+    PlotSpec("stage1_val_delta", f"{S1}: Δ validation loss from the baseline at the same step (95% interval; colour = Holm-corrected verdict)",
+             _has(STAGE1), lambda d, e: delta_forest(e, STAGE1, f"{S1}: Δ validation loss vs baseline", NO_S1)),
     PlotSpec("stage1_gate_bars", f"{S1} OT gate −KL(A ‖ A_gated) per router variant (0 = attention unchanged)",
-             lambda d: metric_bars(d, STAGE1, M.GATE, f"{S1}: OT gate (−KL) per router variant", NO_OT, router_only=True)),
+             _has(STAGE1, router_only=True),
+             lambda d, e: metric_bars(d, STAGE1, M.GATE, f"{S1}: OT gate (−KL) per router variant", NO_OT, router_only=True)),
     PlotSpec("stage1_edge_delta_bars", f"{S1} edge delta per router variant (fragmentation the edge cost removes)",
-             lambda d: metric_bars(d, STAGE1, M.EDGE_DELTA, f"{S1}: edge delta per router variant", NO_OT, router_only=True)),
+             _has(STAGE1, router_only=True),
+             lambda d, e: metric_bars(d, STAGE1, M.EDGE_DELTA, f"{S1}: edge delta per router variant", NO_OT, router_only=True)),
+    PlotSpec("stage1_loss_curves", f"{S1} training loss against step: smoothed mean per variant, seeds as a band, runs faint",
+             _has(STAGE1), lambda d, e: loss_curves(d, STAGE1, f"{S1}: training loss against step", NO_S1)),
+    PlotSpec("stage1_val_curves", f"{S1} validation loss at the evaluation steps, per variant (seeds as a band)",
+             _has(STAGE1), lambda d, e: loss_curves(d, STAGE1, f"{S1}: validation loss against step", NO_VAL, validation=True)),
+    PlotSpec("stage2_val_delta", f"{S2}: Δ validation loss from the baseline at the same step (95% interval; colour = Holm-corrected verdict)",
+             _has(STAGE2), lambda d, e: delta_forest(e, STAGE2, f"{S2}: Δ validation loss vs baseline", NO_S2)),
     PlotSpec("stage2_art_l2_bars", f"{S2} Art L2 per variant (MSE over the valid articulation slots)",
-             lambda d: metric_bars(d, STAGE2, M.ART_L2, f"{S2}: articulation L2 per variant", NO_S2)),
+             _has(STAGE2), lambda d, e: metric_bars(d, STAGE2, M.ART_L2, f"{S2}: articulation L2 per variant", NO_S2)),
     PlotSpec("stage2_spatial_bars", f"{S2} mask parts and empty parts per batch, per variant",
-             lambda d: spatial_bars(d, STAGE2, f"{S2}: mask parts and empty parts per batch", NO_S2)),
-    PlotSpec("stage1_loss_curves", f"{S1} loss against step, one line per run, one panel per profile and model",
-             lambda d: loss_curves(d, STAGE1, f"{S1}: loss against step, one line per run", NO_S1)),
-    PlotSpec("stage2_loss_curves", f"{S2} loss against step, one line per run, one panel per profile and model",
-             lambda d: loss_curves(d, STAGE2, f"{S2}: loss against step, one line per run", NO_S2)),
+             _has(STAGE2), lambda d, e: spatial_bars(d, STAGE2, f"{S2}: mask parts and empty parts per batch", NO_S2)),
+    PlotSpec("stage2_loss_curves", f"{S2} training loss against step: smoothed mean per variant, seeds as a band, runs faint",
+             _has(STAGE2), lambda d, e: loss_curves(d, STAGE2, f"{S2}: training loss against step", NO_S2)),
+    PlotSpec("stage2_val_curves", f"{S2} validation loss at the evaluation steps, per variant (seeds as a band)",
+             _has(STAGE2), lambda d, e: loss_curves(d, STAGE2, f"{S2}: validation loss against step", NO_VAL, validation=True)),
 )
+
+
+def plots_for(data: SummaryData) -> list[PlotSpec]:
+    """The figures that apply to what ``data`` holds."""
+    return [spec for spec in PLOTS if spec.applies(data)]

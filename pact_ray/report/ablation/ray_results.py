@@ -23,7 +23,7 @@ from typing import Any
 
 from pact_ray.errors import ConfigError, error_line
 from pact_ray.metrics import names as M
-from pact_ray.report.summary import DEFAULT_KIND, ERRORED, FINISHED, RUNNING, Curve, SummaryData, make_row, sort_rows
+from pact_ray.report.summary import DEFAULT_KIND, ERRORED, FINISHED, RUNNING, Curve, SummaryData, make_row, set_val_steps, sort_rows
 from pact_ray.runs.config import RunConfig
 from pact_ray.runs.kinds import RUN_KINDS, resolve_kind
 from pact_ray.tune.manifest import MANIFEST
@@ -117,12 +117,13 @@ def _last_values(results: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def _curve(results: list[dict[str, Any]]) -> Curve:
+def _curve(results: list[dict[str, Any]], metric: str = M.LOSS) -> Curve:
+    """The metric at every reported step that has it (NaN left out)."""
     points = {}
     for item in results:
-        step, loss = item.get(M.STEP, item.get("training_iteration")), item.get(M.LOSS)
-        if isinstance(step, (int, float)) and isinstance(loss, (int, float)) and not math.isnan(loss):
-            points[int(step)] = float(loss)
+        step, value = item.get(M.STEP, item.get("training_iteration")), item.get(metric)
+        if isinstance(step, (int, float)) and isinstance(value, (int, float)) and not math.isnan(value):
+            points[int(step)] = float(value)
     return sorted(points.items())
 
 
@@ -159,8 +160,8 @@ def _own_config(sweep_kind: str, trial_config: dict[str, Any], folder: Path) -> 
         return sweep_kind, trial_config, None
 
 
-def _trial(folder: Path, sweep_kind: str, experiment: str, state: TrialState | None) -> tuple[dict[str, Any], Curve, dict[str, str]]:
-    """(row, loss curve, flat params) of one trial folder of a ``sweep_kind`` sweep."""
+def _trial(folder: Path, sweep_kind: str, experiment: str, state: TrialState | None) -> tuple[dict[str, Any], Curve, Curve, dict[str, str]]:
+    """(row, loss curve, validation curve, flat params) of one trial folder of a ``sweep_kind`` sweep."""
     results = read_results(folder / "result.json")
     params_file = folder / "params.json"
     trial_config = read_json(params_file) if params_file.is_file() else (results[-1].get("config", {}) if results else {})
@@ -177,7 +178,7 @@ def _trial(folder: Path, sweep_kind: str, experiment: str, state: TrialState | N
         error=error_line(_ErrorFile(str(folder / "error.txt"))) if status == ERRORED else None, metrics=metrics,
     )
     flat = cfg.flat() if cfg else own
-    return row, _curve(results), {k: "" if v is None else str(v) for k, v in flat.items()}
+    return row, _curve(results), _curve(results, M.VAL_LOSS), {k: "" if v is None else str(v) for k, v in flat.items()}
 
 
 def _experiment(sweep_kind: str) -> str:
@@ -189,12 +190,14 @@ def _experiment(sweep_kind: str) -> str:
 def collect_results(path: str | Path) -> SummaryData:
     """Rows, loss curves and params of every trial in the sweep folder ``path``, or in every
     sweep folder directly inside ``path`` (a storage path)."""
-    rows, curves, params = [], {}, {}
+    rows, curves, val_curves, params = [], {}, {}, {}
     for exp_dir in experiment_dirs(Path(path)):
         sweep_kind = str(read_json(exp_dir / MANIFEST).get("kind") or DEFAULT_KIND)
         states = trial_states(exp_dir)
         for folder in sorted(p for p in exp_dir.iterdir() if (p / "params.json").is_file() or (p / "result.json").is_file()):
-            row, curve, flat = _trial(folder, sweep_kind, _experiment(sweep_kind), states.get(folder.name))
+            row, curve, val_curve, flat = _trial(folder, sweep_kind, _experiment(sweep_kind), states.get(folder.name))
             rows.append(row)
-            curves[row["run_id"]], params[row["run_id"]] = curve, flat
-    return SummaryData(sort_rows(rows), curves, params)
+            curves[row["run_id"]], val_curves[row["run_id"]], params[row["run_id"]] = curve, val_curve, flat
+    data = SummaryData(sort_rows(rows), curves, params, val_curves)
+    set_val_steps(data)
+    return data

@@ -119,10 +119,11 @@ def tuned_variants(data: SummaryData) -> list[TunedVariant]:
     """Every (setting, variant) whose finished runs vary some config knob, with knob importances."""
     out = []
     for g in variant_runs(data):
-        if not g.knobs or len(g.finished) < 2:
-            continue
         metric, mode = objective(g.setting[0])
-        trials = [(knob_values(data, r, g.knobs), r[metric]) for r in g.finished]
+        scored = [r for r in g.finished if r.get(metric) is not None]
+        if not g.knobs or len(scored) < 2:
+            continue
+        trials = [(knob_values(data, r, g.knobs), r[metric]) for r in scored]
         try:
             importances, note = param_importances(g.knobs, trials, mode), ""
         except ValueError as e:
