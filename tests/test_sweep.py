@@ -65,7 +65,10 @@ def test_smoke_sweep_of_every_variant(tmp_path, ray_address, capsys):
         assert (row["gate"] is None) == (row["variant"] == "baseline")
     csv_lines = (tmp_path / "runs" / "smoke-all" / "summary" / "ablation_summary.csv").read_text().splitlines()
     assert csv_lines[0].split(",")[: len(COLUMNS)] == COLUMNS and len(csv_lines) == 1 + len(STAGE1_VARIANTS)
-    assert "Best variant:" in out and "mlflow ui --backend-store-uri sqlite:///" in out
+    assert all(row["val_loss"] is not None and row["val_step"] == 1 for row in rows)
+    # One seed: no interval, so no verdict and no "best"; the sweep says so.
+    assert "Route status (val_loss" in out and "No Stage1 variant beats the baseline at 1 seed(s)" in out and "Best" not in out
+    assert "mlflow ui --backend-store-uri sqlite:///" in out
     # On demand, from the tracking store alone: the same table.
     from analysis.summarize import main as summarize
 
@@ -87,6 +90,21 @@ def test_optuna_search_with_asha_and_persistent_study(tmp_path, ray_address):
     assert {r.data.params["router.iterations"] for r in runs} == {"20"}  # fixed by --set, not searched
     study = optuna.load_study(study_name="opt", storage=f"sqlite:///{tmp_path / 'runs' / 'opt' / 'optuna.db'}")
     assert len(study.trials) == 3 and all("router.eps" in t.params for t in study.trials)
+
+
+def test_until_conclusive_adds_seeds_within_the_cap(tmp_path, ray_address, capsys):
+    rc = run_sweep("stage1", sweep_args(tmp_path, "adapt", "--profile", "smoke", "--variants", "baseline,ot_first",
+                                        "--seeds", "0,1", "--until-conclusive", "3"))
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    _, _, runs = child_runs(tmp_path, "adapt")
+    pairs = [(r.data.tags["variant"], int(r.data.tags["seed"])) for r in runs]
+    assert len(pairs) == len(set(pairs))  # no trial ran twice
+    seeds = {v: sorted(s for name, s in pairs if name == v) for v in ("baseline", "ot_first")}
+    assert seeds["ot_first"][:2] == [0, 1] and len(seeds["ot_first"]) <= 3 and set(seeds["ot_first"]) <= set(seeds["baseline"])
+    [entry] = json.loads((tmp_path / "runs" / "adapt" / "summary" / "route_status.json").read_text())
+    assert entry["variant"] == "ot_first" and entry["seeds"] == seeds["ot_first"]
+    assert entry["verdict_corrected"] != "inconclusive" or len(seeds["ot_first"]) == 3  # settled, or at the cap
 
 
 def _step_counts(db: Path) -> dict[str, list[int]]:

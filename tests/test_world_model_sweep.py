@@ -44,7 +44,14 @@ def test_world_model_sweep_and_its_evaluation_report(tmp_path, ray_address, caps
                                    "--storage-path", str(storage), "--tracking-uri", uri, "--quiet"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "Best variant:" in out
+    # Its own summary: validation metrics, MAE vs GPT on val_mse, the report commands; no OT page, no "best" from losses.
+    assert "Best" not in out and "Route status" not in out and "MAE vs GPT (tiny): mae - gpt val_mse" in out
+    assert "analysis/eval_report.py --run" in out
+    summary = storage / "wm" / "summary"
+    assert (summary / "wm_summary.csv").is_file() and not (summary / "route_status.json").exists()
+    rows = json.loads((summary / "wm_summary.json").read_text())
+    assert sorted(r["variant"] for r in rows) == ["gpt", "mae"] and all(r[M.VAL_MSE] is not None for r in rows)
+    assert "MAE vs GPT" in (summary / "index.html").read_text()
     client = MlflowClient(uri)
     manifest = json.loads((storage / "wm" / MANIFEST).read_text())
     assert manifest["kind"] == "world_model" and client.get_experiment(manifest["experiment_id"]).name == "pact-ray/mae_world_model"
