@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         from pact_ray.tune.sweep import init_ray
 
         t0 = time.perf_counter()
-        init_ray(None, quiet=True)  # a running cluster (--address) has no start-up cost
+        init_ray(None)  # a running cluster (--address) has no start-up cost
         init_s = time.perf_counter() - t0
         ray_s = through_ray(model, profile, work, "a")
         phase_s = trial_phase(work)

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from pact_ray.metrics.world_model import compute_metrics, evaluate_model
-from pact_ray.training.validation import eval_sample_ids
 from pact_ray.models.world_model import PRESET_NAMES
 from pact_ray.runs.world_model import WorldModelRunConfig
 from pact_ray.training.base import count_parameters
+from pact_ray.training.validation import eval_sample_ids
 from pact_ray.training.world_model import WorldModelTrainer, dataset_for
 
 EVAL_SAMPLES = 100

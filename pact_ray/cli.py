@@ -12,6 +12,19 @@ from pact_ray.errors import first_line
 EXIT_USAGE = 2  # a user error: bad flag, value, path, data file or checkpoint
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help with each default said once: appended as "(default: X)" where the help text does
+    not already say it and the default is a value (not None, False or empty); the
+    description and the examples (epilog) keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or "default" in text.lower() or default in (None, False, "", [], argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one sentence (no usage dump) and exits with 2."""
 

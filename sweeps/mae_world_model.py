@@ -16,7 +16,7 @@ from pact_ray.tune.sweep import run_sweep
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_sweep(WORLD_MODEL, argv, description=__doc__.split("\n\n")[0])
+    return run_sweep(WORLD_MODEL, argv, description=__doc__)
 
 
 if __name__ == "__main__":

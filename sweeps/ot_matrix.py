@@ -21,7 +21,7 @@ from pact_ray.tune.sweep import run_sweep
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_sweep(MATRIX, argv, description=__doc__.split("\n\n")[0])
+    return run_sweep(MATRIX, argv, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from pact_ray.metrics import names as M
 from pact_ray.report.summary import FINISHED, RUNNING, STATUSES
 from pact_ray.runs.kinds import RUN_KINDS
+from pact_ray.tracking.callback import run_name
 from pact_ray.tracking.store import ensure_experiment
-from pact_ray.tracking.tags import ROLE_TAG, SWEEP_TAG, TRIAL_TAG
+from pact_ray.tracking.tags import ROLE_TAG, STEP_TAG, SWEEP_TAG, TRIAL_TAG
 from pact_ray.tracking.writer import MAX_BATCH, status_name
 
 STEP_MS = 1000  # metric timestamps: one step per second from the run's start
@@ -96,7 +97,7 @@ def _metrics(spec: TrialSpec, start_ms: int) -> list[Metric]:
     for i in range(len(spec.history[M.LOSS])):
         step = i + 1
         row = {key: values[i] for key, values in spec.history.items() if i < len(values)}
-        row.update({M.STEP: float(step), "wall_s": spec.wall_s_per_step * step})
+        row["wall_s"] = spec.wall_s_per_step * step
         if step in val:
             row[M.VAL_LOSS] = val[step]
         out.extend(Metric(key, float(value), start_ms + i * STEP_MS, step) for key, value in row.items())
@@ -109,12 +110,13 @@ def trial_record(spec: TrialSpec, sweep: str, parent_run_id: str, trial_id: str,
         raise ValueError(f"status must be one of {STATUSES}, got {spec.status!r}")
     params, phase, note = _config(spec)
     trial_name = f"{spec.variant}_s{spec.seed}_{trial_id}"
-    name = f"{sweep}/{trial_name}"
+    name = run_name({"variant": spec.variant, "seed": spec.seed}, trial_id, numbered=bool(spec.overrides))
     tags = {
         "variant": spec.variant, "phase": phase, "profile": spec.profile, "model": spec.model, "seed": spec.seed,
         "note": note, "kind": spec.kind, "stage": spec.kind, "trial_name": trial_name, "git_commit": "", "sweep": sweep,
         "status": spec.status, "error": spec.error, ROLE_TAG: "trial", "mlflow.note.content": note,
         TRIAL_TAG: trial_id, SWEEP_TAG: parent_run_id, MLFLOW_PARENT_RUN_ID: parent_run_id, MLFLOW_RUN_NAME: name,
+        STEP_TAG: len(spec.history[M.LOSS]),
     }
     status = MLFLOW_RUNNING if spec.status == RUNNING else status_name(spec.status == FINISHED)
     return TrialRecord(name, {k: str(v) for k, v in tags.items()}, {k: "" if v is None else str(v) for k, v in params.items()},

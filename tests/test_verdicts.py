@@ -8,22 +8,27 @@ import json
 import numpy as np
 import pytest
 import torch
+from example_store import TrialSpec, log_sweep, loss_curve, router_history
 from statsmodels.stats.multitest import multipletests
 
-from example_store import TrialSpec, log_sweep, loss_curve, router_history
 from pact_ray.metrics import names as M
 from pact_ray.report.ablation.route import MARGINAL_ERROR_MAX, NO_VERDICT, route_status, verdict_lines
 from pact_ray.report.ablation.stats import BETTER, INCONCLUSIVE, ONE_SEED, WORSE, corrected_verdicts, difference, holm
 from pact_ray.report.summary import collect
 from pact_ray.report.world_model_sweep import (
-    COMPARISON_JSON, CSV_NAME, INDEX_HTML, WorldModelSweep, compare_to_gpt, summary_lines, variant_means,
+    COMPARISON_JSON,
+    CSV_NAME,
+    INDEX_HTML,
+    WorldModelSweep,
+    compare_to_gpt,
+    summary_lines,
+    variant_means,
     write_world_model_summary,
 )
 from pact_ray.runs.stage1 import Stage1RunConfig
 from pact_ray.training.stage1 import Stage1Trainer
 from pact_ray.training.validation import split_indices, stratified_timesteps
 from pact_ray.tune.adaptive import BASELINE, AdaptiveSeedSearcher
-
 
 # ---------------------------------------------------------------- the correction
 

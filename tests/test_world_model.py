@@ -19,7 +19,6 @@ from pact_ray.data.arm import ArmEpisodeConfig, MotorStrip, WorldModelData, gene
 from pact_ray.errors import ConfigError
 from pact_ray.metrics import names as M
 from pact_ray.metrics.world_model import PSNR_CAP, Evaluation, compute_metrics, loggable
-from pact_ray.training.validation import eval_sample_ids
 from pact_ray.models.checkpoint import CheckpointError
 from pact_ray.models.world_model import (
     AutoregressiveWorldModel,
@@ -32,6 +31,7 @@ from pact_ray.models.world_model import (
 from pact_ray.runs.registry import WM_VARIANTS
 from pact_ray.runs.world_model import WorldModelRunConfig
 from pact_ray.training.checkpoints import write_checkpoint
+from pact_ray.training.validation import eval_sample_ids
 from pact_ray.training.world_model import WorldModelTrainer, load_checkpoint
 
 SMALL = dict(image_size=32, patch_size=8, context_frames=2)  # 16 patches per frame

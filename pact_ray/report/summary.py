@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from pact_ray.fileio import atomic_write
 from pact_ray.metrics import names as M
 from pact_ray.runs.kinds import RUN_KINDS, RunKind
-from pact_ray.tracking.tags import ROLE_TAG, SWEEP_TAG, TRIAL_TAG
+from pact_ray.tracking.tags import ROLE_TAG, STEP_TAG, SWEEP_TAG, TRIAL_TAG
 
 # summary.md's column order, then the extra columns.
 COLUMNS = ["run", "run_id", "phase", "steps", "loss", "art_l2", "gate", "edge_delta", "virtual_mass", "mask_parts", "empty", "note"]
@@ -129,12 +129,15 @@ def _status(run: Run) -> str:
 def row_from_run(run: Run, experiment_name: str) -> dict[str, Any]:
     """One summary row from one trial run (metrics that the run never reported are None)."""
     tags, params = run.data.tags, run.data.params
+    metrics = dict(run.data.metrics)
+    if STEP_TAG in tags:  # the last logged step (older runs logged it as a "step" metric)
+        metrics[M.STEP] = float(tags[STEP_TAG])
     return make_row(
         kind=tags.get("kind") or DEFAULT_KIND, experiment=experiment_name, trial_id=tags.get(TRIAL_TAG, run.info.run_id),
         variant=tags.get("variant", params.get("variant", "")), profile=tags.get("profile", params.get("profile", "")),
         model=tags.get("model", params.get("model")), seed=tags.get("seed", params.get("seed")),
         phase=tags.get("phase"), note=tags.get("note"), status=_status(run), error=tags.get("error"),
-        metrics=run.data.metrics, mlflow_run_id=run.info.run_id,
+        metrics=metrics, mlflow_run_id=run.info.run_id,
     )
 
 

@@ -187,7 +187,7 @@ def resolve_checkpoint(spec: str, tracking_uri: str, storage_path: str | os.Path
     from mlflow.tracking import MlflowClient
 
     from pact_ray.tracking.store import check_tracking_uri, sqlite_path
-    from pact_ray.tracking.tags import TRIAL_TAG
+    from pact_ray.tracking.tags import CHECKPOINT_TAG, TRIAL_TAG
 
     if "/" in spec or "\\" in spec or spec.endswith((".pt", ".pth")):
         raise ReportError(f"checkpoint {spec} does not exist")
@@ -209,7 +209,11 @@ def resolve_checkpoint(spec: str, tracking_uri: str, storage_path: str | os.Path
             model = load_checkpoint(client.download_artifacts(spec, "checkpoint", tmp))
         return RunSource(model=model, shown_as=f"{run.info.artifact_uri}/checkpoint", **about)
     trial_id, sweep = tags.get(TRIAL_TAG), tags.get("sweep")
-    trial_dirs = sorted(Path(storage_path, sweep).glob(f"*_{trial_id}")) if trial_id and sweep else []
+    recorded = tags.get(CHECKPOINT_TAG, "")
+    if recorded and "://" not in recorded and Path(recorded).parent.is_dir():
+        trial_dirs = [Path(recorded).parent]  # where the run recorded its checkpoints: found from any folder
+    else:
+        trial_dirs = sorted(Path(storage_path, sweep).glob(f"*_{trial_id}")) if trial_id and sweep else []
     errors = []
     for folder in sorted((c for d in trial_dirs for c in d.glob("checkpoint_*") if c.is_dir()), reverse=True):
         try:  # newest first; a corrupted one falls back to the one before
@@ -241,9 +245,10 @@ def read_notes(source: RunSource, notes_file: str | None) -> str:
 
 # ------------------------------------------------------------------ evaluation
 
-def evaluate(loaded: LoadedWorldModel, data: WorldModelData, ids: np.ndarray, batch_size: int = 32) -> tuple[Evaluation, Metrics]:
-    """The predictions of samples ``ids`` of the validation split, and their metrics."""
-    ev = evaluate_model(loaded.model, data.val, ids, torch.device("cpu"), batch_size=batch_size)
+def evaluate(loaded: LoadedWorldModel, data: WorldModelData, ids: np.ndarray) -> tuple[Evaluation, Metrics]:
+    """The predictions of samples ``ids`` of the validation split, and their metrics, batched
+    as the trainer batches them (so the same samples and weights give the same numbers)."""
+    ev = evaluate_model(loaded.model, data.val, ids, torch.device("cpu"))
     return ev, compute_metrics(ev, data.strip)
 
 
@@ -337,6 +342,7 @@ class ReportContent:
     dataset: str
     date: str
     val_samples: int
+    scoring: str  # which samples were scored, and how the numbers relate to the run's training-time ones
     notes: str
     metrics: Metrics
     recommendations: list[str]
@@ -411,7 +417,7 @@ def _comparison_rows(c: ReportContent) -> list[tuple[str, str, str, str, str]]:
 
 def render_html(c: ReportContent) -> str:
     header = [("Run Name", c.run_name), ("Model Type", c.model_type), ("Checkpoint", c.checkpoint), ("Dataset", c.dataset),
-              ("Date", c.date), ("Val Samples", str(c.val_samples))]
+              ("Date", c.date), ("Val Samples", str(c.val_samples)), ("Scoring", c.scoring)]
     parts = [f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Evaluation Report: {escape(c.run_name)}</title>"
              f"<style>{CSS}</style></head><body>",
              f"<h1>Evaluation Report: {escape(c.run_name)}</h1>",
@@ -452,7 +458,8 @@ def render_html(c: ReportContent) -> str:
 def render_markdown(c: ReportContent) -> str:
     lines = [f"# Evaluation Report: {c.run_name}", "",
              f"- **Run Name:** {c.run_name}", f"- **Model Type:** {c.model_type}", f"- **Checkpoint:** {c.checkpoint}",
-             f"- **Dataset:** {c.dataset}", f"- **Date:** {c.date}", f"- **Val Samples:** {c.val_samples}", "",
+             f"- **Dataset:** {c.dataset}", f"- **Date:** {c.date}", f"- **Val Samples:** {c.val_samples}",
+             f"- **Scoring:** {c.scoring}", "",
              "## Analysis Notes", "", "```", c.notes.strip() or "(no notes)", "```", "",
              "## Metrics", "", "| Metric | Value |", "|---|---:|"]
     lines += [f"| {m} | {fmt_value(c.metrics[m])} |" for m in metric_order(c.metrics)]
@@ -479,14 +486,31 @@ def describe_dataset(cfg: WorldModelRunConfig, folder: Path, synthetic: bool) ->
     return str(folder)
 
 
+def scoring_note(loaded: LoadedWorldModel, n_val: int, scored: int, same_samples: bool, other_data: bool) -> str:
+    """How the report's numbers relate to the run's own validation metrics in MLflow."""
+    weights = f"the best weights (step {loaded.weights_step}" + (f", training-time val_mse {loaded.val_mse:.6g})" if loaded.val_mse is not None else ")")
+    if other_data:
+        return (f"{scored} samples of another data set's validation split, with {weights}; the run's MLflow metrics "
+                "come from its own data, so the numbers differ.")
+    if same_samples:
+        return (f"the same {scored} of the {n_val} validation samples the run scored while training (an even spread over "
+                f"the split of data seed {loaded.cfg.data_seed}), with {weights}: val_mse matches the run's at that step.")
+    trained = eval_sample_ids(n_val, loaded.cfg.eval_samples).size
+    return (f"{scored} of the {n_val} validation samples, with {weights}; training scored {trained}, so the numbers can "
+            "differ from the run's MLflow metrics by the choice of samples.")
+
+
 def build_report(source: RunSource, out_dir: str | os.PathLike, *, notes: str, data_folder: str | None = None,
-                 compare: RunSource | None = None, samples: int = 4, max_samples: int = 0) -> ReportContent:
+                 compare: RunSource | None = None, samples: int = 4, max_samples: int | None = None) -> ReportContent:
     """Evaluate ``source`` (and ``compare`` on the same samples) and write report.html,
-    report.md, metrics.json and images/ into ``out_dir``. Everything is made in a
+    report.md, metrics.json and images/ into ``out_dir``. ``max_samples``: validation samples
+    scored (0: all; None: the ones the run scored while training). Everything is made in a
     temporary folder first, so a failure leaves ``out_dir`` as it was."""
     loaded = source.model
     data = dataset_for(loaded.cfg, data_folder)
-    ids = eval_sample_ids(len(data.val), max_samples)
+    same = max_samples is None
+    ids = eval_sample_ids(len(data.val), loaded.cfg.eval_samples if same else max_samples)
+    scoring = scoring_note(loaded, len(data.val), len(ids), same and not data_folder, bool(data_folder))
     evaluation, metrics = evaluate(loaded, data, ids)
     previous = None
     if compare is not None:
@@ -500,7 +524,7 @@ def build_report(source: RunSource, out_dir: str | os.PathLike, *, notes: str, d
         content = ReportContent(
             run_name=source.name, model_type=loaded.cfg.model_type, checkpoint=source.shown_as,
             dataset=describe_dataset(loaded.cfg, data.folder, synthetic=not (data_folder or loaded.cfg.data)),
-            date=time.strftime("%Y-%m-%d %H:%M:%S"), val_samples=len(ids), notes=notes, metrics=metrics,
+            date=time.strftime("%Y-%m-%d %H:%M:%S"), val_samples=len(ids), scoring=scoring, notes=notes, metrics=metrics,
             recommendations=recommendations(metrics, previous), samples=sample_views(data, evaluation, samples, work / "images"),
             previous_name=compare.name if compare else None, previous=previous,
         )

@@ -105,6 +105,8 @@ class RunConfig:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
+            if value is None and f.name in self.nested:
+                continue
             if dataclasses.is_dataclass(value):
                 out.update({f"{f.name}.{k}": v for k, v in asdict(value).items()})
             else:

@@ -3,6 +3,14 @@
 It runs in the driver and only enqueues work for the process's shared :class:`MlflowWriter`
 thread. It pickles its settings alone (Ray stores callbacks in ``tuner.pkl``), so a restored
 sweep reconnects and finds each trial's run again by its trial-id tag.
+
+What a child run holds, for the MLflow UI: a name that tells runs apart at a glance
+(``ot_first s0``; ``rgb_edge s0 #3`` for the third Optuna trial), the sweep's name as a tag,
+variant, seed, profile and model as params and tags (so "Group by" variant aggregates the
+seeds), every reported metric at its step (the step itself is a tag, not a metric), the data
+set as a dataset input, the config as ``config.json``, the newest checkpoint's location as a
+tag (what ``analysis/eval_report.py --run RUN_ID`` reads) and, in an Optuna sweep, the Optuna
+trial number (and the run id in the Optuna trial's user attributes).
 """
 
 from __future__ import annotations
@@ -15,9 +23,13 @@ from typing import Any
 from ray import tune
 
 from pact_ray.errors import error_line
+from pact_ray.metrics import names as M
 from pact_ray.runs.kinds import resolve_kind
-from pact_ray.tracking.tags import ROLE_TAG, SWEEP_TAG, TRIAL_TAG
+from pact_ray.tracking.datasets import DatasetInfo, log_dataset
+from pact_ray.tracking.tags import CHECKPOINT_TAG, OPTUNA_TRIAL_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG
 from pact_ray.tracking.writer import MlflowWriter, RunRef, shared_writer, status_name
+
+RAY_TRIAL_ATTR, MLFLOW_RUN_ATTR = "ray_trial_id", "mlflow_run_id"  # Optuna trial user attributes
 
 # Ray's own bookkeeping in every result: not metrics of the model.
 RAY_RESULT_KEYS = frozenset({
@@ -28,14 +40,25 @@ RAY_RESULT_KEYS = frozenset({
 })
 
 
+def run_name(trial_config: dict[str, Any], trial_id: str = "", numbered: bool = False) -> str:
+    """"ot_first s0"; with ``numbered`` (an Optuna sweep, where every trial has the same
+    variant and seed) the trial's index too: "rgb_edge s0 #3"."""
+    name = f"{trial_config.get('variant', 'trial')} s{trial_config.get('seed', 0)}"
+    index = trial_id.rpartition("_")[2]
+    return f"{name} #{int(index)}" if numbered and index.isdigit() else name
+
+
 class MlflowSweepCallback(tune.Callback):
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, kind: str, sweep: str, commit: str = ""):
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, kind: str, sweep: str, commit: str = "",
+                 datasets: dict[str, DatasetInfo] | None = None, optuna_storage: str | None = None):
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.kind = kind
         self.sweep = sweep
         self.commit = commit
+        self.datasets = dict(datasets or {})  # run kind -> its data set
+        self.optuna_storage = optuna_storage  # the study's storage URL in an Optuna sweep (its study is the sweep's name)
         self._refs: dict[str, RunRef] = {}
         self._configs: dict[str, Any] = {}
 
@@ -65,7 +88,7 @@ class MlflowSweepCallback(tune.Callback):
             ROLE_TAG: "trial", "mlflow.note.content": variant.note,
         }
         ref = RunRef(
-            experiment_id=self.experiment_id, name=f"{self.sweep}/{trial}",
+            experiment_id=self.experiment_id, name=run_name(trial.config, trial.trial_id, numbered=self.optuna_storage is not None),
             key_tags={TRIAL_TAG: trial.trial_id, SWEEP_TAG: self.parent_run_id},
             tags=tags,
             params=flat, parent_run_id=self.parent_run_id,
@@ -73,6 +96,11 @@ class MlflowSweepCallback(tune.Callback):
         self._refs[trial.trial_id] = ref
         self.writer.run(ref)
         self.writer.call(ref, _log_json_artifact(flat, "config.json"))
+        if kind.name in self.datasets:
+            info = self.datasets[kind.name]
+            self.writer.call(ref, lambda client, run_id: log_dataset(client, run_id, info))
+        if self.optuna_storage:
+            self.writer.call(ref, _link_optuna_trial(self.optuna_storage, self.sweep, trial.trial_id))
         return ref
 
     # ------------------------------------------------------------- Tune hooks
@@ -82,7 +110,8 @@ class MlflowSweepCallback(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         ref = self._ref(trial)
-        metrics = {k: v for k, v in result.items() if k not in RAY_RESULT_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics = {k: v for k, v in result.items()
+                   if k not in RAY_RESULT_KEYS and k != M.STEP and isinstance(v, (int, float)) and not isinstance(v, bool)}
         metrics["wall_s"] = float(result.get("time_total_s", 0.0))
         self.writer.log_metrics(ref, int(result.get("step", result.get("training_iteration", 0))), metrics)
 
@@ -99,12 +128,37 @@ class MlflowSweepCallback(tune.Callback):
         self.writer.set_tags(ref, {"status": "errored", "error": error_line(trial)})
         self.writer.terminate(ref, status_name(False))
 
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        self.writer.set_tags(self._ref(trial), {CHECKPOINT_TAG: checkpoint_uri(checkpoint)})
+
     def on_trial_recover(self, iteration, trials, trial, **info):
         ref = self._ref(trial)
         self.writer.set_tags(ref, {"retried_after": error_line(trial)})
 
     def on_experiment_end(self, trials, **info):
         self.writer.flush()
+
+
+def checkpoint_uri(checkpoint) -> str:
+    """A checkpoint's location as a path (local) or a URI (an object store)."""
+    kind = getattr(getattr(checkpoint, "filesystem", None), "type_name", "local")
+    return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
+
+
+def _link_optuna_trial(storage_url: str, study_name: str, ray_trial_id: str):
+    """Tag the run with its Optuna trial number and put the run id into that trial's user
+    attributes (the searcher marks each Optuna trial with its Ray trial id)."""
+    def fn(client, run_id):
+        import optuna
+
+        storage = optuna.storages.RDBStorage(storage_url)
+        study_id = storage.get_study_id_from_name(study_name)
+        for t in storage.get_all_trials(study_id, deepcopy=False):
+            if t.user_attrs.get(RAY_TRIAL_ATTR) == ray_trial_id:
+                storage.set_trial_user_attr(t._trial_id, MLFLOW_RUN_ATTR, run_id)
+                client.set_tag(run_id, OPTUNA_TRIAL_TAG, str(t.number))
+                return
+    return fn
 
 
 def _log_json_artifact(obj: Any, name: str):

@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from pact_ray.errors import first_line
+from pact_ray.tracking.tags import STEP_TAG
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class MlflowWriter:
         self._queue: queue.Queue = queue.Queue()
         self._closed = False
         self.failures = 0  # operations that had to be retried at least once
+        self.dropped = 0  # operations given up (a failure that retrying cannot mend)
         self._thread = threading.Thread(target=self._run, name="pact-ray-mlflow-writer", daemon=True)
         self._client = MlflowClient(tracking_uri)
         self._thread.start()
@@ -138,17 +140,27 @@ class MlflowWriter:
             self._retry(lambda: self._apply_metrics(batch))
 
     def _retry(self, fn: Callable[[], None]) -> None:
+        """Apply ``fn`` until it succeeds while the failure is the tracking store being away
+        (retried with backoff, without bound while the writer is open); a failure no retry can
+        mend (a rejected value, a bug) is retried ``PERMANENT_ATTEMPTS`` times, then logged and
+        dropped, so one bad write never stalls the sweep."""
         delay = 0.25
-        first = True
+        attempts = 0
         while True:
             try:
                 fn()
                 return
-            except Exception as e:  # noqa: BLE001 - any tracking failure is retried, never fatal to the sweep
-                if first:
+            except Exception as e:  # noqa: BLE001 - a tracking failure is never fatal to the sweep
+                attempts += 1
+                transient = is_transient(e)
+                if attempts == 1:
                     self.failures += 1
-                    log.warning("MLflow write failed (%s); retrying until the tracking store answers", first_line(e, 200))
-                    first = False
+                    log.warning("MLflow write failed (%s); %s", first_line(e, 200),
+                                "retrying until the tracking store answers" if transient else "retrying it twice")
+                if not transient and attempts >= PERMANENT_ATTEMPTS:
+                    self.dropped += 1
+                    log.error("MLflow write dropped after %d attempts: %s", attempts, first_line(e, 300))
+                    return
                 time.sleep(delay)
                 delay = min(delay * 2, self.retry_max_s)
 
@@ -203,8 +215,35 @@ class MlflowWriter:
             rows.extend(Metric(k, v, ts, step) for k, v in metrics.items())
             top = max(top, step)
         for i in range(0, len(rows), MAX_BATCH):
-            self._client.log_batch(ref.run_id, metrics=rows[i : i + MAX_BATCH])
+            last = i + MAX_BATCH >= len(rows)
+            # The step count travels as a tag in the same request: a "step" metric would be
+            # the first axis MLflow's chart views offer, and it is not a result.
+            tags = [RunTag(STEP_TAG, str(top))] if last else []
+            self._client.log_batch(ref.run_id, metrics=rows[i : i + MAX_BATCH], tags=tags)
         ref.last_step = top
+
+
+PERMANENT_ATTEMPTS = 3
+# MLflow error codes that mean "try again later": the server or its database is busy or away.
+TRANSIENT_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"})
+TRANSIENT_TEXT = ("API request to", "Connection", "connection", "Max retries", "timed out", "database is locked")
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a failed write may succeed later: the network or the store is away or busy
+    (connection errors, timeouts, HTTP 5xx, SQLite's "database is locked"), as opposed to a
+    write the store rejects or a bug."""
+    if isinstance(error, (OSError, TimeoutError)):  # requests' errors derive from OSError
+        return True
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, MlflowException):
+        return error.error_code in TRANSIENT_CODES or any(t in str(error) for t in TRANSIENT_TEXT)
+    try:
+        from sqlalchemy.exc import OperationalError
+    except ImportError:  # pragma: no cover - SQLAlchemy ships with MLflow
+        return False
+    return isinstance(error, OperationalError)
 
 
 _SHARED: dict[str, MlflowWriter] = {}
@@ -230,6 +269,8 @@ def status_name(ok: bool) -> str:
 
 
 def env_fast_fail() -> None:
-    """Make the MLflow HTTP client fail fast: the writer does its own unbounded retrying."""
+    """Make the MLflow HTTP client fail fast (the writer does its own retrying) and keep it
+    from printing a "View run" link for every run it ends (the sweep prints where to look)."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

@@ -177,9 +177,6 @@ def param_space(plan: SweepPlan) -> tuple[dict[str, Any], Any]:
                                                      metric=plan.kind.val_metric, mode=plan.kind.mode)
     if args.search == "grid":
         return {**plan.base, "variant": tune.grid_search(variants), "seed": tune.grid_search(seeds)}, None
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
     tc = plan.trial_configs[0]
     variant = plan.kind.variants[tc["variant"]]
     space = {**plan.base, "variant": tc["variant"], "seed": tc["seed"]}
@@ -191,12 +188,9 @@ def param_space(plan: SweepPlan) -> tuple[dict[str, Any], Any]:
             space[key] = tune.randint(int(knob.low), int(knob.high) + 1)
         else:
             space[key] = tune.loguniform(knob.low, knob.high) if knob.log else tune.uniform(knob.low, knob.high)
-    storage_url = optuna_storage_url(plan)
-    searcher = OptunaSearch(
-        metric=plan.kind.metric, mode=plan.kind.mode, seed=args.optuna_seed,
-        storage=optuna.storages.RDBStorage(storage_url), study_name=plan.name,
-    ) if storage_url else OptunaSearch(metric=plan.kind.metric, mode=plan.kind.mode, seed=args.optuna_seed)
-    return space, searcher
+    from pact_ray.tune.optuna import linked_optuna_search
+
+    return space, linked_optuna_search(plan.kind.val_metric, plan.kind.mode, args.optuna_seed, optuna_storage_url(plan), plan.name)
 
 
 def optuna_storage_url(plan: SweepPlan) -> str | None:
@@ -208,7 +202,7 @@ def optuna_storage_url(plan: SweepPlan) -> str | None:
 
 # ------------------------------------------------------------------------ run
 
-def _tuner(plan: SweepPlan, callback, resume: bool):
+def _tuner(plan: SweepPlan, callbacks: list, resume: bool):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -222,9 +216,12 @@ def _tuner(plan: SweepPlan, callback, resume: bool):
         return tune.Tuner.restore(plan.exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     space, searcher = param_space(plan)
     steps = max(cfg.steps for _, cfg in plan.configs)
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=steps, grace_period=max(1, steps // 4), reduction_factor=2) if args.scheduler == "asha" else None
+    # ASHA stops trials on the training loss, which every step reports; the searchers (Optuna,
+    # adaptive seeds) judge finished trials on the held-out metric, which the last step reports.
+    scheduler = ASHAScheduler(metric=kind.metric, mode=kind.mode, time_attr="training_iteration", max_t=steps,
+                              grace_period=max(1, steps // 4), reduction_factor=2) if args.scheduler == "asha" else None
     tune_config = tune.TuneConfig(
-        metric=kind.metric, mode=kind.mode, search_alg=searcher, scheduler=scheduler,
+        search_alg=searcher, scheduler=scheduler,
         num_samples=_num_samples(plan),
         max_concurrent_trials=args.max_concurrent or None,
         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
@@ -233,10 +230,10 @@ def _tuner(plan: SweepPlan, callback, resume: bool):
         reuse_actors=True,
     )
     run_config = tune.RunConfig(
-        name=plan.name, storage_path=plan.storage, callbacks=[callback],
+        name=plan.name, storage_path=plan.storage, callbacks=callbacks,
         failure_config=tune.FailureConfig(max_failures=args.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=3),
-        verbose=0 if args.quiet else 1,
+        verbose=1 if args.verbose else 0,  # Ray's own per-trial boxes only when asked for
     )
     return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
 
@@ -256,36 +253,45 @@ def _trial_name(trial) -> str:
     return f"{cfg.get('variant', 'trial')}_s{cfg.get('seed', 0)}_{trial.trial_id}"
 
 
-def init_ray(address: str | None, quiet: bool) -> None:
+def init_ray(address: str | None, verbose: bool = False) -> bool:
+    """Connect to ``address`` or start a local Ray instance; False when one was already up.
+    Workers' output reaches the terminal only with ``verbose``; Ray's own log lines only
+    from warnings up."""
+    import logging
+
     import ray
 
+    if not verbose:
+        # Ray's newer output engine prints its configuration box and paths whatever the
+        # verbosity; the older one prints nothing at verbosity 0. The progress lines are ours.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     if ray.is_initialized():
-        return
+        return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    kw: dict[str, Any] = dict(include_dashboard=False, log_to_driver=not quiet, configure_logging=True)
-    if address:
-        ray.init(address=address, **kw)
-    else:
-        ray.init(**kw)
+    kw: dict[str, Any] = dict(include_dashboard=False, log_to_driver=verbose, configure_logging=True,
+                              logging_level=logging.INFO if verbose else logging.WARNING)
+    # "local": always a private instance. Without it ray.init() joins whatever local cluster
+    # /tmp/ray/ray_current_cluster names (another sweep's, which may end under this one).
+    ray.init(address=address or "local", **kw)
+    if not verbose:
+        logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    return True
 
 
 def run_sweep(kind: RunKind | str, argv: list[str] | None = None, description: str = "") -> int:
     """Entry point of every sweep script. Returns the process exit status."""
     kind = get_kind(kind) if isinstance(kind, str) else kind
-    args = build_parser(kind, description or kind.script).parse_args(argv)
+    head, _, examples = (description or kind.script).strip().partition("\n\n")
+    args = build_parser(kind, head, examples).parse_args(argv)
     return user_errors(lambda: _run(kind, args))
 
 
 def _run(kind: RunKind, args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
-    from pact_ray.report.ablation import write_report
-    from pact_ray.report.ablation.route import print_verdicts, route_status
-    from pact_ray.report.summary import collect_sweep
-    from pact_ray.tracking.callback import MlflowSweepCallback
-    from pact_ray.tracking.store import ensure_experiment, git_commit, ui_command
-    from pact_ray.tracking.tags import ROLE_TAG
-    from pact_ray.tracking.writer import close_shared, env_fast_fail, shared_writer
+    from pact_ray.tracking.store import ensure_experiment, git_commit
+    from pact_ray.tracking.sweep_run import create_parent
+    from pact_ray.tracking.writer import env_fast_fail
 
     plan = make_plan(kind, args)
     _check_writable(plan.storage)
@@ -300,6 +306,7 @@ def _run(kind: RunKind, args: argparse.Namespace) -> int:
     elif exp_path is not None and exp_path.exists():
         raise SweepError(f"sweep {plan.name!r} already exists at {plan.exp_dir}; pass --resume to continue it or choose another --name")
     validate_inputs(plan)
+    datasets = describe_datasets(plan)
 
     env_fast_fail()
     client = MlflowClient(plan.tracking_uri)
@@ -308,14 +315,13 @@ def _run(kind: RunKind, args: argparse.Namespace) -> int:
         client.update_run(parent_id, status="RUNNING")
     else:
         experiment_id = ensure_experiment(client, kind.experiment)
-        parent = client.create_run(experiment_id, run_name=plan.name, tags={
-            ROLE_TAG: "sweep", "kind": kind.name, "profile": args.profile, "model": args.model,
-            "search": args.search, "git_commit": git_commit(), "mlflow.note.content": f"{kind.script} sweep: {' '.join(sys.argv[1:])}",
-        })
-        parent_id = parent.info.run_id
-        for key, value in {"profile": args.profile, "model": args.model, "search": args.search, "variants": args.variants,
-                           "seeds": args.seeds, "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial}.items():
-            client.log_param(parent_id, key, str(value))
+        parent_id = create_parent(
+            client, experiment_id, plan.name,
+            tags={"kind": kind.name, "profile": args.profile, "model": args.model, "search": args.search, "git_commit": git_commit()},
+            params={"profile": args.profile, "model": args.model, "search": args.search, "variants": args.variants,
+                    "seeds": args.seeds, "until_conclusive": args.until_conclusive, "cpus_per_trial": args.cpus_per_trial,
+                    "gpus_per_trial": args.gpus_per_trial},
+        )
         if exp_path is not None:
             exp_path.mkdir(parents=True, exist_ok=False)
             write_manifest(exp_path, {
@@ -323,33 +329,104 @@ def _run(kind: RunKind, args: argparse.Namespace) -> int:
                 "parent_run_id": parent_id, "argv": sys.argv[1:], "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "summary_dir": str(plan.summary_dir),
             })
+    return _train_and_report(plan, client, experiment_id, parent_id, datasets)
 
+
+def describe_datasets(plan: SweepPlan) -> dict[str, Any]:
+    """Each run kind's data set as an MLflow dataset input. Synthetic data is generated (once,
+    here in the driver, before any trial starts) where the cache does not hold it yet."""
+    from pact_ray.tracking.datasets import describe_dataset
+
+    out: dict[str, Any] = {}
+    for kind, cfg in plan.configs:
+        if kind.name not in out:
+            out[kind.name] = describe_dataset(kind.dataset(cfg).folder)
+    return out
+
+
+def _train_and_report(plan: SweepPlan, client, experiment_id: str, parent_id: str, datasets: dict[str, Any]) -> int:
+    import ray
+
+    from pact_ray.report.ablation import write_report
+    from pact_ray.report.ablation.route import print_verdicts, route_status
+    from pact_ray.report.summary import collect_sweep
+    from pact_ray.tracking.callback import MlflowSweepCallback
+    from pact_ray.tracking.store import git_commit, ui_command
+    from pact_ray.tracking.sweep_run import ablation_headline, finish_parent, verdict_table
+    from pact_ray.tracking.writer import close_shared, shared_writer
+    from pact_ray.tune.progress import ProgressLines
+
+    kind, args = plan.kind, plan.args
     shared_writer(plan.tracking_uri)
-    callback = MlflowSweepCallback(plan.tracking_uri, experiment_id, parent_id, kind.name, plan.name, git_commit())
-    init_ray(args.address, args.quiet)
+    optuna_url = optuna_storage_url(plan) if args.search == "optuna" else None
+    callbacks = [MlflowSweepCallback(plan.tracking_uri, experiment_id, parent_id, kind.name, plan.name, git_commit(),
+                                     datasets=datasets, optuna_storage=optuna_url)]
+    if not args.quiet:
+        callbacks.append(ProgressLines({tc["variant"]: cfg.steps for tc, (_, cfg) in zip(plan.trial_configs, plan.configs)},
+                                       numbered=args.search == "optuna"))
+    started_ray = init_ray(args.address, verbose=args.verbose)
     t0 = time.time()
     status = "FAILED"
     try:
-        results = _tuner(plan, callback, args.resume).fit()
+        results = _tuner(plan, callbacks, args.resume).fit()
         status = "FINISHED"
     finally:
         close_shared(plan.tracking_uri)
-        client.set_terminated(parent_id, status=status if status == "FINISHED" else "KILLED")
+        if status != "FINISHED":
+            client.set_terminated(parent_id, status="KILLED")
+    if started_ray:
+        ray.shutdown()  # nothing of Ray's is printed after the summary
 
     if kind.name == WORLD_MODEL.name:
-        from pact_ray.report.world_model_sweep import collect_world_model_sweep, print_world_model_summary, write_world_model_summary
+        from pact_ray.report.world_model_sweep import (
+            collect_world_model_sweep,
+            print_world_model_summary,
+            summary_lines,
+            write_world_model_summary,
+        )
 
         wm = collect_world_model_sweep(plan.tracking_uri, experiment_id, parent_id, storage=plan.storage)
-        files = [f for f in write_world_model_summary(wm, plan.summary_dir) if f.suffix != ".png"]
+        files = write_world_model_summary(wm, plan.summary_dir)
         _print_header(plan, results, wm.rows, time.time() - t0)
         print_world_model_summary(wm)
+        description = "\n".join(summary_lines(wm)[:-2])
+        headline = {"trials_finished": sum(r["status"] == "finished" for r in wm.rows),
+                    "trials_errored": sum(r["status"] == "errored" for r in wm.rows),
+                    **{f"val_mse.{m['variant']}": m["val_mse"].mean for m in wm.means if m["val_mse"] is not None}}
     else:
         data = collect_sweep(plan.tracking_uri, experiment_id, parent_id)
-        files = [f for f in write_report(data, plan.summary_dir, plan.tracking_uri) if f.suffix != ".png"]
+        files = write_report(data, plan.summary_dir, plan.tracking_uri, optuna=optuna_dashboard_command(plan))
+        entries = route_status(data)
         _print_header(plan, results, data.rows, time.time() - t0)
-        print_verdicts(route_status(data))
-    _print_footer(plan, files, ui_command(plan.tracking_uri))
+        print_verdicts(entries)
+        if args.search == "optuna":
+            _print_best_knobs(plan, data.rows, data.params)
+        description, headline = verdict_table(entries), ablation_headline(data.rows, entries)
+    finish_parent(client, parent_id, summary_dir=plan.summary_dir, description=description, metrics=headline, status="FINISHED")
+    _print_footer(plan, [f for f in files if f.suffix != ".png"], ui_command(plan.tracking_uri, experiment_id))
     return 0 if results.num_errors == 0 else 1
+
+
+def optuna_dashboard_command(plan: SweepPlan) -> str | None:
+    """The command that opens the sweep's Optuna study in optuna-dashboard (None without one)."""
+    url = optuna_storage_url(plan) if plan.args.search == "optuna" else None
+    return f"optuna-dashboard {url} --host 127.0.0.1 --port 8080" if url else None
+
+
+def _print_best_knobs(plan: SweepPlan, rows: list[dict], params: dict[str, dict[str, str]]) -> None:
+    """An Optuna sweep's best finished trial: its knobs and its held-out value."""
+    metric = plan.kind.val_metric
+    scored = [r for r in rows if r["status"] == "finished" and r.get(metric) is not None]
+    if not scored:
+        print("Optuna: no finished trial reported a validation value.")
+    else:
+        best = (min if plan.kind.mode == "min" else max)(scored, key=lambda r: r[metric])
+        knobs = plan.kind.variants[best["variant"]].knobs
+        values = ", ".join(f"{k}={float(params[best['run_id']][k]):.4g}" for k in knobs if k in params[best["run_id"]])
+        print(f"Optuna best of {len(scored)} trials: {values} -> {metric} {best[metric]:.6g} (one seed; confirm with --seeds)")
+    command = optuna_dashboard_command(plan)
+    if command:
+        print(f"Optuna study: {command}")
 
 
 def _print_header(plan: SweepPlan, results, rows: list[dict], wall: float) -> None:

@@ -44,8 +44,9 @@ def status_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
     return {s: sum(r["status"] == s for r in rows) for s in STATUSES}
 
 
-def render_report(data: SummaryData, source: str = "") -> dict[str, str | bytes]:
-    """File name -> content of every report file (nothing is written)."""
+def render_report(data: SummaryData, source: str = "", optuna: str | None = None) -> dict[str, str | bytes]:
+    """File name -> content of every report file (nothing is written); ``optuna``: the
+    command that opens the sweep's Optuna study, which the page shows."""
     entries, tuned = route_status(data), tuned_variants(data)
     counts, status = run_counts(data.rows), status_counts(data.rows)
     files: dict[str, str | bytes] = {CSV_NAME: to_csv(data.rows), JSON_NAME: to_json(data.rows)}
@@ -60,14 +61,15 @@ def render_report(data: SummaryData, source: str = "") -> dict[str, str | bytes]
         counts={COUNT_LABELS[k]: n for k, n in counts.items()}, status=status, entries=entries, tuned=tuned,
         figures=[PlotLink(f"{s.name}.png", s.caption) for s in plots], rows=data.rows,
         files=[CSV_NAME, JSON_NAME, ROUTE_JSON, REPORT_JSON], source=source, generated=time.strftime("%Y-%m-%d %H:%M:%S"),
+        optuna=optuna,
     )
     return files
 
 
-def write_report(data: SummaryData, out_dir: str | os.PathLike, source: str = "") -> list[Path]:
+def write_report(data: SummaryData, out_dir: str | os.PathLike, source: str = "", optuna: str | None = None) -> list[Path]:
     """Render the report of ``data`` and write it into ``out_dir``; returns the paths in
     writing order (the page last, once everything it links is there)."""
-    files = render_report(data, source)
+    files = render_report(data, source, optuna)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, content in files.items():

@@ -141,12 +141,15 @@ def route_section(entries: Sequence[RouteEntry]) -> str:
             f"{_table(headers, (_route_row(e) for e in entries))}</section>")
 
 
-def tuning_section(tuned: Sequence[TunedVariant]) -> str:
-    if not tuned:
+def tuning_section(tuned: Sequence[TunedVariant], optuna: str | None = None) -> str:
+    if not tuned and not optuna:
         return ""
     parts = ['<section id="param-importance"><h2>Parameter importance</h2><p class="hint">Variants whose runs vary config '
              "knobs (Optuna sweeps): fANOVA importance of each knob for the final objective (Optuna's evaluator on a study "
              "built from the finished runs; sums to 1), and the runs in parallel coordinates.</p>"]
+    if optuna:
+        parts.append(f'<p>The Optuna study of this sweep opens in optuna-dashboard: <code id="optuna-dashboard">{escape(optuna)}</code> '
+                     "(each trial carries its MLflow run id as a user attribute).</p>")
     for t in tuned:
         rows = (f"<tr><td>{escape(k)}</td><td class=\"num\">{v:.3f}</td><td><span class=\"bar\" style=\"width:{200 * v:.0f}px\"></span></td></tr>"
                 for k, v in t.importances.items())
@@ -184,12 +187,13 @@ def files_section(files: Sequence[str]) -> str:
 
 
 def render_page(*, counts: dict[str, int], status: dict[str, int], entries: Sequence[RouteEntry], tuned: Sequence[TunedVariant],
-                figures: Sequence[PlotLink], rows: Sequence[dict[str, Any]], files: Sequence[str], source: str, generated: str) -> str:
+                figures: Sequence[PlotLink], rows: Sequence[dict[str, Any]], files: Sequence[str], source: str, generated: str,
+                optuna: str | None = None) -> str:
     """The whole page."""
     meta = f"Source: {escape(source)} · generated {escape(generated)}" if source else f"Generated {escape(generated)}"
     body = "".join([
         f'<header><h1>{escape(TITLE)}</h1><p class="purpose">{escape(PURPOSE)}</p><p class="meta">{meta}</p></header>',
-        counts_section(counts, status), route_section(entries), tuning_section(tuned), plots_section(figures),
+        counts_section(counts, status), route_section(entries), tuning_section(tuned, optuna), plots_section(figures),
         table_section(rows), files_section(files),
     ])
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, '
