@@ -4,6 +4,7 @@ typed flag values, and the guard that turns a user's error into that one line.""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Callable
 
@@ -45,9 +46,12 @@ def user_errors(run: Callable[[], int], *extra: type[BaseException]) -> int:
 
 def _number(kind: type, text: str):
     try:
-        return kind(text)
+        value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def positive_int(text: str) -> int:

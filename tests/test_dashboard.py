@@ -28,7 +28,7 @@ from pact_ray.report.ablation.plots import PLOTS, placeholder, plots_for
 from pact_ray.report.ablation.route import NO_BASELINE, route_status
 from pact_ray.report.ablation.stats import BETTER, INCONCLUSIVE, ONE_SEED, WORSE, difference, mean_interval, verdict
 from pact_ray.report.ablation.tuning import tuned_variants
-from pact_ray.report.summary import CSV_NAME, JSON_NAME, SummaryData, collect
+from pact_ray.report.summary import CSV_NAME, JSON_NAME, STATUSES, SummaryData, collect
 from pact_ray.runs.kinds import RUN_KINDS
 from pact_ray.tune.sweep import run_sweep
 
@@ -156,7 +156,7 @@ def test_report_writes_tables_json_and_plots(example, report):
         "ot_diagnostic_runs": sum(RUN_KINDS["stage1"].variants[s.variant].router is not None for s in stage1),
         "total_parsed_runs": len(specs),
     }
-    assert summary["status"] == {s: sum(sp.status == s for sp in specs) for s in ("finished", "errored", "running")}
+    assert summary["status"] == {s: sum(sp.status == s for sp in specs) for s in STATUSES}
     assert {e["verdict"] for e in route} >= {BETTER, WORSE, INCONCLUSIVE, ONE_SEED}
     required = {"variant", "baseline", "metric", "step", "seeds", "delta", "delta_pct", "ci_low", "ci_high", "verdict",
                 "verdict_corrected", "valid", "reason"}

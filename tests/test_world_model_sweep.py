@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+from html import unescape
 
 import numpy as np
 import pytest
@@ -94,7 +95,7 @@ def test_world_model_sweep_and_its_evaluation_report(tmp_path, ray_address, caps
     assert rc == 0, capsys.readouterr().err
     html = (report / "report.html").read_text()
     md = (report / "report.md").read_text()
-    for text in (html, md):
+    for text in (unescape(html), md):
         assert "Evaluation Report: " in text and "ITERATION 3: Switch to MAE model" in text
         assert all(m in text for m in SPEC_METRICS + [M.MOTOR_POSITION_MAE_PER_JOINT])
         assert "Comparison with" in text and "Recommendations" in text and "Error heatmap (jet colormap)" in text

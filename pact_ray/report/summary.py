@@ -37,8 +37,8 @@ METRIC_COLUMNS = (M.LOSS, M.ART_L2, M.GATE, M.EDGE_DELTA, M.VIRTUAL_MASS, M.MASK
                   M.MARGINAL_ERROR)
 CSV_NAME, JSON_NAME = "ablation_summary.csv", "ablation_summary.json"
 DEFAULT_KIND = "stage1"  # runs logged before the kind tag existed
-FINISHED, ERRORED, RUNNING = "finished", "errored", "running"
-STATUSES = (FINISHED, ERRORED, RUNNING)
+FINISHED, ERRORED, RUNNING, INTERRUPTED = "finished", "errored", "running", "interrupted"
+STATUSES = (FINISHED, ERRORED, RUNNING, INTERRUPTED)  # interrupted: stopped by Ctrl-C with a checkpoint
 HISTORY_CHUNK = 500  # run ids per bulk history query (well under SQLite's bound-variable limit)
 HISTORY_THREADS = 8  # concurrent get_metric_history calls against a tracking server
 
@@ -117,7 +117,7 @@ def make_row(*, kind: str, experiment: str, trial_id: str, variant: str, profile
 
 def _status(run: Run) -> str:
     tag = run.data.tags.get("status")
-    if tag in (FINISHED, ERRORED):
+    if tag in (FINISHED, ERRORED, INTERRUPTED):
         return tag
     if run.info.status == "FAILED":
         return ERRORED

@@ -4,6 +4,7 @@ declared types of a config dataclass's fields, with one-sentence errors."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any
@@ -54,14 +55,19 @@ def _one(name: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise CoercionError(f"{name} must be a number, got {value!r}")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise CoercionError(f"{name} must be a number, got {value!r}")
+        if number is None:
+            raise CoercionError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(number):  # nan and inf parse as floats but train nothing
+            raise CoercionError(f"{name} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

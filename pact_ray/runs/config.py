@@ -23,6 +23,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd")
 INITS = ("scratch", "official")
 FAIL_MODES = ("once", "always")
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -147,6 +148,9 @@ class RunConfig:
         get_profile(self.profile, self.profiles)
         if self.model not in self.presets:
             raise ConfigError(f"unknown {self.preset_noun} {self.model!r}; choose from {', '.join(self.presets)}")
+        for name in ("seed", "data_seed"):  # NumPy's seeds are 32-bit
+            if not 0 <= getattr(self, name) <= MAX_SEED:
+                raise ConfigError(f"{name} must be in 0..{MAX_SEED}, got {getattr(self, name)}")
         if self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
         if self.batch_size < 1:

@@ -20,6 +20,7 @@ import os
 import tempfile
 from typing import Any
 
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 from ray import tune
 
 from pact_ray.errors import error_line
@@ -30,6 +31,7 @@ from pact_ray.tracking.tags import CHECKPOINT_TAG, OPTUNA_TRIAL_TAG, ROLE_TAG, S
 from pact_ray.tracking.writer import MlflowWriter, RunRef, shared_writer, status_name
 
 RAY_TRIAL_ATTR, MLFLOW_RUN_ATTR = "ray_trial_id", "mlflow_run_id"  # Optuna trial user attributes
+INTERRUPTED = "interrupted"  # a trial's status after Ctrl-C (pact_ray.tune.interrupt)
 
 # Ray's own bookkeeping in every result: not metrics of the model.
 RAY_RESULT_KEYS = frozenset({
@@ -42,10 +44,10 @@ RAY_RESULT_KEYS = frozenset({
 
 def run_name(trial_config: dict[str, Any], trial_id: str = "", numbered: bool = False) -> str:
     """"ot_first s0"; with ``numbered`` (an Optuna sweep, where every trial has the same
-    variant and seed) the trial's index too: "rgb_edge s0 #3"."""
+    variant and seed) a short trial id too, "rgb_edge s0 #a1b2", which the run's link to its
+    Optuna trial replaces with the Optuna trial number, "rgb_edge s0 #3"."""
     name = f"{trial_config.get('variant', 'trial')} s{trial_config.get('seed', 0)}"
-    index = trial_id.rpartition("_")[2]
-    return f"{name} #{int(index)}" if numbered and index.isdigit() else name
+    return f"{name} #{trial_id.replace('_', '')[-4:]}" if numbered and trial_id else name
 
 
 class MlflowSweepCallback(tune.Callback):
@@ -125,8 +127,24 @@ class MlflowSweepCallback(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         ref = self._ref(trial)
-        self.writer.set_tags(ref, {"status": "errored", "error": error_line(trial)})
+        error = error_line(trial)
+        if "SweepInterrupted" in error:  # stopped by Ctrl-C with a checkpoint: --resume continues it
+            self.writer.set_tags(ref, {"status": INTERRUPTED, "error": ""})
+            self.writer.terminate(ref, "KILLED")
+            return
+        self.writer.set_tags(ref, {"status": "errored", "error": error})
         self.writer.terminate(ref, status_name(False))
+
+    def replay(self, trial_id: str, config: dict[str, Any], results: list[dict[str, Any]], finished: bool) -> None:
+        """Log a trial's results from Ray's result file (what a tracking store that was away
+        missed; the writer skips the steps the run already holds), and its end when it finished."""
+        trial = _Replayed(trial_id, config)
+        for result in results:
+            self.on_trial_result(0, [], trial, result)
+        if finished:
+            ref = self._ref(trial)
+            self.writer.set_tags(ref, {"status": "finished", "error": ""})
+            self.writer.terminate(ref, status_name(True))
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         self.writer.set_tags(self._ref(trial), {CHECKPOINT_TAG: checkpoint_uri(checkpoint)})
@@ -137,6 +155,16 @@ class MlflowSweepCallback(tune.Callback):
 
     def on_experiment_end(self, trials, **info):
         self.writer.flush()
+
+
+class _Replayed:
+    """What the callback reads of a Tune trial, for a trial known only from its folder."""
+
+    def __init__(self, trial_id: str, config: dict[str, Any]):
+        self.trial_id, self.config = trial_id, config
+
+    def __str__(self) -> str:
+        return f"{self.config.get('variant', 'trial')}_s{self.config.get('seed', 0)}_{self.trial_id}"
 
 
 def checkpoint_uri(checkpoint) -> str:
@@ -157,6 +185,8 @@ def _link_optuna_trial(storage_url: str, study_name: str, ray_trial_id: str):
             if t.user_attrs.get(RAY_TRIAL_ATTR) == ray_trial_id:
                 storage.set_trial_user_attr(t._trial_id, MLFLOW_RUN_ATTR, run_id)
                 client.set_tag(run_id, OPTUNA_TRIAL_TAG, str(t.number))
+                name = client.get_run(run_id).info.run_name or ""
+                client.set_tag(run_id, MLFLOW_RUN_NAME, f"{name.rpartition(' #')[0] or name} #{t.number}")
                 return
     return fn
 

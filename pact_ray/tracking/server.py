@@ -5,9 +5,10 @@
     python sweeps/stage1_router.py --tracking-uri http://127.0.0.1:5000
 
 It runs ``mlflow server`` with a SQLite backend and a served artifact folder, waits until
-``/health`` answers, and stops it cleanly on Ctrl-C. The server binds 127.0.0.1 unless
-``--host`` names another address *and* ``--allow-remote`` is given: a tracking server
-accepts writes from anyone who can reach it.
+``/health`` answers, and stops it and its worker processes on Ctrl-C or SIGTERM. The server
+binds 127.0.0.1 unless ``--host`` names another address *and* ``--allow-remote`` is given: a
+tracking server accepts writes from anyone who can reach it. Its flags are checked, and its
+port found free, before anything is created.
 """
 
 from __future__ import annotations
@@ -27,6 +28,18 @@ from pathlib import Path
 
 class ServerError(RuntimeError):
     pass
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something already listens on ``host:port`` (or the port cannot be bound)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def is_loopback(host: str) -> bool:
@@ -95,7 +108,13 @@ def start_server(store: str | os.PathLike, port: int | None = None, host: str = 
     """Start ``mlflow server`` with ``<store>/mlflow.db`` and ``<store>/artifacts``; returns once it answers."""
     if not is_loopback(host) and not allow_remote:
         raise ServerError(f"refusing to bind {host}: pass --allow-remote to serve beyond this machine")
+    if port is not None and not 1 <= port <= 65535:
+        raise ServerError(f"--port must be in 1..65535, got {port}")
+    if port is not None and port_in_use(host, port):
+        raise ServerError(f"port {port} on {host} is in use: stop what serves there or pick another --port")
     root = Path(store).resolve()
+    if root.exists() and not root.is_dir():
+        raise ServerError(f"--store {root} is a file, not a folder")
     root.mkdir(parents=True, exist_ok=True)
     artifacts = root / "artifacts"
     artifacts.mkdir(exist_ok=True)
@@ -133,12 +152,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"serving {server.uri} (backend {server.backend_store_uri}, artifacts {server.artifacts}); Ctrl-C stops it", flush=True)
     print(f"sweeps: --tracking-uri {server.uri}", flush=True)
+
+    def _terminate(signum, frame):  # SIGTERM: stop like Ctrl-C, with the server's workers
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         while server.process.poll() is None:
             time.sleep(1)
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         server.stop()
     return 0 if server.process.returncode in (0, -signal.SIGTERM, None) else 1
 

@@ -57,6 +57,27 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> str:
     raise TrackingError(f"tracking URI {uri!r} is neither an absolute sqlite:/// file nor an http(s):// server")
 
 
+def prepare_store(uri: str) -> None:
+    """Create (or migrate) a SQLite store's schema once, under an exclusive file lock beside
+    the database: MLflow's first-time schema creation is not safe against another process
+    doing the same at the same moment (two sweeps started together on a new file). A server
+    store needs nothing."""
+    if not uri.startswith("sqlite:///"):
+        return
+    import fcntl
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    path = sqlite_path(uri)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            store = SqlAlchemyStore(uri, default_artifact_root=str(path.parent / "mlartifacts"))
+            store.engine.dispose()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def artifact_location(uri: str, experiment: str) -> str | None:
     """Artifacts of a SQLite store live beside the database (``<db folder>/mlartifacts/<experiment>``),
     not in whatever folder the command ran from; a server decides for itself (None)."""

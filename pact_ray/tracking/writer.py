@@ -66,6 +66,8 @@ class MlflowWriter:
         self._closed = False
         self.failures = 0  # operations that had to be retried at least once
         self.dropped = 0  # operations given up (a failure that retrying cannot mend)
+        self.given_up = 0  # operations given up because the writer closed before the store answered
+        self._busy = False
         self._thread = threading.Thread(target=self._run, name="pact-ray-mlflow-writer", daemon=True)
         self._client = MlflowClient(tracking_uri)
         self._thread.start()
@@ -97,7 +99,8 @@ class MlflowWriter:
         return done.wait(timeout)
 
     def close(self, timeout: float | None = 300.0) -> bool:
-        """Flush and stop the thread. Returns False when writes were still pending at the timeout."""
+        """Flush and stop the thread. Returns False when writes were still pending at the
+        timeout; those are given up (the thread stops retrying) and counted in :meth:`pending`."""
         if self._closed:
             return True
         ok = self.flush(timeout)
@@ -107,7 +110,8 @@ class MlflowWriter:
         return ok
 
     def pending(self) -> int:
-        return self._queue.qsize()
+        """Writes not applied yet (the one being retried included)."""
+        return self._queue.qsize() + (1 if self._busy else 0) + self.given_up
 
     # -------------------------------------------------------------- thread
     def _put(self, op: tuple) -> None:
@@ -122,8 +126,10 @@ class MlflowWriter:
             pending = None
             if op is _STOP:
                 return
+            self._busy = True
             if op[0] != "metrics":
                 self._retry(lambda: self._apply(op))
+                self._busy = False
                 continue
             # Coalesce consecutive metric rows of one run into one log_batch.
             batch = [op]
@@ -138,6 +144,7 @@ class MlflowWriter:
                     pending = nxt
                     break
             self._retry(lambda: self._apply_metrics(batch))
+            self._busy = False
 
     def _retry(self, fn: Callable[[], None]) -> None:
         """Apply ``fn`` until it succeeds while the failure is the tracking store being away
@@ -152,6 +159,9 @@ class MlflowWriter:
                 return
             except Exception as e:  # noqa: BLE001 - a tracking failure is never fatal to the sweep
                 attempts += 1
+                if self._closed:  # the sweep stopped waiting: leave it to --resume's replay
+                    self.given_up += 1
+                    return
                 transient = is_transient(e)
                 if attempts == 1:
                     self.failures += 1
@@ -258,10 +268,26 @@ def shared_writer(tracking_uri: str) -> MlflowWriter:
     return w
 
 
-def close_shared(tracking_uri: str, timeout: float | None = 300.0) -> bool:
-    """Flush and close the shared writer of ``tracking_uri``; False if writes were still pending."""
-    w = _SHARED.pop(tracking_uri, None)
-    return True if w is None else w.close(timeout)
+_CLOSED: dict[str, MlflowWriter] = {}  # the last closed writer of each store (its unsent count)
+
+
+def close_shared(tracking_uri: str, timeout: float | None = 300.0, keep_open: bool = False) -> bool:
+    """Flush (``keep_open``: only flush) and close the shared writer of ``tracking_uri``;
+    False if writes were still pending at the timeout."""
+    w = _SHARED.get(tracking_uri)
+    if w is None:
+        return True
+    if keep_open:
+        return w.flush(timeout)
+    _SHARED.pop(tracking_uri)
+    _CLOSED[tracking_uri] = w
+    return w.close(timeout)
+
+
+def pending_writes(tracking_uri: str, closed: bool = False) -> int:
+    """Writes the (``closed``: last closed) shared writer of ``tracking_uri`` has not applied."""
+    w = (_CLOSED if closed else _SHARED).get(tracking_uri)
+    return 0 if w is None else w.pending()
 
 
 def status_name(ok: bool) -> str:

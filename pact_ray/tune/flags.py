@@ -79,10 +79,15 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def parse_seeds(text: str) -> list[int]:
+    from pact_ray.runs.config import MAX_SEED
+
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"--seeds {text!r} is not a comma-separated list of integers") from None
     if not seeds:
         raise ConfigError("--seeds names no seed")
+    bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
+    if bad:
+        raise ConfigError(f"--seeds must be in 0..{MAX_SEED}, got {bad[0]}")
     return list(dict.fromkeys(seeds))

@@ -16,6 +16,7 @@ from typing import IO
 
 from ray import tune
 
+from pact_ray.errors import error_line
 from pact_ray.metrics import names as M
 from pact_ray.tracking.callback import run_name
 
@@ -89,10 +90,23 @@ class ProgressLines(tune.Callback):
         self._trial(trial).state = "done"
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._trial(trial).state = "errored"
+        t = self._trial(trial)
+        error = error_line(trial)
+        if "SweepInterrupted" in error:
+            t.state = "interrupted"
+            return
+        t.state = "errored"
+        where = getattr(trial, "error_file", None) or ""
+        self.out.write(f"  {t.name} failed at step {t.step}: {error[:200]}" + (f" ({where})" if where else "") + "\n")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        self._trial(trial).state = "retrying"
+        t = self._trial(trial)
+        error = error_line(trial)
+        if "SweepInterrupted" in error:
+            t.state = "interrupted"
+            return
+        t.state = "retrying"
+        self.out.write(f"  {t.name} failed at step {t.step} and is retried from its last checkpoint: {error[:160]}\n")
 
     def on_step_end(self, iteration, trials, **info):
         now = time.monotonic()

@@ -11,15 +11,19 @@ with exit status 2; nothing is created before the checks pass.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import shutil
+import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pact_ray.cli import user_errors
-from pact_ray.errors import ConfigError
+from pact_ray.errors import ConfigError, first_line
 from pact_ray.runs.config import RunConfig
 from pact_ray.runs.kinds import WORLD_MODEL, RunKind, get_kind, resolve_kind
 from pact_ray.runs.registry import parse_variants
@@ -62,8 +66,10 @@ def _storage_path(arg: str | None) -> str:
     return os.path.normpath(arg)
 
 
-def _check_writable(folder: str) -> None:
-    """The folder (or the nearest ancestor that exists) must be a writable directory; nothing is created."""
+def _check_writable(folder: str, what: str = "storage path") -> None:
+    """The folder (or the nearest ancestor that exists) must be a directory this process can
+    write in: tried with a temporary file that is removed at once (permission bits do not
+    tell for root or for a read-only mount). Nothing stays behind."""
     if "://" in folder:
         return
     path = Path(folder)
@@ -71,12 +77,20 @@ def _check_writable(folder: str) -> None:
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise SweepError(f"storage path {folder} cannot be created: {probe} is not a folder")
-    if not os.access(probe, os.W_OK):
-        raise SweepError(f"storage path {folder} is not writable ({probe} denies writing)")
+        raise SweepError(f"{what} {folder} cannot be created: {probe} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise SweepError(f"{what} {folder} is not writable ({probe}: {e.strerror})") from None
+
+
+MAX_NAME = 100  # characters of a sweep name: a folder name, a run name, an Optuna study name
 
 
 def _safe_name(name: str) -> str:
+    if len(name) > MAX_NAME:
+        raise SweepError(f"--name is {len(name)} characters long; keep it to {MAX_NAME}")
     if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
         raise SweepError(f"--name {name!r} must be a plain folder name (no '/', not starting with '.')")
     if not all(c.isalnum() or c in "-_.+=" for c in name):
@@ -202,18 +216,25 @@ def optuna_storage_url(plan: SweepPlan) -> str | None:
 
 # ------------------------------------------------------------------------ run
 
-def _tuner(plan: SweepPlan, callbacks: list, resume: bool):
+def _tuner(plan: SweepPlan, callbacks: list, resume: bool, client=None, parent_id: str | None = None):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from pact_ray.tune.state import repair, restorable
     from pact_ray.tune.trainables import TRAINABLES
 
     kind, args = plan.kind, plan.args
     trainable = tune.with_resources(TRAINABLES[kind.name], {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
     if resume:
-        if not tune.Tuner.can_restore(plan.exp_dir):
-            raise SweepError(f"sweep {plan.name!r} at {plan.exp_dir} has no Ray state to resume")
-        return tune.Tuner.restore(plan.exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        exp_dir = plan.local_dir
+        for note in repair(exp_dir) if exp_dir is not None else []:
+            print(f"Ray's experiment state: {note}")
+        if exp_dir is None or restorable(exp_dir):
+            return tune.Tuner.restore(plan.exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        # Killed before Ray wrote a readable state: start the trials again, under the same parent run.
+        print("Ray's experiment state cannot be read back (the sweep stopped while starting, or its disk filled); "
+              "its trials start again.")
+        _restart(plan, client, parent_id)
     space, searcher = param_space(plan)
     steps = max(cfg.steps for _, cfg in plan.configs)
     # ASHA stops trials on the training loss, which every step reports; the searchers (Optuna,
@@ -236,6 +257,21 @@ def _tuner(plan: SweepPlan, callbacks: list, resume: bool):
         verbose=1 if args.verbose else 0,  # Ray's own per-trial boxes only when asked for
     )
     return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
+
+
+def _restart(plan: SweepPlan, client, parent_id: str | None) -> None:
+    """Clear a sweep whose start-up was cut short, keeping its manifest; its trials' MLflow
+    runs (if the start got that far) are deleted, so none is left twice."""
+    from pact_ray.tracking.tags import SWEEP_TAG
+    from pact_ray.tune.state import reset
+
+    reset(plan.local_dir, keep=(MANIFEST,))
+    if client is not None and parent_id:
+        from pact_ray.report.summary import search_all
+
+        experiment_id = client.get_run(parent_id).info.experiment_id
+        for run in search_all(client, [experiment_id], f"tags.`{SWEEP_TAG}` = '{parent_id}'"):
+            client.delete_run(run.info.run_id)
 
 
 def _num_samples(plan: SweepPlan) -> int:
@@ -275,61 +311,191 @@ def init_ray(address: str | None, verbose: bool = False) -> bool:
     ray.init(address=address or "local", **kw)
     if not verbose:
         logging.getLogger("ray.tune").setLevel(logging.WARNING)
+        # Ray logs every failed trial with its traceback and ends with "Trials did not complete":
+        # the progress lines name each failure in one line with its error file, and the summary
+        # lists the errors, so these stay for --verbose.
+        for name in ("ray.tune.execution.tune_controller", "ray.tune.tune", "ray.train._internal.syncer"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     return True
+
+
+# Flags a resume takes from its own command line; every other one is the original sweep's.
+RESUME_OWN_FLAGS = ("address", "quiet", "verbose")
 
 
 def run_sweep(kind: RunKind | str, argv: list[str] | None = None, description: str = "") -> int:
     """Entry point of every sweep script. Returns the process exit status."""
     kind = get_kind(kind) if isinstance(kind, str) else kind
     head, _, examples = (description or kind.script).strip().partition("\n\n")
-    args = build_parser(kind, head, examples).parse_args(argv)
-    return user_errors(lambda: _run(kind, args))
+    parser = build_parser(kind, head, examples)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    return user_errors(lambda: _run(kind, _original_args(parser, args) if args.resume else args))
+
+
+def _original_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """A resume runs the sweep its manifest records (its variants, seeds, profile, overrides),
+    with this command's own --address, --quiet and --verbose."""
+    if not args.name:
+        raise SweepError("--resume needs the --name of the sweep to continue")
+    exp_dir = Path(_storage_path(args.storage_path)) / _safe_name(args.name)
+    manifest = load_manifest(exp_dir) if "://" not in str(exp_dir) else None
+    if manifest is None or "argv" not in manifest:
+        return args  # make_plan and read_manifest say what is missing
+    original = parser.parse_args(manifest["argv"])
+    original.argv = manifest["argv"]
+    original.resume, original.name, original.storage_path = True, args.name, args.storage_path
+    for flag in RESUME_OWN_FLAGS:
+        setattr(original, flag, getattr(args, flag))
+    if args.tracking_uri and not original.tracking_uri:
+        original.tracking_uri = args.tracking_uri  # checked against the manifest's store in _run
+    return original
+
+
+EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
+EXIT_UNSENT = 3  # trained, but some tracking writes did not reach the store
+EXIT_DISK_FULL = 4  # the storage filled up; --resume finishes once there is space
+FULL_BELOW_BYTES = 1 << 20
+FLUSH_TIMEOUT_S = float(os.environ.get("PACT_RAY_FLUSH_TIMEOUT_S", "60"))  # waiting for an absent tracking store at the end
+
+
+def resume_command(plan: SweepPlan) -> str:
+    """The exact command that continues this sweep."""
+    from pact_ray.tracking.sweep_run import command_line
+
+    script = command_line().split(" --")[0]
+    storage = f" --storage-path {plan.storage}" if plan.args.storage_path else ""
+    return f"{script} --name {plan.name}{storage} --resume"
 
 
 def _run(kind: RunKind, args: argparse.Namespace) -> int:
-    from mlflow.tracking import MlflowClient
+    """Check everything, connect Ray and check the resources asked for, then (and only then)
+    create the sweep: its folder with the manifest atomically, the MLflow parent run."""
+    import ray
 
-    from pact_ray.tracking.store import ensure_experiment, git_commit
-    from pact_ray.tracking.sweep_run import create_parent
     from pact_ray.tracking.writer import env_fast_fail
 
     plan = make_plan(kind, args)
     _check_writable(plan.storage)
-    exp_path = plan.local_dir
-    if args.resume:
-        manifest = read_manifest(plan)
+    _check_writable(str(plan.summary_dir), "--summary-dir")
+    manifest = read_manifest(plan) if args.resume else None
+    if manifest is not None:
         if args.tracking_uri and args.tracking_uri != manifest["tracking_uri"]:
             raise SweepError(f"sweep {plan.name!r} logs to {manifest['tracking_uri']}; resume it with that --tracking-uri or without the flag")
         plan.tracking_uri = manifest["tracking_uri"]
         if manifest.get("kind") != kind.name:
             raise SweepError(f"sweep {plan.name!r} is a {manifest.get('kind')!r} sweep, not {kind.name!r}")
-    elif exp_path is not None and exp_path.exists():
+    elif plan.local_dir is not None and plan.local_dir.exists():
         raise SweepError(f"sweep {plan.name!r} already exists at {plan.exp_dir}; pass --resume to continue it or choose another --name")
     validate_inputs(plan)
     datasets = describe_datasets(plan)
-
     env_fast_fail()
-    client = MlflowClient(plan.tracking_uri)
-    if args.resume:
-        experiment_id, parent_id = manifest["experiment_id"], manifest["parent_run_id"]
-        client.update_run(parent_id, status="RUNNING")
-    else:
-        experiment_id = ensure_experiment(client, kind.experiment)
-        parent_id = create_parent(
-            client, experiment_id, plan.name,
-            tags={"kind": kind.name, "profile": args.profile, "model": args.model, "search": args.search, "git_commit": git_commit()},
-            params={"profile": args.profile, "model": args.model, "search": args.search, "variants": args.variants,
-                    "seeds": args.seeds, "until_conclusive": args.until_conclusive, "cpus_per_trial": args.cpus_per_trial,
-                    "gpus_per_trial": args.gpus_per_trial},
-        )
-        if exp_path is not None:
-            exp_path.mkdir(parents=True, exist_ok=False)
-            write_manifest(exp_path, {
-                "kind": kind.name, "name": plan.name, "tracking_uri": plan.tracking_uri, "experiment_id": experiment_id,
-                "parent_run_id": parent_id, "argv": sys.argv[1:], "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "summary_dir": str(plan.summary_dir),
-            })
-    return _train_and_report(plan, client, experiment_id, parent_id, datasets)
+    started_ray = connect_ray(args.address, verbose=args.verbose)
+    parent_id = None
+    client = None
+    try:
+        check_resources(plan)
+        from mlflow.tracking import MlflowClient
+
+        from pact_ray.tracking.store import prepare_store
+
+        prepare_store(plan.tracking_uri)
+        client = MlflowClient(plan.tracking_uri)
+        experiment_id, parent_id = _open_sweep(plan, client, manifest)
+        return _train_and_report(plan, client, experiment_id, parent_id, datasets, started_ray)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one during start-up
+        if client is not None and parent_id is not None:
+            client.set_terminated(parent_id, status="KILLED")
+        print(f"\nInterrupted. Continue with: {resume_command(plan)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if started_ray and ray.is_initialized():
+            ray.shutdown()  # nothing of Ray's is printed after the summary
+
+
+def _open_sweep(plan: SweepPlan, client, manifest: dict[str, Any] | None) -> tuple[str, str]:
+    """(experiment id, parent run id) of the sweep: a new one's folder and manifest appear in
+    one rename (so a half-made sweep never exists), then its parent run; a resumed one gets
+    the parent run its start-up may not have made yet."""
+    from pact_ray.tracking.store import ensure_experiment, git_commit
+    from pact_ray.tracking.sweep_run import create_parent
+
+    kind, args = plan.kind, plan.args
+    if manifest is None:
+        manifest = {"kind": kind.name, "name": plan.name, "tracking_uri": plan.tracking_uri, "experiment_id": None,
+                    "parent_run_id": None, "argv": list(getattr(args, "argv", sys.argv[1:])), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "summary_dir": str(plan.summary_dir)}
+        if plan.local_dir is not None:
+            create_sweep_folder(plan.local_dir, manifest)
+    if manifest.get("parent_run_id"):
+        client.update_run(manifest["parent_run_id"], status="RUNNING")
+        return manifest["experiment_id"], manifest["parent_run_id"]
+    experiment_id = ensure_experiment(client, kind.experiment)
+    parent_id = create_parent(
+        client, experiment_id, plan.name,
+        tags={"kind": kind.name, "profile": args.profile, "model": args.model, "search": args.search, "git_commit": git_commit()},
+        params={"profile": args.profile, "model": args.model, "search": args.search, "variants": args.variants,
+                "seeds": args.seeds, "until_conclusive": args.until_conclusive, "cpus_per_trial": args.cpus_per_trial,
+                "gpus_per_trial": args.gpus_per_trial},
+    )
+    if plan.local_dir is not None:
+        write_manifest(plan.local_dir, {**manifest, "experiment_id": experiment_id, "parent_run_id": parent_id})
+    return experiment_id, parent_id
+
+
+def create_sweep_folder(exp_dir: Path, manifest: dict[str, Any]) -> None:
+    """Make ``exp_dir`` holding ``manifest`` in one rename of a folder prepared beside it."""
+    try:
+        exp_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{exp_dir.name}.starting-", dir=exp_dir.parent))
+    except OSError as e:
+        raise SweepError(f"cannot create the sweep folder in {exp_dir.parent} ({e.strerror})") from None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; a sweep folder is an ordinary one
+        write_manifest(staging, manifest)
+        os.rename(staging, exp_dir)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if exp_dir.exists():
+            raise SweepError(f"sweep {exp_dir.name!r} already exists at {exp_dir}; pass --resume to continue it or choose another --name") from None
+        raise SweepError(f"cannot create the sweep folder {exp_dir} ({e.strerror})") from None
+
+
+def connect_ray(address: str | None, verbose: bool = False) -> bool:
+    """:func:`init_ray`, failing in one sentence (not retrying for minutes) when ``address``
+    does not answer."""
+    if address and address not in ("auto", "local"):
+        host, _, port = address.split("://")[-1].rpartition(":")
+        try:
+            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=CONNECT_TIMEOUT_S):
+                pass
+        except (OSError, ValueError) as e:
+            reason = getattr(e, "strerror", None) or str(e)
+            raise SweepError(f"--address {address}: no Ray cluster answers there ({reason}); start it (ray start --head) "
+                             "or fix the address") from None
+    try:
+        return init_ray(address, verbose)
+    except ConnectionError as e:
+        raise SweepError(f"--address {address}: {first_line(e)}") from None
+
+
+CONNECT_TIMEOUT_S = 5.0
+
+
+def check_resources(plan: SweepPlan) -> None:
+    """A trial's CPUs and GPUs must fit on one node of the cluster, or Tune would wait forever."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    args = plan.args
+    for key, asked, flag in (("CPU", args.cpus_per_trial, "--cpus-per-trial"), ("GPU", args.gpus_per_trial, "--gpus-per-trial")):
+        most = max((n.get(key, 0.0) for n in nodes), default=0.0)
+        if asked > most:
+            where = "this machine" if not args.address else "any node of the cluster"
+            raise SweepError(f"{flag} {asked:g} asks for more {key}s than {where} has ({most:g}); no trial could ever start")
 
 
 def describe_datasets(plan: SweepPlan) -> dict[str, Any]:
@@ -344,7 +510,8 @@ def describe_datasets(plan: SweepPlan) -> dict[str, Any]:
     return out
 
 
-def _train_and_report(plan: SweepPlan, client, experiment_id: str, parent_id: str, datasets: dict[str, Any]) -> int:
+def _train_and_report(plan: SweepPlan, client, experiment_id: str, parent_id: str, datasets: dict[str, Any],
+                      started_ray: bool) -> int:
     import ray
 
     from pact_ray.report.ablation import write_report
@@ -353,27 +520,40 @@ def _train_and_report(plan: SweepPlan, client, experiment_id: str, parent_id: st
     from pact_ray.tracking.callback import MlflowSweepCallback
     from pact_ray.tracking.store import git_commit, ui_command
     from pact_ray.tracking.sweep_run import ablation_headline, finish_parent, verdict_table
-    from pact_ray.tracking.writer import close_shared, shared_writer
+    from pact_ray.tracking.writer import shared_writer
+    from pact_ray.tune.interrupt import DriverInterrupts
     from pact_ray.tune.progress import ProgressLines
+    from pact_ray.tune.state import StateBackup
 
     kind, args = plan.kind, plan.args
     shared_writer(plan.tracking_uri)
     optuna_url = optuna_storage_url(plan) if args.search == "optuna" else None
-    callbacks = [MlflowSweepCallback(plan.tracking_uri, experiment_id, parent_id, kind.name, plan.name, git_commit(),
-                                     datasets=datasets, optuna_storage=optuna_url)]
+    mlflow_callback = MlflowSweepCallback(plan.tracking_uri, experiment_id, parent_id, kind.name, plan.name, git_commit(),
+                                          datasets=datasets, optuna_storage=optuna_url)
+    callbacks: list = [mlflow_callback]
+    if plan.local_dir is not None:
+        callbacks.append(StateBackup(str(plan.local_dir)))
     if not args.quiet:
         callbacks.append(ProgressLines({tc["variant"]: cfg.steps for tc, (_, cfg) in zip(plan.trial_configs, plan.configs)},
                                        numbered=args.search == "optuna"))
-    started_ray = init_ray(args.address, verbose=args.verbose)
     t0 = time.time()
-    status = "FAILED"
+    tuner = _tuner(plan, callbacks, args.resume, client, parent_id)
+    if args.resume and plan.local_dir is not None:
+        replay_results(plan.local_dir, mlflow_callback)  # what an absent tracking store missed last time
     try:
-        results = _tuner(plan, callbacks, args.resume).fit()
-        status = "FINISHED"
+        with DriverInterrupts(plan.name) as interrupts:
+            results = tuner.fit()
+    except Exception as e:
+        if not storage_full(plan, e):
+            raise
+        client.set_terminated(parent_id, status="KILLED")
+        free = f"{shutil.disk_usage(plan.storage).free / 2**20:.1f} MiB free" if plan.local_dir else "full"
+        print(f"error: the storage {plan.storage} is full ({free}; {first_line(e)}). Free some space, then run: "
+              f"{resume_command(plan)}", file=sys.stderr)
+        return EXIT_DISK_FULL
     finally:
-        close_shared(plan.tracking_uri)
-        if status != "FINISHED":
-            client.set_terminated(parent_id, status="KILLED")
+        unsent = _flush_tracking(plan)
+    interrupted = interrupts.requested
     if started_ray:
         ray.shutdown()  # nothing of Ray's is printed after the summary
 
@@ -402,9 +582,59 @@ def _train_and_report(plan: SweepPlan, client, experiment_id: str, parent_id: st
         if args.search == "optuna":
             _print_best_knobs(plan, data.rows, data.params)
         description, headline = verdict_table(entries), ablation_headline(data.rows, entries)
-    finish_parent(client, parent_id, summary_dir=plan.summary_dir, description=description, metrics=headline, status="FINISHED")
+    status = "KILLED" if interrupted else "FINISHED"
+    if not unsent:
+        finish_parent(client, parent_id, summary_dir=plan.summary_dir, description=description, metrics=headline, status=status)
     _print_footer(plan, [f for f in files if f.suffix != ".png"], ui_command(plan.tracking_uri, experiment_id))
+    if interrupted:
+        print(f"Interrupted: the unfinished trials saved a checkpoint. Continue with: {resume_command(plan)}")
+        return EXIT_INTERRUPTED
+    if unsent:
+        print(f"{unsent} tracking write(s) did not reach {plan.tracking_uri}; Ray's result files keep them. Once the store "
+              f"answers, run: {resume_command(plan)} (nothing trains again)")
+        return EXIT_UNSENT
     return 0 if results.num_errors == 0 else 1
+
+
+def storage_full(plan: SweepPlan, error: BaseException) -> bool:
+    """Whether ``error`` came from the storage filling up: ENOSPC somewhere in its chain, or a
+    local storage with less than 1 MiB left (Ray then fails reading the files it truncated)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return plan.local_dir is not None and shutil.disk_usage(plan.storage).free < FULL_BELOW_BYTES
+
+
+def _flush_tracking(plan: SweepPlan) -> int:
+    """Send what the writer still holds, waiting at most FLUSH_TIMEOUT_S; returns the writes left unsent."""
+    from pact_ray.tracking.writer import close_shared, pending_writes
+
+    if not close_shared(plan.tracking_uri, timeout=2.0, keep_open=True):
+        print(f"Waiting up to {FLUSH_TIMEOUT_S:.0f} s for the tracking store {plan.tracking_uri} to take "
+              f"{pending_writes(plan.tracking_uri)} pending write(s)...", flush=True)
+    if close_shared(plan.tracking_uri, timeout=FLUSH_TIMEOUT_S):
+        return 0
+    return max(1, pending_writes(plan.tracking_uri, closed=True))
+
+
+def replay_results(exp_dir: Path, callback) -> None:
+    """Give the tracking store every step Ray's result files hold (steps it has are skipped),
+    and the final status of the trials Ray finished."""
+    from pact_ray.report.ablation.ray_results import read_json, read_results, trial_states
+
+    states = trial_states(exp_dir)
+    for folder in sorted(p for p in exp_dir.iterdir() if (p / "params.json").is_file()):
+        try:
+            config = read_json(folder / "params.json")
+        except ValueError:  # cut short (a full disk): Tune reruns the trial from its state
+            continue
+        results = read_results(folder / "result.json")
+        state = states.get(folder.name)
+        if results or state is not None:
+            trial_id = state.trial_id if state else str(results[-1].get("trial_id", folder.name))
+            callback.replay(trial_id, config, results, finished=bool(state and state.status == "TERMINATED"))
 
 
 def optuna_dashboard_command(plan: SweepPlan) -> str | None:
@@ -430,9 +660,10 @@ def _print_best_knobs(plan: SweepPlan, rows: list[dict], params: dict[str, dict[
 
 
 def _print_header(plan: SweepPlan, results, rows: list[dict], wall: float) -> None:
-    done = sum(r["status"] == "finished" for r in rows)
+    count = {s: sum(r["status"] == s for r in rows) for s in ("finished", "errored", "interrupted")}
+    stopped = f", {count['interrupted']} interrupted" if count["interrupted"] else ""
     print()
-    print(f"Sweep {plan.name}: {done}/{len(rows)} trials finished, {results.num_errors} errored, {wall:.0f} s")
+    print(f"Sweep {plan.name}: {count['finished']}/{len(rows)} trials finished, {count['errored']} errored{stopped}, {wall:.0f} s")
     for r in rows:
         if r["status"] == "errored":
             print(f"  errored: {r['run']}: {r['error']}")
@@ -443,4 +674,7 @@ def _print_footer(plan: SweepPlan, files: list[Path], ui: str) -> None:
     print(f"MLflow:       {plan.tracking_uri}  (experiment {plan.kind.experiment})")
     for f in files:
         print(f"Summary:      {f}")
-    print(f"Open the UI:  {ui}")
+    command, _, then = ui.partition(", then ")
+    print(f"Open the UI:  {command}")
+    if then:
+        print(f"              then {then}")

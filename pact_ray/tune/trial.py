@@ -19,6 +19,7 @@ from ray import tune
 from pact_ray.errors import first_line
 from pact_ray.runs.kinds import RunKind, resolve_kind
 from pact_ray.training.checkpoints import read_checkpoint, write_checkpoint
+from pact_ray.tune.interrupt import SweepInterrupted, TrialStop
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,12 @@ def assigned_device() -> torch.device:
 
 
 def run_trial(kind: RunKind | str, trial_config: Mapping[str, Any]) -> None:
-    """Train one trial of ``kind`` (a matrix trial trains as its cell's own kind)."""
+    """Train one trial of ``kind`` (a matrix trial trains as its cell's own kind). When the
+    sweep is interrupted (``pact_ray.tune.interrupt``) the trial checkpoints after its
+    current step and ends with :class:`SweepInterrupted`, which ``--resume`` continues."""
+    stop = TrialStop(_experiment_name())
+    if stop.requested():
+        raise SweepInterrupted("the sweep was interrupted before this trial started")
     kind, trial_config = resolve_kind(kind, trial_config)
     cfg = kind.config(trial_config)
     trainer = kind.trainer(cfg, device=assigned_device())
@@ -82,9 +88,20 @@ def run_trial(kind: RunKind | str, trial_config: Mapping[str, Any]) -> None:
     every = cfg.checkpoint_every
     while trainer.step < cfg.steps:
         metrics = trainer.train_step()
-        if trainer.step == cfg.steps or (every and trainer.step % every == 0):
+        due = trainer.step == cfg.steps or bool(every and trainer.step % every == 0)
+        interrupted = stop.requested()
+        if due or interrupted:
             with tempfile.TemporaryDirectory() as d:
                 write_checkpoint(Path(d), trainer.state_dict())
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
         else:
             tune.report(metrics)
+        if interrupted and trainer.step < cfg.steps:
+            raise SweepInterrupted(f"the sweep was interrupted at step {trainer.step} of {cfg.steps} (checkpointed)")
+
+
+def _experiment_name() -> str | None:
+    try:
+        return tune.get_context().get_experiment_name()
+    except Exception:  # noqa: BLE001 - outside a Tune trial (tests, benchmarks)
+        return None

@@ -48,6 +48,8 @@ tr.st-running td { background: #fffbea; }
 .neutral { background: #eceff3; color: #4b5563; }
 .badge.st-finished { background: #dcf3e2; color: #17602e; } .badge.st-errored { background: #fbe0e0; color: #8a1f1f; }
 .badge.st-running { background: #fdf0c4; color: #7a5a00; }
+.badge.st-interrupted { background: #e4ecfb; color: #244a8a; }
+tr.st-interrupted td { background: #f4f7fd; }
 .error { color: #8a1f1f; font-size: 11.5px; display: block; margin-top: 2px; }
 .plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(540px, 1fr)); gap: 16px; align-items: start; }
 figure { margin: 0; background: #fff; border: 1px solid #d9dde3; border-radius: 8px; padding: 10px; }

@@ -45,7 +45,7 @@ from pact_ray.report.ablation.groups import (
 from pact_ray.report.ablation.route import RouteEntry
 from pact_ray.report.ablation.stats import BETTER, WORSE, Estimate, mean_interval
 from pact_ray.report.ablation.tuning import TunedVariant
-from pact_ray.report.summary import ERRORED, FINISHED, RUNNING, Curve, SummaryData, kind_title, variant_label
+from pact_ray.report.summary import ERRORED, FINISHED, INTERRUPTED, RUNNING, Curve, SummaryData, kind_title, variant_label
 
 DPI = 100
 WIDTH_IN = 8.0  # shown about 620 px wide, two to a row on the page
@@ -100,7 +100,7 @@ def variant_colors(rows: Sequence[Row]) -> dict[tuple[str, str], str]:
 
 
 def _left_out(rows: Sequence[Row]) -> str:
-    parts = [f"{n} {status}" for status in (ERRORED, RUNNING) if (n := sum(r["status"] == status for r in rows))]
+    parts = [f"{n} {status}" for status in (ERRORED, RUNNING, INTERRUPTED) if (n := sum(r["status"] == status for r in rows))]
     return f"left out: {', '.join(parts)} run(s)" if parts else ""
 
 
