@@ -11,12 +11,13 @@ with exit status 2; nothing is created before the checks pass.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pact_ray.cli import user_errors
 from pact_ray.errors import ConfigError
@@ -25,6 +26,7 @@ from pact_ray.runs.kinds import WORLD_MODEL, RunKind, get_kind, resolve_kind
 from pact_ray.runs.registry import parse_variants
 from pact_ray.tune.flags import build_parser, parse_overrides, parse_seeds
 from pact_ray.tune.manifest import MANIFEST, load_manifest, write_manifest
+from pact_ray.tune.storage import Storage, check_visible_on_every_node, is_uri, join, open_storage, staged_folder
 
 
 class SweepError(ValueError):
@@ -41,7 +43,7 @@ class SweepPlan:
     storage: str  # absolute path or URI
     exp_dir: str
     tracking_uri: str
-    summary_dir: Path
+    summary_dir: str  # absolute path or URI
     base: dict[str, Any]  # fixed trial-config entries
     trial_configs: list[dict[str, Any]]  # grid points (or one Optuna template)
     configs: list[tuple[RunKind, RunConfig]]  # each grid point's own kind and config, built once
@@ -49,31 +51,23 @@ class SweepPlan:
     @property
     def local_dir(self) -> Path | None:
         """The sweep's folder when the storage is a local path (None for an object store)."""
-        return None if "://" in self.exp_dir else Path(self.exp_dir)
+        return None if is_uri(self.exp_dir) else Path(self.exp_dir)
+
+    @functools.cached_property
+    def store(self) -> Storage:
+        """The sweep's folder on its storage (a local or shared folder, or an object store)."""
+        return open_storage(self.exp_dir)
 
 
 def _storage_path(arg: str | None) -> str:
-    if arg is None:
-        return str(Path.cwd().resolve() / "runs")
-    if "://" in arg:
-        return arg  # an object store Ray's storage supports (s3://, gs://, ...)
-    if not os.path.isabs(arg):
-        raise SweepError(f"--storage-path {arg!r} must be an absolute path (or an object-store URI such as s3://bucket/runs)")
-    return os.path.normpath(arg)
+    """An absolute folder or a URI pyarrow opens (s3://, gs://); anything else is a StorageError."""
+    return str(Path.cwd().resolve() / "runs") if arg is None else open_storage(arg).uri
 
 
 def _check_writable(folder: str) -> None:
-    """The folder (or the nearest ancestor that exists) must be a writable directory; nothing is created."""
-    if "://" in folder:
-        return
-    path = Path(folder)
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise SweepError(f"storage path {folder} cannot be created: {probe} is not a folder")
-    if not os.access(probe, os.W_OK):
-        raise SweepError(f"storage path {folder} is not writable ({probe} denies writing)")
+    """The folder (or the nearest ancestor that exists) must be a writable directory, or the
+    object store must answer and hold the bucket; nothing is created."""
+    open_storage(folder).check_writable()
 
 
 def _safe_name(name: str) -> str:
@@ -89,7 +83,7 @@ def make_plan(kind: RunKind, args: argparse.Namespace) -> SweepPlan:
 
     storage = _storage_path(args.storage_path)
     name = _safe_name(args.name or f"{kind.script}-{args.profile}-{time.strftime('%Y%m%d-%H%M%S')}")
-    exp_dir = f"{storage.rstrip('/')}/{name}"
+    exp_dir = join(storage, name)
     overrides = parse_overrides(args.overrides)
     base: dict[str, Any] = {"profile": args.profile, "model": args.model, **overrides}
     if args.data:
@@ -118,7 +112,8 @@ def make_plan(kind: RunKind, args: argparse.Namespace) -> SweepPlan:
 
     tracking_uri = args.tracking_uri or default_tracking_uri()
     check_tracking_uri(tracking_uri)
-    summary_dir = Path(args.summary_dir).resolve() if args.summary_dir else Path(exp_dir) / "summary"
+    summary_dir = join(exp_dir, "summary") if not args.summary_dir else open_storage(
+        args.summary_dir if is_uri(args.summary_dir) else str(Path(args.summary_dir).resolve())).uri
     return SweepPlan(kind, args, name, storage, exp_dir, tracking_uri, summary_dir, base, trial_configs, configs)
 
 
@@ -154,8 +149,18 @@ def validate_inputs(plan: SweepPlan) -> None:
             load_core_weights(model, cfg.init_checkpoint, model.core_state_dict_keys(), what=f"the {kind.title} '{cfg.model}' preset")
 
 
+def check_cluster_paths(plan: SweepPlan) -> None:
+    """On a Ray cluster of several nodes (``--address``), every node must see the local paths
+    the sweep uses: the storage folder (unless an object store), ``--data`` and ``--checkpoint``."""
+    if not plan.args.address:
+        return  # a local Ray instance is one node
+    paths = {f"data folder {v}" if k == "data" else f"checkpoint {v}": v for k, v in plan.base.items() if k in ("data", "init_checkpoint")}
+    init_ray(plan.args.address, plan.args.quiet)
+    check_visible_on_every_node(paths, storage=None if is_uri(plan.storage) else plan.storage)
+
+
 def read_manifest(plan: SweepPlan) -> dict[str, Any]:
-    manifest = load_manifest(plan.local_dir) if plan.local_dir is not None else None
+    manifest = load_manifest(plan.store)
     if manifest is None:
         raise SweepError(f"sweep {plan.name!r} has no {MANIFEST} in {plan.exp_dir}: nothing to resume")
     return manifest
@@ -217,9 +222,10 @@ def _tuner(plan: SweepPlan, callback, resume: bool):
     kind, args = plan.kind, plan.args
     trainable = tune.with_resources(TRAINABLES[kind.name], {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
     if resume:
-        if not tune.Tuner.can_restore(plan.exp_dir):
+        if not tune.Tuner.can_restore(plan.store.path, storage_filesystem=plan.store.ray_filesystem):
             raise SweepError(f"sweep {plan.name!r} at {plan.exp_dir} has no Ray state to resume")
-        return tune.Tuner.restore(plan.exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(plan.store.path, storage_filesystem=plan.store.ray_filesystem, trainable=trainable,
+                                  resume_unfinished=True, resume_errored=True)
     space, searcher = param_space(plan)
     steps = max(cfg.steps for _, cfg in plan.configs)
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=steps, grace_period=max(1, steps // 4), reduction_factor=2) if args.scheduler == "asha" else None
@@ -232,8 +238,9 @@ def _tuner(plan: SweepPlan, callback, resume: bool):
         # trial the seconds of a fresh interpreter importing torch.
         reuse_actors=True,
     )
+    root = open_storage(plan.storage)
     run_config = tune.RunConfig(
-        name=plan.name, storage_path=plan.storage, callbacks=[callback],
+        name=plan.name, storage_path=root.path, storage_filesystem=root.ray_filesystem, callbacks=[callback],
         failure_config=tune.FailureConfig(max_failures=args.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=3),
         verbose=0 if args.quiet else 1,
@@ -289,7 +296,6 @@ def _run(kind: RunKind, args: argparse.Namespace) -> int:
 
     plan = make_plan(kind, args)
     _check_writable(plan.storage)
-    exp_path = plan.local_dir
     if args.resume:
         manifest = read_manifest(plan)
         if args.tracking_uri and args.tracking_uri != manifest["tracking_uri"]:
@@ -297,9 +303,10 @@ def _run(kind: RunKind, args: argparse.Namespace) -> int:
         plan.tracking_uri = manifest["tracking_uri"]
         if manifest.get("kind") != kind.name:
             raise SweepError(f"sweep {plan.name!r} is a {manifest.get('kind')!r} sweep, not {kind.name!r}")
-    elif exp_path is not None and exp_path.exists():
+    elif plan.store.exists():
         raise SweepError(f"sweep {plan.name!r} already exists at {plan.exp_dir}; pass --resume to continue it or choose another --name")
     validate_inputs(plan)
+    check_cluster_paths(plan)
 
     env_fast_fail()
     client = MlflowClient(plan.tracking_uri)
@@ -316,13 +323,12 @@ def _run(kind: RunKind, args: argparse.Namespace) -> int:
         for key, value in {"profile": args.profile, "model": args.model, "search": args.search, "variants": args.variants,
                            "seeds": args.seeds, "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial}.items():
             client.log_param(parent_id, key, str(value))
-        if exp_path is not None:
-            exp_path.mkdir(parents=True, exist_ok=False)
-            write_manifest(exp_path, {
-                "kind": kind.name, "name": plan.name, "tracking_uri": plan.tracking_uri, "experiment_id": experiment_id,
-                "parent_run_id": parent_id, "argv": sys.argv[1:], "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "summary_dir": str(plan.summary_dir),
-            })
+        plan.store.create()
+        write_manifest(plan.store, {
+            "kind": kind.name, "name": plan.name, "tracking_uri": plan.tracking_uri, "experiment_id": experiment_id,
+            "parent_run_id": parent_id, "argv": sys.argv[1:], "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "summary_dir": plan.summary_dir,
+        })
 
     shared_writer(plan.tracking_uri)
     callback = MlflowSweepCallback(plan.tracking_uri, experiment_id, parent_id, kind.name, plan.name, git_commit())
@@ -340,16 +346,30 @@ def _run(kind: RunKind, args: argparse.Namespace) -> int:
         from pact_ray.report.world_model_sweep import collect_world_model_sweep, print_world_model_summary, write_world_model_summary
 
         wm = collect_world_model_sweep(plan.tracking_uri, experiment_id, parent_id, storage=plan.storage)
-        files = [f for f in write_world_model_summary(wm, plan.summary_dir) if f.suffix != ".png"]
+        files = write_summary(plan, client, parent_id, lambda out: write_world_model_summary(wm, out))
         _print_header(plan, results, wm.rows, time.time() - t0)
         print_world_model_summary(wm)
     else:
         data = collect_sweep(plan.tracking_uri, experiment_id, parent_id)
-        files = [f for f in write_report(data, plan.summary_dir, plan.tracking_uri) if f.suffix != ".png"]
+        files = write_summary(plan, client, parent_id, lambda out: write_report(data, out, plan.tracking_uri))
         _print_header(plan, results, data.rows, time.time() - t0)
         print_verdicts(route_status(data))
     _print_footer(plan, files, ui_command(plan.tracking_uri))
     return 0 if results.num_errors == 0 else 1
+
+
+SUMMARY_ARTIFACTS = "summary"  # the parent run's artifact folder holding the summary files
+
+
+def write_summary(plan: SweepPlan, client, parent_run_id: str, write: Callable[[Path], list[Path]]) -> list[str]:
+    """``write(folder)`` the summary files, put them at ``plan.summary_dir`` (a folder or an object
+    store) and log them as the parent run's ``summary/`` artifacts; returns where the files
+    other than the plots are."""
+    with staged_folder(plan.summary_dir) as (folder, where):
+        files = write(folder)
+        for f in files:
+            client.log_artifact(parent_run_id, str(f), SUMMARY_ARTIFACTS)
+    return [where(f) for f in files if f.suffix != ".png"]
 
 
 def _print_header(plan: SweepPlan, results, rows: list[dict], wall: float) -> None:
