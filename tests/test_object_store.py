@@ -129,6 +129,7 @@ class RayCluster:
 def cluster(s3, tmp_path_factory):
     """A Ray head with no CPUs and two 1-CPU worker nodes that see neither the drivers' folders
     nor this session's temporary files: only the bucket (through the network)."""
+    from ray._common.utils import reset_ray_address
     from ray.cluster_utils import Cluster
 
     head = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0})
@@ -156,6 +157,9 @@ def cluster(s3, tmp_path_factory):
                 assert workers[-1].poll() is None, (logs / f"node{i}.log").read_text()[-2000:]
                 assert time.time() < deadline, f"worker node {i} never joined"
                 time.sleep(0.5)
+        # The head and `ray start` leave this cluster's address in /tmp/ray for a bare ray.init()
+        # to join; the drivers here pass --address, and other processes must not join it.
+        reset_ray_address()
         yield RayCluster(head.address, hidden)
     finally:
         for w in workers:  # the node's raylet, agents and workers are all in its process group
@@ -356,3 +360,25 @@ def test_sigkilled_driver_resumes_from_another_folder_with_only_the_store(s3, tr
     assert {"summary/index.html", "summary/ablation_summary.json", "summary/ablation_summary.csv"} <= logged
     assert any(k.endswith(f"{manifest['parent_run_id']}/artifacts/summary/index.html") for k in s3.keys("mlartifacts/"))
     assert f"Summary:      {s3.uri(f'runs/{name}/summary/index.html')}" in out
+
+
+@pytest.mark.slow
+def test_optuna_study_is_kept_on_the_object_store(s3, tracking, cluster, tmp_path):
+    """An Optuna sweep on the bucket has no SQLite study file: the study is in Ray's searcher
+    state in the sweep folder in the bucket (what --resume restores), and nothing is local."""
+    import pickle
+
+    proc = _sweep(["--address", cluster.address, "--model", "tiny", "--profile", "smoke", "--search", "optuna",
+                   "--variant", "rgb_edge", "--num-samples", "2", "--set", "router.iterations=20", "--name", "study",
+                   "--storage-path", s3.uri("runs"), "--tracking-uri", tracking.uri, "--quiet"],
+                  cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 0, out[-3000:]
+    assert os.listdir(tmp_path) == []
+    keys = s3.keys("runs/study/")
+    assert not any(k.endswith("optuna.db") for k in keys)
+    [state] = [k for k in keys if re.fullmatch(r"runs/study/searcher-state-[^/]+\.pkl", k)]
+    study = pickle.loads(s3.get(state))["_ot_study"]  # Ray's OptunaSearch pickles its attributes, the study among them
+    assert len(study.trials) == 2 and len({t.params["router.eps"] for t in study.trials}) == 2
+    _, runs = _trial_runs(tracking.uri, json.loads(s3.get("runs/study/pact_ray_sweep.json")))
+    assert sorted(float(r.data.params["router.eps"]) for r in runs) == pytest.approx(sorted(t.params["router.eps"] for t in study.trials))
