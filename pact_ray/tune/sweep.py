@@ -205,7 +205,8 @@ def param_space(plan: SweepPlan) -> tuple[dict[str, Any], Any]:
 
 
 def optuna_storage_url(plan: SweepPlan) -> str | None:
-    """A persistent Optuna study next to the Ray results, readable by optuna-dashboard."""
+    """A persistent Optuna study next to the Ray results, readable by optuna-dashboard. None on an
+    object store: the study then lives in memory and is kept in Ray's searcher state there."""
     if plan.local_dir is None:
         return None
     return f"sqlite:///{plan.local_dir}/optuna.db"
