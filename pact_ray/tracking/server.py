@@ -7,9 +7,9 @@
 It runs ``mlflow server`` with a SQLite backend and served artifacts (a folder, or an object
 store with ``--artifacts-destination s3://bucket/mlartifacts``: the server writes there with
 its own credentials, ``AWS_*`` and ``MLFLOW_S3_ENDPOINT_URL`` for an S3-compatible server, so
-clients need none), waits until ``/health`` answers, and stops it cleanly on Ctrl-C. The server binds 127.0.0.1 unless
-``--host`` names another address *and* ``--allow-remote`` is given: a tracking server
-accepts writes from anyone who can reach it.
+clients need none), waits until ``/health`` answers, and stops it cleanly on Ctrl-C. The
+server binds 127.0.0.1 unless ``--host`` names another address *and* ``--allow-remote`` is
+given: a tracking server accepts writes from anyone who can reach it.
 """
 
 from __future__ import annotations
