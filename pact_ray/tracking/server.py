@@ -4,11 +4,13 @@
     # -> serving http://127.0.0.1:5000 (backend sqlite:////abs/tracking/mlflow.db, artifacts /abs/tracking/artifacts)
     python sweeps/stage1_router.py --tracking-uri http://127.0.0.1:5000
 
-It runs ``mlflow server`` with a SQLite backend and a served artifact folder, waits until
-``/health`` answers, and stops it and its worker processes on Ctrl-C or SIGTERM. The server
-binds 127.0.0.1 unless ``--host`` names another address *and* ``--allow-remote`` is given: a
-tracking server accepts writes from anyone who can reach it. Its flags are checked, and its
-port found free, before anything is created.
+It runs ``mlflow server`` with a SQLite backend and served artifacts (a folder, or an object
+store with ``--artifacts-destination s3://bucket/mlartifacts``: the server writes there with
+its own credentials, ``AWS_*`` and ``MLFLOW_S3_ENDPOINT_URL`` for an S3-compatible server, so
+clients need none), waits until ``/health`` answers, and stops it and its worker processes on
+Ctrl-C or SIGTERM. The server binds 127.0.0.1 unless ``--host`` names another address *and*
+``--allow-remote`` is given: a tracking server accepts writes from anyone who can reach it.
+Its flags are checked, and its port found free, before anything is created.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class TrackingServer:
     process: subprocess.Popen
     uri: str
     backend_store_uri: str
-    artifacts: Path
+    artifacts: str  # a folder or an object-store URI
     log_path: Path
 
     def stop(self, timeout: float = 20.0) -> None:
@@ -104,8 +106,9 @@ def wait_healthy(uri: str, timeout: float, process: subprocess.Popen | None = No
 
 
 def start_server(store: str | os.PathLike, port: int | None = None, host: str = "127.0.0.1",
-                 allow_remote: bool = False, timeout: float = 60.0) -> TrackingServer:
-    """Start ``mlflow server`` with ``<store>/mlflow.db`` and ``<store>/artifacts``; returns once it answers."""
+                 allow_remote: bool = False, timeout: float = 60.0, artifacts: str | None = None) -> TrackingServer:
+    """Start ``mlflow server`` with ``<store>/mlflow.db`` and ``artifacts`` (an object-store URI
+    such as ``s3://bucket/mlartifacts``; default the folder ``<store>/artifacts``); returns once it answers."""
     if not is_loopback(host) and not allow_remote:
         raise ServerError(f"refusing to bind {host}: pass --allow-remote to serve beyond this machine")
     if port is not None and not 1 <= port <= 65535:
@@ -116,13 +119,15 @@ def start_server(store: str | os.PathLike, port: int | None = None, host: str = 
     if root.exists() and not root.is_dir():
         raise ServerError(f"--store {root} is a file, not a folder")
     root.mkdir(parents=True, exist_ok=True)
-    artifacts = root / "artifacts"
-    artifacts.mkdir(exist_ok=True)
+    if artifacts is None or "://" not in artifacts:
+        folder = root / "artifacts" if artifacts is None else Path(artifacts).resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        artifacts = str(folder)
     port = port or free_port(host if is_loopback(host) else "127.0.0.1")
     backend = f"sqlite:///{root / 'mlflow.db'}"
     log_path = root / f"server-{port}.log"
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
-           "--backend-store-uri", backend, "--artifacts-destination", str(artifacts), "--workers", "1"]
+           "--backend-store-uri", backend, "--artifacts-destination", artifacts, "--workers", "1"]
     log = open(log_path, "ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
@@ -144,9 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless --allow-remote)")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host")
+    p.add_argument("--artifacts-destination", default=None, metavar="URI",
+                   help="where the artifacts go: an object store (s3://bucket/mlartifacts, gs://...; credentials from "
+                        "the environment) or a folder (default: <store>/artifacts)")
     args = p.parse_args(argv)
     try:
-        server = start_server(args.store, args.port, args.host, args.allow_remote)
+        server = start_server(args.store, args.port, args.host, args.allow_remote, artifacts=args.artifacts_destination)
     except (ServerError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -55,11 +55,9 @@ def verdict_table(entries: Iterable[Any]) -> str:
     return "\n".join(lines)
 
 
-def finish_parent(client: MlflowClient, parent_id: str, *, summary_dir: Path, description: str, metrics: dict[str, float],
-                  status: str) -> None:
-    """Bring the parent run up to date: summary artifacts, description, headline metrics, status."""
-    if summary_dir.is_dir():
-        client.log_artifacts(parent_id, str(summary_dir), artifact_path=SUMMARY_ARTIFACTS)
+def finish_parent(client: MlflowClient, parent_id: str, *, description: str, metrics: dict[str, float], status: str) -> None:
+    """Bring the parent run up to date: description, headline metrics, status (the summary
+    files reach its ``summary/`` artifacts as they are written: ``pact_ray.tune.sweep.write_summary``)."""
     started = client.get_run(parent_id).data.tags.get(NOTE_TAG, "").split("\n\n")[0]
     client.set_tag(parent_id, NOTE_TAG, f"{started}\n\n    {command_line()}\n\n{description}\n")
     now = int(time.time() * 1000)

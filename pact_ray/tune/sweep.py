@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import os
 import shutil
 import socket
@@ -20,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pact_ray.cli import user_errors
 from pact_ray.errors import ConfigError, first_line
@@ -29,6 +30,7 @@ from pact_ray.runs.kinds import WORLD_MODEL, RunKind, get_kind, resolve_kind
 from pact_ray.runs.registry import parse_variants
 from pact_ray.tune.flags import build_parser, parse_overrides, parse_seeds
 from pact_ray.tune.manifest import MANIFEST, load_manifest, write_manifest
+from pact_ray.tune.storage import Storage, check_visible_on_every_node, is_uri, join, open_storage, staged_folder
 
 
 class SweepError(ValueError):
@@ -45,7 +47,7 @@ class SweepPlan:
     storage: str  # absolute path or URI
     exp_dir: str
     tracking_uri: str
-    summary_dir: Path
+    summary_dir: str  # absolute path or URI
     base: dict[str, Any]  # fixed trial-config entries
     trial_configs: list[dict[str, Any]]  # grid points (or one Optuna template)
     configs: list[tuple[RunKind, RunConfig]]  # each grid point's own kind and config, built once
@@ -53,24 +55,25 @@ class SweepPlan:
     @property
     def local_dir(self) -> Path | None:
         """The sweep's folder when the storage is a local path (None for an object store)."""
-        return None if "://" in self.exp_dir else Path(self.exp_dir)
+        return None if is_uri(self.exp_dir) else Path(self.exp_dir)
+
+    @functools.cached_property
+    def store(self) -> Storage:
+        """The sweep's folder on its storage (a local or shared folder, or an object store)."""
+        return open_storage(self.exp_dir)
 
 
 def _storage_path(arg: str | None) -> str:
-    if arg is None:
-        return str(Path.cwd().resolve() / "runs")
-    if "://" in arg:
-        return arg  # an object store Ray's storage supports (s3://, gs://, ...)
-    if not os.path.isabs(arg):
-        raise SweepError(f"--storage-path {arg!r} must be an absolute path (or an object-store URI such as s3://bucket/runs)")
-    return os.path.normpath(arg)
+    """An absolute folder or a URI pyarrow opens (s3://, gs://); anything else is a StorageError."""
+    return str(Path.cwd().resolve() / "runs") if arg is None else open_storage(arg).uri
 
 
 def _check_writable(folder: str, what: str = "storage path") -> None:
     """The folder (or the nearest ancestor that exists) must be a directory this process can
     write in: tried with a temporary file that is removed at once (permission bits do not
     tell for root or for a read-only mount). Nothing stays behind."""
-    if "://" in folder:
+    if is_uri(folder):
+        open_storage(folder).check_writable()  # the store answers and holds the bucket
         return
     path = Path(folder)
     probe = path
@@ -103,7 +106,7 @@ def make_plan(kind: RunKind, args: argparse.Namespace) -> SweepPlan:
 
     storage = _storage_path(args.storage_path)
     name = _safe_name(args.name or f"{kind.script}-{args.profile}-{time.strftime('%Y%m%d-%H%M%S')}")
-    exp_dir = f"{storage.rstrip('/')}/{name}"
+    exp_dir = join(storage, name)
     overrides = parse_overrides(args.overrides)
     base: dict[str, Any] = {"profile": args.profile, "model": args.model, **overrides}
     if args.data:
@@ -132,7 +135,8 @@ def make_plan(kind: RunKind, args: argparse.Namespace) -> SweepPlan:
 
     tracking_uri = args.tracking_uri or default_tracking_uri()
     check_tracking_uri(tracking_uri)
-    summary_dir = Path(args.summary_dir).resolve() if args.summary_dir else Path(exp_dir) / "summary"
+    summary_dir = join(exp_dir, "summary") if not args.summary_dir else open_storage(
+        args.summary_dir if is_uri(args.summary_dir) else str(Path(args.summary_dir).resolve())).uri
     return SweepPlan(kind, args, name, storage, exp_dir, tracking_uri, summary_dir, base, trial_configs, configs)
 
 
@@ -168,8 +172,17 @@ def validate_inputs(plan: SweepPlan) -> None:
             load_core_weights(model, cfg.init_checkpoint, model.core_state_dict_keys(), what=f"the {kind.title} '{cfg.model}' preset")
 
 
+def check_cluster_paths(plan: SweepPlan) -> None:
+    """On a Ray cluster of several nodes (``--address``), every node must see the local paths
+    the sweep uses: the storage folder (unless an object store), ``--data`` and ``--checkpoint``."""
+    if not plan.args.address:
+        return  # a local Ray instance is one node
+    paths = {f"data folder {v}" if k == "data" else f"checkpoint {v}": v for k, v in plan.base.items() if k in ("data", "init_checkpoint")}
+    check_visible_on_every_node(paths, storage=None if is_uri(plan.storage) else plan.storage)
+
+
 def read_manifest(plan: SweepPlan) -> dict[str, Any]:
-    manifest = load_manifest(plan.local_dir) if plan.local_dir is not None else None
+    manifest = load_manifest(plan.store)
     if manifest is None:
         raise SweepError(f"sweep {plan.name!r} has no {MANIFEST} in {plan.exp_dir}: nothing to resume")
     return manifest
@@ -208,7 +221,8 @@ def param_space(plan: SweepPlan) -> tuple[dict[str, Any], Any]:
 
 
 def optuna_storage_url(plan: SweepPlan) -> str | None:
-    """A persistent Optuna study next to the Ray results, readable by optuna-dashboard."""
+    """A persistent Optuna study next to the Ray results, readable by optuna-dashboard. None on an
+    object store: the study then lives in memory and is kept in Ray's searcher state there."""
     if plan.local_dir is None:
         return None
     return f"sqlite:///{plan.local_dir}/optuna.db"
@@ -230,7 +244,10 @@ def _tuner(plan: SweepPlan, callbacks: list, resume: bool, client=None, parent_i
         for note in repair(exp_dir) if exp_dir is not None else []:
             print(f"Ray's experiment state: {note}")
         if exp_dir is None or restorable(exp_dir):
-            return tune.Tuner.restore(plan.exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+            if exp_dir is None and not tune.Tuner.can_restore(plan.store.path, storage_filesystem=plan.store.ray_filesystem):
+                raise SweepError(f"sweep {plan.name!r} at {plan.exp_dir} has no Ray state to resume")
+            return tune.Tuner.restore(plan.store.path, storage_filesystem=plan.store.ray_filesystem, trainable=trainable,
+                                      resume_unfinished=True, resume_errored=True)
         # Killed before Ray wrote a readable state: start the trials again, under the same parent run.
         print("Ray's experiment state cannot be read back (the sweep stopped while starting, or its disk filled); "
               "its trials start again.")
@@ -250,8 +267,9 @@ def _tuner(plan: SweepPlan, callbacks: list, resume: bool, client=None, parent_i
         # trial the seconds of a fresh interpreter importing torch.
         reuse_actors=True,
     )
+    root = open_storage(plan.storage)
     run_config = tune.RunConfig(
-        name=plan.name, storage_path=plan.storage, callbacks=callbacks,
+        name=plan.name, storage_path=root.path, storage_filesystem=root.ray_filesystem, callbacks=callbacks,
         failure_config=tune.FailureConfig(max_failures=args.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=3),
         verbose=1 if args.verbose else 0,  # Ray's own per-trial boxes only when asked for
@@ -339,8 +357,7 @@ def _original_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     with this command's own --address, --quiet and --verbose."""
     if not args.name:
         raise SweepError("--resume needs the --name of the sweep to continue")
-    exp_dir = Path(_storage_path(args.storage_path)) / _safe_name(args.name)
-    manifest = load_manifest(exp_dir) if "://" not in str(exp_dir) else None
+    manifest = load_manifest(open_storage(join(_storage_path(args.storage_path), _safe_name(args.name))))
     if manifest is None or "argv" not in manifest:
         return args  # make_plan and read_manifest say what is missing
     original = parser.parse_args(manifest["argv"])
@@ -386,7 +403,7 @@ def _run(kind: RunKind, args: argparse.Namespace) -> int:
         plan.tracking_uri = manifest["tracking_uri"]
         if manifest.get("kind") != kind.name:
             raise SweepError(f"sweep {plan.name!r} is a {manifest.get('kind')!r} sweep, not {kind.name!r}")
-    elif plan.local_dir is not None and plan.local_dir.exists():
+    elif plan.store.exists():
         raise SweepError(f"sweep {plan.name!r} already exists at {plan.exp_dir}; pass --resume to continue it or choose another --name")
     validate_inputs(plan)
     datasets = describe_datasets(plan)
@@ -396,6 +413,7 @@ def _run(kind: RunKind, args: argparse.Namespace) -> int:
     client = None
     try:
         check_resources(plan)
+        check_cluster_paths(plan)
         from mlflow.tracking import MlflowClient
 
         from pact_ray.tracking.store import prepare_store
@@ -428,6 +446,9 @@ def _open_sweep(plan: SweepPlan, client, manifest: dict[str, Any] | None) -> tup
                     "summary_dir": str(plan.summary_dir)}
         if plan.local_dir is not None:
             create_sweep_folder(plan.local_dir, manifest)
+        else:  # an object store: one PUT of the manifest is atomic by itself
+            plan.store.create()
+            write_manifest(plan.store, manifest)
     if manifest.get("parent_run_id"):
         client.update_run(manifest["parent_run_id"], status="RUNNING")
         return manifest["experiment_id"], manifest["parent_run_id"]
@@ -439,8 +460,7 @@ def _open_sweep(plan: SweepPlan, client, manifest: dict[str, Any] | None) -> tup
                 "seeds": args.seeds, "until_conclusive": args.until_conclusive, "cpus_per_trial": args.cpus_per_trial,
                 "gpus_per_trial": args.gpus_per_trial},
     )
-    if plan.local_dir is not None:
-        write_manifest(plan.local_dir, {**manifest, "experiment_id": experiment_id, "parent_run_id": parent_id})
+    write_manifest(plan.store, {**manifest, "experiment_id": experiment_id, "parent_run_id": parent_id})
     return experiment_id, parent_id
 
 
@@ -455,7 +475,7 @@ def create_sweep_folder(exp_dir: Path, manifest: dict[str, Any]) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; a sweep folder is an ordinary one
-        write_manifest(staging, manifest)
+        write_manifest(open_storage(str(staging)), manifest)
         os.rename(staging, exp_dir)
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
@@ -566,7 +586,7 @@ def _train_and_report(plan: SweepPlan, client, experiment_id: str, parent_id: st
         )
 
         wm = collect_world_model_sweep(plan.tracking_uri, experiment_id, parent_id, storage=plan.storage)
-        files = write_world_model_summary(wm, plan.summary_dir)
+        files = write_summary(plan, client, parent_id, lambda out: write_world_model_summary(wm, out))
         _print_header(plan, results, wm.rows, time.time() - t0)
         print_world_model_summary(wm)
         description = "\n".join(summary_lines(wm)[:-2])
@@ -575,7 +595,8 @@ def _train_and_report(plan: SweepPlan, client, experiment_id: str, parent_id: st
                     **{f"val_mse.{m['variant']}": m["val_mse"].mean for m in wm.means if m["val_mse"] is not None}}
     else:
         data = collect_sweep(plan.tracking_uri, experiment_id, parent_id)
-        files = write_report(data, plan.summary_dir, plan.tracking_uri, optuna=optuna_dashboard_command(plan))
+        files = write_summary(plan, client, parent_id,
+                              lambda out: write_report(data, out, plan.tracking_uri, optuna=optuna_dashboard_command(plan)))
         entries = route_status(data)
         _print_header(plan, results, data.rows, time.time() - t0)
         print_verdicts(entries)
@@ -584,8 +605,8 @@ def _train_and_report(plan: SweepPlan, client, experiment_id: str, parent_id: st
         description, headline = verdict_table(entries), ablation_headline(data.rows, entries)
     status = "KILLED" if interrupted else "FINISHED"
     if not unsent:
-        finish_parent(client, parent_id, summary_dir=plan.summary_dir, description=description, metrics=headline, status=status)
-    _print_footer(plan, [f for f in files if f.suffix != ".png"], ui_command(plan.tracking_uri, experiment_id))
+        finish_parent(client, parent_id, description=description, metrics=headline, status=status)
+    _print_footer(plan, files, ui_command(plan.tracking_uri, experiment_id))
     if interrupted:
         print(f"Interrupted: the unfinished trials saved a checkpoint. Continue with: {resume_command(plan)}")
         return EXIT_INTERRUPTED
@@ -605,6 +626,19 @@ def storage_full(plan: SweepPlan, error: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return plan.local_dir is not None and shutil.disk_usage(plan.storage).free < FULL_BELOW_BYTES
+
+
+def write_summary(plan: SweepPlan, client, parent_run_id: str, write: Callable[[Path], list[Path]]) -> list[str]:
+    """``write(folder)`` the summary files, put them at ``plan.summary_dir`` (a folder or an object
+    store) and log them as the parent run's ``summary/`` artifacts; returns where the files
+    other than the plots are."""
+    from pact_ray.tracking.sweep_run import SUMMARY_ARTIFACTS
+
+    with staged_folder(plan.summary_dir) as (folder, where):
+        files = write(folder)
+        for f in files:
+            client.log_artifact(parent_run_id, str(f), SUMMARY_ARTIFACTS)
+    return [where(f) for f in files if f.suffix != ".png"]
 
 
 def _flush_tracking(plan: SweepPlan) -> int:
@@ -669,7 +703,7 @@ def _print_header(plan: SweepPlan, results, rows: list[dict], wall: float) -> No
             print(f"  errored: {r['run']}: {r['error']}")
 
 
-def _print_footer(plan: SweepPlan, files: list[Path], ui: str) -> None:
+def _print_footer(plan: SweepPlan, files: list[str], ui: str) -> None:
     print(f"Ray results:  {plan.exp_dir}")
     print(f"MLflow:       {plan.tracking_uri}  (experiment {plan.kind.experiment})")
     for f in files:
