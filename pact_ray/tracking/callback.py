@@ -154,7 +154,9 @@ class MlflowSweepCallback(tune.Callback):
         self.writer.set_tags(ref, {"retried_after": error_line(trial)})
 
     def on_experiment_end(self, trials, **info):
-        self.writer.flush()
+        # A short, bounded wait: the sweep then flushes with its own bound (FLUSH_TIMEOUT_S) and
+        # tells the user what is left; an unbounded wait here hangs on a tracking store that is down.
+        self.writer.flush(timeout=2.0)
 
 
 class _Replayed:
