@@ -64,6 +64,9 @@ objects with the TRELLIS SLat encoder; the synthetic generator stores the surfac
 of each part with the stand-in features of `synthetic.StandInVoxelEncoder`. Datasets
 without voxels (Stage1 only) leave both dataset.json keys out, and their samples carry no
 voxel keys: they are byte for byte what they were, so the voxels extend format_version 1.
+The loader derives PAct's training rows from these arrays (`loader.pact_latents`: the
+ownership channel that makes the model's 9th latent channel, and each part's context
+voxels); nothing of that is stored.
 
 `write_sample` and `write_dataset_spec` write atomically (a temp file in the same folder,
 then os.replace) and store the arrays with fixed zip timestamps, so equal arrays give

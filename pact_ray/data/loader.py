@@ -1,5 +1,5 @@
 """Torch dataset over a dataset folder (format.py), the part-wise batches Stage1 takes and
-the padded voxel-set batches Stage2 takes."""
+the sparse voxel batches Stage2 takes."""
 
 import os
 from collections.abc import Mapping, Sequence
@@ -140,13 +140,59 @@ def _part_targets(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tenso
     }
 
 
-def _shared_cells(coords: np.ndarray) -> np.ndarray:
-    """coords int16 [V, 4] (row, x, y, z) -> bool [V]: voxels whose cell is occupied by more
-    than one part row (row >= 1) of the object."""
-    radix = 1 << 15  # above every int16 coordinate: (x, y, z) -> one int64 key
-    cell = (coords[:, 1].astype(np.int64) * radix + coords[:, 2]) * radix + coords[:, 3]
-    cells, counts = np.unique(cell[coords[:, 0] > 0], return_counts=True)
-    return np.isin(cell, cells[counts > 1])
+# PAct's ownership channel (its dataset's preset_alpha): the 9th latent channel is +OWNERSHIP
+# on a part's own voxels and -OWNERSHIP on its context voxels.
+OWNERSHIP = 6.0
+
+
+def _cell_keys(xyz: np.ndarray) -> np.ndarray:
+    """xyz int [V, 3] -> one int64 key per cell, increasing in (x, y, z) order."""
+    radix = 1 << 15  # above every int16 coordinate
+    return (xyz[:, 0].astype(np.int64) * radix + xyz[:, 1]) * radix + xyz[:, 2]
+
+
+def pact_latents(coords: np.ndarray, feats: np.ndarray, num_parts: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The rows of one object as PAct's Stage2 trains on them: the voxels and their
+    9-channel latents (the C2 stored channels, then the ownership channel).
+
+    coords int16 [V, 4] (row, x, y, z) and feats [V, C2]: one sample's voxel sets
+    (format.py). Returns K + 1 pairs (xyz int64 [n_r, 3], latents float32 [n_r, C2 + 1]),
+    the whole object first, each in (x, y, z) order:
+
+    - part row r: its own voxels (stored features, ownership +OWNERSHIP) and its *context
+      voxels*: the cells of the other parts strictly inside r's bounding box that r does not
+      own (features 0, ownership -OWNERSHIP), as PAct's dataset adds them
+      (``adding_slat_noise``); the model learns to tell the part from what surrounds it;
+    - the whole-object row: its stored voxels and features; its ownership is the mean over
+      the part rows that hold the cell (PAct merges the rows' duplicates by their mean):
+      OWNERSHIP (n_own - n_ctx) / (n_own + n_ctx).
+    """
+    bounds = np.searchsorted(coords[:, 0], np.arange(num_parts + 2))
+    rows = [(coords[lo:hi, 1:].astype(np.int64), feats[lo:hi].astype(np.float32)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    cells = coords[bounds[1]:, 1:].astype(np.int64)  # every part's cells, rows 1..K
+    owner = coords[bounds[1]:, 0]
+    whole_keys = _cell_keys(rows[0][0])
+    votes = np.zeros((len(whole_keys), 2))  # per whole-object cell: (n_own, n_ctx)
+    out = []
+    for r in range(1, num_parts + 1):
+        xyz, f = rows[r]
+        own = _cell_keys(xyz)
+        inside = (owner != r) & np.all((cells > xyz.min(0)) & (cells < xyz.max(0)), axis=1)
+        ctx_keys, first = np.unique(_cell_keys(cells[inside]), return_index=True)
+        keep = ~np.isin(ctx_keys, own)
+        ctx_keys, ctx_xyz = ctx_keys[keep], cells[inside][first[keep]]
+        np.add.at(votes[:, 0], np.searchsorted(whole_keys, own), 1)
+        np.add.at(votes[:, 1], np.searchsorted(whole_keys, ctx_keys), 1)
+        keys = np.concatenate([own, ctx_keys])
+        latent = np.concatenate([
+            np.concatenate([f, np.full((len(f), 1), OWNERSHIP, np.float32)], axis=1),
+            np.concatenate([np.zeros((len(ctx_keys), f.shape[1]), np.float32), np.full((len(ctx_keys), 1), -OWNERSHIP, np.float32)], axis=1),
+        ])
+        order = np.argsort(keys, kind="stable")
+        out.append((np.concatenate([xyz, ctx_xyz])[order], latent[order]))
+    whole = OWNERSHIP * (votes[:, 0] - votes[:, 1]) / votes.sum(1)
+    out.insert(0, (rows[0][0], np.concatenate([rows[0][1], whole[:, None].astype(np.float32)], axis=1)))
+    return out
 
 
 def collate_voxels(
@@ -154,18 +200,14 @@ def collate_voxels(
     max_tokens: int | None = None,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Batch B objects (items of an ArticulatedDataset with voxels) as padded voxel sets.
+    """Batch B objects (items of an ArticulatedDataset with voxels) as one sparse voxel list.
 
-    Each object contributes K + 1 rows, the whole object first, then its parts (the row
-    ids of format.py's voxel_coords); N = sum(K + 1), P = sum(K). A row with more than
-    `max_tokens` voxels keeps a uniform random subset of that size drawn from `generator`
-    (kept in canonical order); M is the longest row after that, and shorter rows are
-    padded (valid False, zeros).
-      feats        float32 [N, M, C2]  voxel latents
-      shared       float32 [N, M]      1 where the voxel's cell belongs to more than one
-                                       part of its object (counted before subsampling)
-      coords       int64   [N, M, 3]   x, y, z in 0..G-1
-      valid        bool    [N, M]
+    Each object contributes K + 1 rows (:func:`pact_latents`), the whole object first, then
+    its parts; N = sum(K + 1), P = sum(K); the rows are numbered 0..N-1 across the batch and
+    their voxels are contiguous (T in all). A row with more than `max_tokens` voxels keeps a
+    uniform random subset of that size drawn from `generator` (kept in order).
+      coords       int64   [T, 4]      (row, x, y, z), x, y, z in 0..G-1
+      latents      float32 [T, C2 + 1] the structured latents, then PAct's ownership channel
       num_rows     int64   [B]         K + 1
       cond         float32 [B, L, C]   image tokens, once per object
       masks        int64   [B, h, w]   grid masks (labels k + 1 = part k = row k + 1)
@@ -177,28 +219,20 @@ def collate_voxels(
     """
     if any("voxel_coords" not in s for s in samples):
         raise ValueError("collate_voxels needs samples with voxel sets (a dataset made with a voxel_resolution).")
-    rows_c, rows_f, rows_s, num_rows = [], [], [], []
-    for s in samples:
-        coords, feats = s["voxel_coords"], s["voxel_feats"]
-        shared = _shared_cells(coords)
-        bounds = np.searchsorted(coords[:, 0], np.arange(len(s["part_labels"]) + 2))
-        num_rows.append(len(bounds) - 1)
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            keep = np.arange(lo, hi)
-            if max_tokens is not None and hi - lo > max_tokens:
-                keep = keep[torch.randperm(hi - lo, generator=generator)[:max_tokens].sort().values.numpy()]
-            rows_c.append(torch.from_numpy(coords[keep, 1:].astype(np.int64)))
-            rows_f.append(torch.from_numpy(feats[keep].astype(np.float32)))
-            rows_s.append(torch.from_numpy(shared[keep].astype(np.float32)))
-    lengths = torch.tensor([len(c) for c in rows_c])
-    valid = torch.arange(int(lengths.max()))[None] < lengths[:, None]
-    pad = torch.nn.utils.rnn.pad_sequence
+    coords, latents, num_rows = [], [], []
     counts = [len(s["part_labels"]) for s in samples]
+    for s, k in zip(samples, counts):
+        rows = pact_latents(s["voxel_coords"], s["voxel_feats"], k)
+        num_rows.append(len(rows))
+        for xyz, latent in rows:
+            if max_tokens is not None and len(xyz) > max_tokens:
+                keep = torch.randperm(len(xyz), generator=generator)[:max_tokens].sort().values.numpy()
+                xyz, latent = xyz[keep], latent[keep]
+            coords.append(np.concatenate([np.full((len(xyz), 1), len(coords)), xyz], axis=1))
+            latents.append(latent)
     return {
-        "feats": pad(rows_f, batch_first=True),
-        "shared": pad(rows_s, batch_first=True),
-        "coords": pad(rows_c, batch_first=True),
-        "valid": valid,
+        "coords": torch.from_numpy(np.concatenate(coords)),
+        "latents": torch.from_numpy(np.concatenate(latents)),
         "num_rows": torch.tensor(num_rows, dtype=torch.int64),
         "cond": torch.stack([torch.as_tensor(s["cond"], dtype=torch.float32) for s in samples]),
         "masks": torch.stack([torch.as_tensor(s["grid_mask"], dtype=torch.int64) for s in samples]),

@@ -34,31 +34,35 @@ CONDITION_PRESETS: dict[str, dict[str, Any]] = {
     "pact": dict(grid=(37, 37), prefix_tokens=5, image_size=(518, 518)),
 }
 
-# Stage2: the structured-latent flow transformer over occupied voxels (pact_ray.models.stage2).
-# `resolution` is the voxel grid G of the Stage2 data: 4x the Stage1 latent resolution, i.e.
-# the occupancy grid that the Stage1 latents encode (PAct: 16 -> 64). `in_channels` is the
-# latent channels + 1 (the clean shared-voxel flag, see stage2.py).
-STAGE2_PRESETS: dict[str, dict[str, Any]] = {
-    # CPU unit tests: well under a second per step.
-    "tiny": dict(
-        resolution=32, in_channels=9, out_channels=8, model_channels=64, cond_channels=64, num_blocks=2,
-        num_heads=4, mlp_ratio=4, qk_rms_norm=True, use_checkpoint=False, max_num_parts=32,
-        mask_channels=32, head_channels=64,
-    ),
+# Stage2: PAct's structured-latent flow (SLatFlowModel) and its articulation head, as the
+# official config spells them: {"flow": SLatFlowModel args, "head": ArticulationRegressionHead
+# args}. `resolution` is the voxel grid G of the Stage2 data; `in_channels` = out_channels =
+# the 8 latent channels + PAct's ownership channel (pact_ray.data.loader.pact_latents).
+# `patch_size` 2 = one 2x downsample before the transformer (io_block_channels has one entry).
+_STAGE2_HEAD = dict(input_layer_num=2, out_layer_num=3, out_channel=24, num_heads=4, mlp_ratio=2.0, num_arti_blocks=0,
+                    use_skip_connection=False, use_checkpoint=False, share_mod=False, qk_rms_norm=True,
+                    qk_rms_norm_cross=False, use_art_as_input=False, use_fp16=False)
+
+
+def _stage2(width: int, blocks: int, heads: int, grid: int, io: int, cond: int, checkpointing: bool) -> dict[str, dict[str, Any]]:
+    return {
+        "flow": dict(resolution=grid, in_channels=9, out_channels=9, model_channels=width, cond_channels=cond,
+                     num_blocks=blocks, num_heads=heads, mlp_ratio=4, patch_size=2, num_io_res_blocks=2,
+                     io_block_channels=[io], pe_mode="ape", qk_rms_norm=True, use_fp16=False, use_checkpoint=checkpointing),
+        "head": dict(_STAGE2_HEAD, feat_dim=width),
+    }
+
+
+STAGE2_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # CPU unit tests. The CPU presets use a 16^3 grid (2x the Stage1 latent grid; PAct: 64^3,
+    # 4x) so that every voxel of an object stays a token.
+    "tiny": _stage2(width=64, blocks=2, heads=4, grid=16, io=16, cond=64, checkpointing=False),
     # CPU sweeps.
-    "small": dict(
-        resolution=32, in_channels=9, out_channels=8, model_channels=256, cond_channels=256, num_blocks=6,
-        num_heads=4, mlp_ratio=4, qk_rms_norm=True, use_checkpoint=False, max_num_parts=32,
-        mask_channels=64, head_channels=128,
-    ),
-    # PAct's size (width 1024, 24 blocks, 16 heads, 64^3 grid, 8 + 1 channels, 50 part slots), for GPUs.
-    "pact": dict(
-        resolution=64, in_channels=9, out_channels=8, model_channels=1024, cond_channels=1024, num_blocks=24,
-        num_heads=16, mlp_ratio=4, qk_rms_norm=True, use_checkpoint=True, max_num_parts=50,
-        mask_channels=128, head_channels=128,
-    ),
+    "small": _stage2(width=192, blocks=6, heads=4, grid=16, io=32, cond=256, checkpointing=False),
+    # The official size (PAct's configs/example_config.json: slat_flow and Articulation_head), for GPUs.
+    "pact": _stage2(width=1024, blocks=24, heads=16, grid=64, io=128, cond=1024, checkpointing=True),
 }
 
-# Voxel tokens per Stage2 row (part or whole object) that a training batch keeps: a seeded
-# subsample of the row's occupied voxels when it has more (None: every voxel, as in PAct).
-STAGE2_MAX_TOKENS: dict[str, int | None] = {"tiny": 24, "small": 48, "pact": None}
+# Voxels per Stage2 row (part or whole object) that a training batch keeps: a seeded
+# subsample of the row's voxels when it has more (None: every voxel, as in PAct).
+STAGE2_MAX_TOKENS: dict[str, int | None] = {"tiny": None, "small": None, "pact": None}
