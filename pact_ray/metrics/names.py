@@ -31,7 +31,7 @@ EMPTY = "empty"
 ROUTER_DIAGNOSTICS = (GATE, EDGE_DELTA, VIRTUAL_MASS, PLAN_ENTROPY, MARGINAL_ERROR, SINKHORN_ITERS, OT_TIME_MS)
 
 # Stage2, every step (besides LOSS, ART_L2, MASK_PARTS and EMPTY).
-FLOW_LOSS = "flow_loss"  # rectified-flow MSE on the voxel latents (Stage2: every voxel of every row; Stage1: the part latents)
+FLOW_LOSS = "flow_loss"  # Stage2: rectified-flow MSE on the voxel latents, every voxel of every row
 ART_LOSS = "art_loss"  # the articulation term of LOSS: ART_L2 times the config's art_weight
 ART_TYPE_ACC = "art_type_acc"  # decoded joint type == target, over the batch's parts
 ART_LABEL_ACC = "art_label_acc"  # decoded semantic label == target
