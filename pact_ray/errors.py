@@ -3,10 +3,11 @@
 Every error a user can fix (a bad flag, config value, path, data file or checkpoint) is a
 :class:`ValueError` whose message is one sentence; the command-line entry points
 (:mod:`pact_ray.cli`) print its first line as ``error: ...`` and exit with status 2. The
-subsystems keep their own subclasses where they raise them (``DataError`` in
-``pact_ray.data``, ``CheckpointError`` in ``pact_ray.models.checkpoint``, ``TrackingError``
-in ``pact_ray.tracking.store``, ``SweepError`` in ``pact_ray.tune``); the configuration
-error, which every layer raises, lives here.
+subsystems keep their own subclasses where they raise them (``CheckpointError`` in
+``pact_ray.models.checkpoint``, ``TrackingError`` in ``pact_ray.tracking.store``,
+``SweepError`` in ``pact_ray.tune``); the configuration error, which every layer raises, and
+the data error, which both data families (``pact_ray.data.objects``, ``pact_ray.data.arm``)
+raise, live here.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ import os
 
 class ConfigError(ValueError):
     """A run configuration value that cannot be used (one-sentence message)."""
+
+
+class DataError(ValueError):
+    """A dataset file is missing, unreadable or inconsistent; the message names the file."""
 
 
 def first_line(error: BaseException, limit: int | None = None) -> str:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from numerics import rounding_bound
 
-from pact_ray.data.articulation import (
+from pact_ray.data.objects.articulation import (
     AXIS_ZERO_TOL,
     FIXED,
     JOINT_TYPES,
@@ -27,10 +27,9 @@ from pact_ray.data.articulation import (
     encode_articulation_batch,
     validity_mask,
 )
-from pact_ray.data.encoder import StandInImageEncoder, StandInStructureEncoder
-from pact_ray.data.format import (
+from pact_ray.data.objects.encoder import StandInImageEncoder, StandInStructureEncoder
+from pact_ray.data.objects.format import (
     DATASET_FILE,
-    DataError,
     DatasetSpec,
     grid_mask,
     grid_mask_batch,
@@ -40,8 +39,9 @@ from pact_ray.data.format import (
     write_dataset_spec,
     write_sample,
 )
-from pact_ray.data.loader import ArticulatedDataset, collate_parts, make_loader
-from pact_ray.data.synthetic import BACKGROUND, PRESETS, SyntheticGenerator, generate_dataset, main
+from pact_ray.data.objects.loader import ArticulatedDataset, collate_parts, make_loader
+from pact_ray.data.objects.synthetic import BACKGROUND, PRESETS, SyntheticGenerator, generate_dataset, main
+from pact_ray.errors import DataError
 
 TINY = PRESETS["tiny"]
 TINY_SPEC = DatasetSpec(name="tiny", num_samples=1, max_parts=8, prefix_tokens=5, **TINY)

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from pact_ray.data.format import DATASET_FILE, DataError, DatasetSpec, load_sample, read_dataset_spec, sample_path, write_sample
-from pact_ray.data.loader import OWNERSHIP, ArticulatedDataset, collate_voxels
-from pact_ray.data.synthetic import PRESETS, SyntheticGenerator, generate_dataset, main
+from pact_ray.data.objects.format import DATASET_FILE, DatasetSpec, load_sample, read_dataset_spec, sample_path, write_sample
+from pact_ray.data.objects.loader import OWNERSHIP, ArticulatedDataset, collate_voxels
+from pact_ray.data.objects.synthetic import PRESETS, SyntheticGenerator, generate_dataset, main
+from pact_ray.errors import DataError
 
 TINY = PRESETS["tiny"]
 G = 32  # the tiny Stage2 preset's voxel grid

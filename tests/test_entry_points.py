@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p for folder in ("sweeps", "analysis") for p in (ROOT / folder).glob("*.py") if not p.name.startswith("_"))
-MODULES = ["pact_ray.tracking.server", "pact_ray.data.synthetic"]
+MODULES = ["pact_ray.tracking.server", "pact_ray.data.objects.synthetic", "pact_ray.data.arm.synthetic"]
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:

@@ -101,6 +101,19 @@ def test_no_module_level_import_cycles():
             visit(node)
 
 
+def test_the_two_data_families_stay_apart():
+    """pact_ray.data.objects (PAct) and pact_ray.data.arm (the world model) import nothing of
+    each other, at module level or inside functions; they share only pact_ray.data.cache."""
+    for family, other in (("objects", "arm"), ("arm", "objects")):
+        modules = [p for p in (PACKAGE / "data" / family).rglob("*.py") if p.name != "__init__.py"]
+        assert len(modules) >= 4, modules
+        for path in modules:
+            tree = ast.parse(path.read_text())
+            imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+            imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+            assert not {m for m in imported if m.startswith(f"pact_ray.data.{other}")}, f"{path} imports pact_ray.data.{other}"
+
+
 def test_few_loose_top_level_modules():
     loose = sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
     assert len(loose) <= 5, loose

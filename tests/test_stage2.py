@@ -15,9 +15,9 @@ from conftest import fixture_path
 from numerics import FLOAT64, assert_within_rounding, transformer_ops
 from safetensors.torch import save_file
 
-from pact_ray.data.articulation import SLOT_GROUPS, encode_articulation_batch, validity_mask
-from pact_ray.data.loader import ArticulatedDataset, collate_voxels
-from pact_ray.data.synthetic import PRESETS, generate_dataset
+from pact_ray.data.objects.articulation import SLOT_GROUPS, encode_articulation_batch, validity_mask
+from pact_ray.data.objects.loader import ArticulatedDataset, collate_voxels
+from pact_ray.data.objects.synthetic import PRESETS, generate_dataset
 from pact_ray.errors import ConfigError
 from pact_ray.metrics import names as M
 from pact_ray.models.checkpoint import CheckpointError, load_core_weights

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pact_ray.data.synthetic import generate_dataset
+from pact_ray.data.objects.synthetic import generate_dataset
 from pact_ray.models.presets import CONDITION_PRESETS, STAGE1_PRESETS
 from pact_ray.tune.sweep import run_sweep
 

@@ -15,7 +15,9 @@ import torch
 from numerics import assert_within_rounding, pairwise_sum_ops, rounding_bound, transformer_ops
 from skimage.metrics import structural_similarity
 
-from pact_ray.data.arm import ArmEpisodeConfig, MotorStrip, WorldModelData, generate_arm_dataset
+from pact_ray.data.arm.dataset import WorldModelData
+from pact_ray.data.arm.strip import MotorStrip
+from pact_ray.data.arm.synthetic import ArmEpisodeConfig, generate_arm_dataset
 from pact_ray.errors import ConfigError
 from pact_ray.metrics import names as M
 from pact_ray.metrics.world_model import PSNR_CAP, Evaluation, compute_metrics, loggable

@@ -15,7 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numerics import rounding_bound
 
-from pact_ray.data.arm import (
+from pact_ray.data.arm.dataset import WorldModelData
+from pact_ray.data.arm.lerobot import IMAGE_PATH, INFO_FILE, REQUIRED_COLUMNS, Episode, read_lerobot, write_lerobot
+from pact_ray.data.arm.strip import (
     ACTIONS,
     JOINT_NAMES,
     MOVE_NEG,
@@ -24,17 +26,12 @@ from pact_ray.data.arm import (
     POSITION_RANGES,
     STAY,
     VELOCITY_RANGE,
-    ArmEpisodeConfig,
     MotorStrip,
-    WorldModelData,
     action_ids,
-    ensure_arm_dataset,
-    generate_arm_dataset,
-    simulate_episode,
     velocities_of,
 )
-from pact_ray.data.format import DataError
-from pact_ray.data.lerobot import IMAGE_PATH, INFO_FILE, REQUIRED_COLUMNS, Episode, read_lerobot, write_lerobot
+from pact_ray.data.arm.synthetic import ArmEpisodeConfig, ensure_arm_dataset, generate_arm_dataset, simulate_episode
+from pact_ray.errors import DataError
 
 SHORT = ArmEpisodeConfig(length=8)
 

@@ -36,7 +36,7 @@ ART_LOSS = "art_loss"  # the articulation term of LOSS: ART_L2 times the config'
 ART_TYPE_ACC = "art_type_acc"  # decoded joint type == target, over the batch's parts
 ART_LABEL_ACC = "art_label_acc"  # decoded semantic label == target
 # Mean squared error of each slot group of the articulation vector (valid slots only),
-# keyed by pact_ray.data.articulation.SLOT_GROUPS.
+# keyed by pact_ray.data.objects.articulation.SLOT_GROUPS.
 ART_GROUP_ERRORS = {
     "type": "art_err_type",
     "axis": "art_err_axis",

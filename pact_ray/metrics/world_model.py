@@ -3,7 +3,7 @@
 
 Every sample is predicted under each action (the counterfactuals); the metrics of "the
 prediction" use the recorded action. Predictions are clamped to the pixel range [0, 1]
-first. Joint values are decoded from the motor strip (:class:`pact_ray.data.arm.MotorStrip`)
+first. Joint values are decoded from the motor strip (:class:`pact_ray.data.arm.strip.MotorStrip`)
 of the predicted and of the true frames, in degrees (velocities: degrees per frame).
 
 =============================  ==================================================================
@@ -46,7 +46,8 @@ import numpy as np
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from pact_ray.data.arm import ACTIONS, JOINT_LABELS, PAN, MotorStrip, SampleSet
+from pact_ray.data.arm.dataset import SampleSet
+from pact_ray.data.arm.strip import ACTIONS, JOINT_LABELS, PAN, MotorStrip
 from pact_ray.metrics import names as M
 from pact_ray.models.world_model import AutoregressiveWorldModel, WorldModel
 

@@ -37,7 +37,7 @@ CONDITION_PRESETS: dict[str, dict[str, Any]] = {
 # Stage2: PAct's structured-latent flow (SLatFlowModel) and its articulation head, as the
 # official config spells them: {"flow": SLatFlowModel args, "head": ArticulationRegressionHead
 # args}. `resolution` is the voxel grid G of the Stage2 data; `in_channels` = out_channels =
-# the 8 latent channels + PAct's ownership channel (pact_ray.data.loader.pact_latents).
+# the 8 latent channels + PAct's ownership channel (pact_ray.data.objects.loader.pact_latents).
 # `patch_size` 2 = one 2x downsample before the transformer (io_block_channels has one entry).
 _STAGE2_HEAD = dict(input_layer_num=2, out_layer_num=3, out_channel=24, num_heads=4, mlp_ratio=2.0, num_arti_blocks=0,
                     use_skip_connection=False, use_checkpoint=False, share_mod=False, qk_rms_norm=True,

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pact_ray.data.articulation import ARTICULATION_DIM
+from pact_ray.data.objects.articulation import ARTICULATION_DIM
 from pact_ray.errors import ConfigError
 from pact_ray.metrics import names as M
 from pact_ray.models.layers import LayerNorm32, ModulatedBlockModules, TimestepEmbedder, at_least_float32, modulate, sdpa

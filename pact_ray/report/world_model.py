@@ -32,7 +32,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pact_ray.data.arm import ACTIONS, JOINT_LABELS, MOVE_NEG, MOVE_POS, STAY, WorldModelData
+from pact_ray.data.arm.dataset import WorldModelData
+from pact_ray.data.arm.strip import ACTIONS, JOINT_LABELS, MOVE_NEG, MOVE_POS, STAY
 from pact_ray.metrics import names as M
 from pact_ray.metrics.world_model import Evaluation, Metrics, compute_metrics, evaluate_model
 from pact_ray.models.checkpoint import CheckpointError

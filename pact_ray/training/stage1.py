@@ -10,8 +10,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pact_ray.data.cache import ensure_synthetic
-from pact_ray.data.loader import ArticulatedDataset, collate_parts
+from pact_ray.data.objects.loader import ArticulatedDataset, collate_parts
+from pact_ray.data.objects.synthetic import ensure_synthetic
 from pact_ray.metrics import names as M
 from pact_ray.models.stage1 import CONDITION_PRESETS, STAGE1_PRESETS, PartStructureFlow, build_stage1
 from pact_ray.runs.stage1 import Stage1RunConfig

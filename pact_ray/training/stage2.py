@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from pact_ray.data.articulation import SLOT_GROUPS, decode_articulation
-from pact_ray.data.cache import ensure_synthetic
-from pact_ray.data.loader import ArticulatedDataset, collate_voxels
+from pact_ray.data.objects.articulation import SLOT_GROUPS, decode_articulation
+from pact_ray.data.objects.loader import ArticulatedDataset, collate_voxels
+from pact_ray.data.objects.synthetic import ensure_synthetic
 from pact_ray.metrics import names as M
 from pact_ray.models.presets import CONDITION_PRESETS, STAGE1_PRESETS, STAGE2_MAX_TOKENS, STAGE2_PRESETS
 from pact_ray.models.stage2 import PART_SLOTS, ArticulatedSLatFlow, FeatureAverage, VoxelLayout, build_stage2, mask_moments

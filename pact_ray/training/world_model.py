@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from pact_ray.data.arm import WorldModelData, ensure_arm_dataset
+from pact_ray.data.arm.dataset import WorldModelData
+from pact_ray.data.arm.synthetic import ensure_arm_dataset
 from pact_ray.errors import first_line
 from pact_ray.metrics import names as M
 from pact_ray.metrics.world_model import compute_metrics, evaluate_model, loggable

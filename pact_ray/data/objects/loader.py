@@ -10,16 +10,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pact_ray.data.articulation import validity_mask
-from pact_ray.data.format import (
-    DATASET_FILE,
-    DataError,
-    DatasetSpec,
-    grid_mask,
-    load_sample,
-    read_dataset_spec,
-    sample_path,
-)
+from pact_ray.data.objects.articulation import validity_mask
+from pact_ray.data.objects.format import DATASET_FILE, DatasetSpec, grid_mask, load_sample, read_dataset_spec, sample_path
+from pact_ray.errors import DataError
 
 # Spec fields that `expect` may name; max_parts is an upper bound, the rest must match.
 _EXPECTABLE = ("resolution", "latent_channels", "image_size", "grid", "cond_channels", "prefix_tokens", "max_parts",

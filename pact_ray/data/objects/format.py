@@ -91,7 +91,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from pact_ray.data.articulation import ARTICULATION_DIM, JOINT_TYPES, LABELS, decode_articulation
+from pact_ray.data.objects.articulation import ARTICULATION_DIM, JOINT_TYPES, LABELS, decode_articulation
+from pact_ray.errors import DataError
 
 FORMAT_VERSION = 1
 DATASET_FILE = "dataset.json"
@@ -117,10 +118,6 @@ VOXEL_DTYPES: dict[str, tuple[np.dtype, ...]] = {
 _READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 # Fixed zip timestamp, so that the same arrays always give the same bytes.
 _ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
-
-
-class DataError(ValueError):
-    """A dataset file is missing, unreadable or inconsistent; the message names the file."""
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ surface) and of the whole object (their union), with the features of
 StandInVoxelEncoder. They are computed from the same boxes and draw no random numbers, so
 every other array of a sample is the same with or without voxels.
 
-CLI: python -m pact_ray.data.synthetic --out DIR --num-samples N --seed S --preset tiny [--voxel-resolution G]
+CLI: python -m pact_ray.data.objects.synthetic --out DIR --num-samples N --seed S --preset tiny [--voxel-resolution G]
 """
 
 import argparse
@@ -49,12 +49,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pact_ray.data.articulation import JOINT_TYPES, LABEL_IDS, encode_articulation_batch
-from pact_ray.data.encoder import StandInImageEncoder, StandInStructureEncoder
-from pact_ray.data.format import DATASET_FILE, DatasetSpec, write_dataset_spec, write_sample
+from pact_ray.data.cache import cached
+from pact_ray.data.objects.articulation import JOINT_TYPES, LABEL_IDS, encode_articulation_batch
+from pact_ray.data.objects.encoder import StandInImageEncoder, StandInStructureEncoder
+from pact_ray.data.objects.format import DATASET_FILE, DatasetSpec, write_dataset_spec, write_sample
 from pact_ray.models.presets import CONDITION_PRESETS, STAGE1_PRESETS
 
-GENERATOR_NAME = "pact_ray.data.synthetic"
+GENERATOR_NAME = "pact_ray.data.objects.synthetic"
 MIN_PARTS, MAX_PARTS = 2, 8
 BACKGROUND = (255, 255, 255)
 
@@ -515,7 +516,7 @@ def generate_dataset(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pact_ray.data.synthetic",
+        prog="python -m pact_ray.data.objects.synthetic",
         description="Write a deterministic synthetic articulated-object dataset.",
     )
     parser.add_argument("--out", required=True, help="dataset folder to create")
@@ -536,6 +537,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="dataset name (default: synthetic-PRESET)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     return parser
+
+
+
+def ensure_synthetic(num_samples: int, seed: int, *, resolution: int, image_size, grid, cond_channels: int,
+                     prefix_tokens: int = 5, occlusion_prob: float = 0.2, voxel_resolution: int | None = None,
+                     root: Path | None = None) -> Path:
+    """Path of the cached synthetic dataset with these settings (:func:`pact_ray.data.cache.cached`),
+    generating it once if missing (with Stage2 voxel sets when ``voxel_resolution`` is given)."""
+    name = (f"n{num_samples}-s{seed}-r{resolution}-img{image_size[0]}x{image_size[1]}-g{grid[0]}x{grid[1]}"
+            f"-c{cond_channels}-p{prefix_tokens}-o{occlusion_prob:g}" + (f"-v{voxel_resolution}" if voxel_resolution else ""))
+    return cached(name, "dataset.json", lambda out: generate_dataset(
+        out, num_samples, seed=seed, resolution=resolution, image_size=tuple(image_size), grid=tuple(grid),
+        cond_channels=cond_channels, prefix_tokens=prefix_tokens, occlusion_prob=occlusion_prob,
+        voxel_resolution=voxel_resolution), root)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

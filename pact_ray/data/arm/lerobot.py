@@ -34,8 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pact_ray.data.format import DataError
-from pact_ray.errors import first_line
+from pact_ray.errors import DataError, first_line
 
 STATE, ACTION = "observation.state", "action"
 EPISODE_INDEX, FRAME_INDEX, TIMESTAMP = "episode_index", "frame_index", "timestamp"
