@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from pact_ray.tracking.server import free_port, start_server
-from pact_ray.tracking.tags import SWEEP_TAG
+from pact_ray.tracking.tags import RESUME_NOTE_TAG, SWEEP_TAG
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "sweeps" / "stage1_router.py"
@@ -339,7 +339,7 @@ def test_sigkilled_driver_resumes_from_another_folder_with_only_the_store(s3, tr
                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out = resumed.communicate(timeout=400)[0].decode()
     assert resumed.returncode == 0, out[-4000:]
-    assert "fell back to checkpoint" in out  # the trial body's own line, from a worker node
+    assert "fell back to checkpoint" in out  # the trial body's note, from a worker node, on the driver's progress lines
     assert os.listdir(first) == [] and os.listdir(second) == []  # neither driver kept anything locally
 
     manifest = json.loads(s3.get(f"{exp}/pact_ray_sweep.json"))
@@ -350,6 +350,8 @@ def test_sigkilled_driver_resumes_from_another_folder_with_only_the_store(s3, tr
         assert r.info.status == "FINISHED"
         assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "loss")) == list(range(1, steps + 1))
     assert client.get_run(manifest["parent_run_id"]).info.status == "FINISHED"
+    noted = [r for r in runs if r.data.tags.get(RESUME_NOTE_TAG, "").startswith("fell back to checkpoint")]
+    assert len(noted) == 1 and noted[0].data.tags["pact_ray.trial_id"] in trial  # only the trial whose checkpoints were spoiled
 
     rows = json.loads(s3.get(f"{exp}/summary/ablation_summary.json"))
     assert sorted(r["variant"] for r in rows) == ["baseline", "ot_first"]

@@ -138,6 +138,28 @@ def _create_store_and_experiment(uri: str, barrier) -> str:
     return ensure_experiment(MlflowClient(uri), "pact-ray/stage1_router")
 
 
+def test_state_files_are_read_as_ray_writes_them(tmp_path):
+    """Ray pickles the search algorithm's state, basic-variant-state-*.json included; only
+    experiment_state-*.json is JSON. A whole file of either kind is readable, a cut one is
+    not, and repair puts the last good copy back."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from ray.tune.utils.util import _atomic_save
+
+    from pact_ray.tune.state import backup, readable, repair
+
+    _atomic_save(BasicVariantGenerator().get_state(), str(tmp_path), "basic-variant-state-s.json", "tmp")
+    (tmp_path / "experiment_state-s.json").write_text(json.dumps({"trial_data": [], "runner_data": {}}))
+    assert backup(tmp_path) == 2  # both readable, both copied
+    for name in ("basic-variant-state-s.json", "experiment_state-s.json"):
+        path = tmp_path / name
+        assert readable(path), name
+        whole = path.read_bytes()
+        path.write_bytes(whole[: len(whole) // 2])
+        assert not readable(path)
+        assert f"restored {name} from its last good copy" in repair(tmp_path)
+        assert path.read_bytes() == whole
+
+
 def test_concurrent_first_use_of_one_sqlite_store(tmp_path):
     uri = f"sqlite:///{tmp_path / 'new.db'}"
     ctx = multiprocessing.get_context("spawn")
@@ -239,14 +261,17 @@ def test_the_server_wrapper_stops_its_workers_on_sigterm(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         assert "serving" in proc.stdout.readline()
-        children = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        assert len(children) > 1  # the wrapper, mlflow server and its workers
+        # The wrapper starts `mlflow server` in a session of its own (a Ctrl-C in the wrapper's
+        # terminal reaches only the wrapper, which stops it): its process group is the server's pid.
+        [server] = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        group = subprocess.run(["pgrep", "-g", server], capture_output=True, text=True).stdout.split()
+        assert len(group) > 1  # mlflow server and its workers
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
         deadline = time.time() + 30
-        while subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).returncode == 0 and time.time() < deadline:
+        while subprocess.run(["pgrep", "-g", server], capture_output=True).returncode == 0 and time.time() < deadline:
             time.sleep(0.2)
-        assert subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).returncode != 0  # none left
+        assert subprocess.run(["pgrep", "-g", server], capture_output=True).returncode != 0  # none left
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))  # the port is free again
     finally:

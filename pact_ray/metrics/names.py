@@ -13,6 +13,7 @@ GRAD_NORM = "grad_norm"
 LR = "lr"
 STEP = "step"
 NONFINITE_STEPS = "nonfinite_steps"  # steps so far whose training loss was NaN or infinite (a diverged run)
+RESUME_NOTE = "resume_note"  # not a metric: a one-line note in the first result after a resume that skipped an unreadable checkpoint
 
 # Held-out validation (pact_ray.training.validation), at the profile's evaluation steps and
 # at the last step: the same samples, timesteps and noise for every variant and seed.

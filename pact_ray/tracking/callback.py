@@ -27,7 +27,7 @@ from pact_ray.errors import error_line
 from pact_ray.metrics import names as M
 from pact_ray.runs.kinds import resolve_kind
 from pact_ray.tracking.datasets import DatasetInfo, log_dataset
-from pact_ray.tracking.tags import CHECKPOINT_TAG, OPTUNA_TRIAL_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG
+from pact_ray.tracking.tags import CHECKPOINT_TAG, OPTUNA_TRIAL_TAG, RESUME_NOTE_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG
 from pact_ray.tracking.writer import MlflowWriter, RunRef, shared_writer, status_name
 
 RAY_TRIAL_ATTR, MLFLOW_RUN_ATTR = "ray_trial_id", "mlflow_run_id"  # Optuna trial user attributes
@@ -116,6 +116,8 @@ class MlflowSweepCallback(tune.Callback):
                    if k not in RAY_RESULT_KEYS and k != M.STEP and isinstance(v, (int, float)) and not isinstance(v, bool)}
         metrics["wall_s"] = float(result.get("time_total_s", 0.0))
         self.writer.log_metrics(ref, int(result.get("step", result.get("training_iteration", 0))), metrics)
+        if result.get(M.RESUME_NOTE):  # an unreadable checkpoint was skipped on resume
+            self.writer.set_tags(ref, {RESUME_NOTE_TAG: str(result[M.RESUME_NOTE])[:5000]})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         ref = self._ref(trial)

@@ -85,6 +85,8 @@ class ProgressLines(tune.Callback):
         t.val = result.get(M.VAL_LOSS, result.get(M.VAL_MSE, t.val))
         t.elapsed = float(result.get("time_total_s", t.elapsed))
         t.state = "running"
+        if result.get(M.RESUME_NOTE):
+            self.out.write(f"  {t.name}: {str(result[M.RESUME_NOTE])[:300]}\n")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._trial(trial).state = "done"

@@ -38,9 +38,11 @@ def state_files(exp_dir: Path) -> list[Path]:
 
 
 def readable(path: Path) -> bool:
-    """Whether a state file can be read back whole (JSON parsed; a pickle loaded)."""
+    """Whether a state file can be read back whole: ``experiment_state-*.json`` parsed as
+    JSON, the others loaded with cloudpickle (Ray pickles the search algorithms' state,
+    ``basic-variant-state-*.json`` included, whatever the suffix says)."""
     try:
-        if path.suffix == ".json":
+        if path.name.startswith("experiment_state-"):
             json.loads(path.read_text())
         else:
             from ray import cloudpickle

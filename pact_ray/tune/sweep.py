@@ -246,8 +246,17 @@ def _tuner(plan: SweepPlan, callbacks: list, resume: bool, client=None, parent_i
         if exp_dir is None or restorable(exp_dir):
             if exp_dir is None and not tune.Tuner.can_restore(plan.store.path, storage_filesystem=plan.store.ray_filesystem):
                 raise SweepError(f"sweep {plan.name!r} at {plan.exp_dir} has no Ray state to resume")
-            return tune.Tuner.restore(plan.store.path, storage_filesystem=plan.store.ray_filesystem, trainable=trainable,
-                                      resume_unfinished=True, resume_errored=True)
+            tuner = tune.Tuner.restore(plan.store.path, storage_filesystem=plan.store.ray_filesystem, trainable=trainable,
+                                       resume_unfinished=True, resume_errored=True)
+            # Tuner.restore brings back the first command's RunConfig, callbacks included: a
+            # sweep started with --quiet would resume silently, and its MLflow callback would be
+            # an unpickled copy rather than the one this driver flushes and checks. Ray offers no
+            # public setter, so this command's callbacks and verbosity go in by hand.
+            internal = getattr(tuner, "_local_tuner", None)
+            if internal is not None:
+                internal.get_run_config().callbacks = callbacks
+                internal.get_run_config().verbose = 1 if args.verbose else 0
+            return tuner
         # Killed before Ray wrote a readable state: start the trials again, under the same parent run.
         print("Ray's experiment state cannot be read back (the sweep stopped while starting, or its disk filled); "
               "its trials start again.")
@@ -576,6 +585,14 @@ def _train_and_report(plan: SweepPlan, client, experiment_id: str, parent_id: st
     interrupted = interrupts.requested
     if started_ray:
         ray.shutdown()  # nothing of Ray's is printed after the summary
+    if unsent:  # the summary reads the tracking store, which is not answering: --resume makes it
+        errored = sum(r.error is not None for r in results)
+        print(f"\nSweep {plan.name}: {len(results) - errored}/{len(results)} trials ended without error, {time.time() - t0:.0f} s; "
+              f"the summary waits for the tracking store.")
+        print(f"Ray results:  {plan.exp_dir}")
+        print(f"{unsent} tracking write(s) did not reach {plan.tracking_uri}; Ray's result files keep them. Once the store "
+              f"answers, run: {resume_command(plan)} (nothing trains again)")
+        return EXIT_UNSENT
 
     if kind.name == WORLD_MODEL.name:
         from pact_ray.report.world_model_sweep import (
@@ -604,16 +621,11 @@ def _train_and_report(plan: SweepPlan, client, experiment_id: str, parent_id: st
             _print_best_knobs(plan, data.rows, data.params)
         description, headline = verdict_table(entries), ablation_headline(data.rows, entries)
     status = "KILLED" if interrupted else "FINISHED"
-    if not unsent:
-        finish_parent(client, parent_id, description=description, metrics=headline, status=status)
+    finish_parent(client, parent_id, description=description, metrics=headline, status=status)
     _print_footer(plan, files, ui_command(plan.tracking_uri, experiment_id))
     if interrupted:
         print(f"Interrupted: the unfinished trials saved a checkpoint. Continue with: {resume_command(plan)}")
         return EXIT_INTERRUPTED
-    if unsent:
-        print(f"{unsent} tracking write(s) did not reach {plan.tracking_uri}; Ray's result files keep them. Once the store "
-              f"answers, run: {resume_command(plan)} (nothing trains again)")
-        return EXIT_UNSENT
     return 0 if results.num_errors == 0 else 1
 
 

@@ -17,6 +17,7 @@ import torch
 from ray import tune
 
 from pact_ray.errors import first_line
+from pact_ray.metrics import names as M
 from pact_ray.runs.kinds import RunKind, resolve_kind
 from pact_ray.training.checkpoints import read_checkpoint, write_checkpoint
 from pact_ray.tune.interrupt import SweepInterrupted, TrialStop
@@ -40,10 +41,11 @@ def _candidates(checkpoint: tune.Checkpoint) -> list[tune.Checkpoint]:
     return out
 
 
-def restore(trainer, checkpoint: tune.Checkpoint | None, kind: str) -> None:
-    """Load the newest readable checkpoint into ``trainer`` (nothing when there is none)."""
+def restore(trainer, checkpoint: tune.Checkpoint | None, kind: str) -> str | None:
+    """Load the newest readable checkpoint into ``trainer`` (nothing when there is none).
+    Returns a one-line note when an unreadable checkpoint was skipped for an older one."""
     if checkpoint is None:
-        return
+        return None
     errors = []
     for cand in _candidates(checkpoint):
         try:
@@ -51,8 +53,10 @@ def restore(trainer, checkpoint: tune.Checkpoint | None, kind: str) -> None:
                 state = read_checkpoint(Path(d), kind)
             trainer.load_state_dict(state)
             if errors:
-                log.warning("fell back to checkpoint %s after: %s", cand.path, "; ".join(errors))
-            return
+                note = f"fell back to checkpoint {os.path.basename(cand.path.rstrip('/'))} (step {trainer.step}) after: {'; '.join(errors)}"
+                log.warning(note)
+                return note
+            return None
         except Exception as e:  # noqa: BLE001 - a bad checkpoint falls back to the previous one
             errors.append(first_line(e))
     raise RuntimeError("no readable checkpoint to resume from: " + "; ".join(errors))
@@ -84,10 +88,12 @@ def run_trial(kind: RunKind | str, trial_config: Mapping[str, Any]) -> None:
     kind, trial_config = resolve_kind(kind, trial_config)
     cfg = kind.config(trial_config)
     trainer = kind.trainer(cfg, device=assigned_device())
-    restore(trainer, tune.get_checkpoint(), kind.name)
+    note = restore(trainer, tune.get_checkpoint(), kind.name)
     every = cfg.checkpoint_every
     while trainer.step < cfg.steps:
         metrics = trainer.train_step()
+        if note:  # the driver shows it (progress line, MLflow tag): worker logs stay on the workers
+            metrics, note = {**metrics, M.RESUME_NOTE: note}, None
         due = trainer.step == cfg.steps or bool(every and trainer.step % every == 0)
         interrupted = stop.requested()
         if due or interrupted:
