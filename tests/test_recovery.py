@@ -86,6 +86,36 @@ def test_killed_while_starting_resumes(tmp_path, window):
     _assert_complete(tmp_path, "w")
 
 
+def test_a_start_killed_before_the_manifest_names_its_parent_run_adopts_that_run(tmp_path, monkeypatch):
+    """The window between creating the parent run and recording its id in the manifest: the
+    resume finds the run by the manifest's uid instead of leaving it orphaned beside a new one."""
+    from types import SimpleNamespace
+
+    import pact_ray.tune.sweep as sweep
+    from pact_ray.runs.kinds import get_kind
+    from pact_ray.tune.storage import open_storage
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    folder = tmp_path / "runs" / "k"
+    folder.mkdir(parents=True)
+    args = SimpleNamespace(profile="smoke", model="tiny", search="grid", variants="baseline", seeds="0", until_conclusive=0,
+                           cpus_per_trial=1, gpus_per_trial=0)
+    plan = SimpleNamespace(kind=get_kind("stage1"), args=args, name="k", store=open_storage(str(folder)))
+    manifest = {"kind": "stage1", "name": "k", "experiment_id": None, "parent_run_id": None, "uid": "0123abcd"}
+
+    def killed(*_a, **_k):
+        raise KeyboardInterrupt  # stands in for the SIGKILL: nothing after create_parent runs
+
+    monkeypatch.setattr(sweep, "write_manifest", killed)
+    with pytest.raises(KeyboardInterrupt):
+        sweep._open_sweep(plan, client, dict(manifest))
+    monkeypatch.undo()
+    experiment_id, parent_id = sweep._open_sweep(plan, client, dict(manifest))
+    parents = client.search_runs([experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'")
+    assert [p.info.run_id for p in parents] == [parent_id]
+    assert json.loads((folder / MANIFEST).read_text())["parent_run_id"] == parent_id
+
+
 @pytest.mark.slow
 def test_ctrl_c_checkpoints_exits_130_and_resume_finishes(tmp_path):
     proc = _start(_cmd(tmp_path, "c", "--set", "steps=300"))

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from pact_ray.tracking.tags import ROLE_TAG, SWEEP_NAME_TAG
+from pact_ray.tracking.tags import ROLE_TAG, SWEEP_NAME_TAG, SWEEP_UID_TAG
 
 NOTE_TAG = "mlflow.note.content"
 SUMMARY_ARTIFACTS = "summary"
@@ -33,10 +33,12 @@ def command_line(argv: list[str] | None = None) -> str:
     return " ".join(shlex.quote(a) for a in [*prefix, *argv[1:]])
 
 
-def create_parent(client: MlflowClient, experiment_id: str, name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
-    """The parent run of a new sweep; returns its id."""
+def create_parent(client: MlflowClient, experiment_id: str, name: str, tags: dict[str, str], params: dict[str, Any],
+                  uid: str | None = None) -> str:
+    """The parent run of a new sweep; returns its id. ``uid`` (the manifest's) is tagged so a
+    resume finds the run even when the start was killed before the manifest recorded its id."""
     run = client.create_run(experiment_id, run_name=name, tags={
-        ROLE_TAG: "sweep", SWEEP_NAME_TAG: name, **tags,
+        ROLE_TAG: "sweep", SWEEP_NAME_TAG: name, **tags, **({SWEEP_UID_TAG: uid} if uid else {}),
         NOTE_TAG: f"Sweep `{name}`, started {time.strftime('%Y-%m-%d %H:%M')}:\n\n    {command_line()}\n",
     })
     for key, value in params.items():

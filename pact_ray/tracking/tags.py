@@ -3,6 +3,7 @@
 TAG_PREFIX = "pact_ray."
 TRIAL_TAG = TAG_PREFIX + "trial_id"  # a trial run's Ray trial id (how a resumed sweep finds its runs)
 ROLE_TAG = TAG_PREFIX + "role"  # "sweep" (the parent run) or "trial"
+SWEEP_UID_TAG = TAG_PREFIX + "sweep_uid"  # the parent run's copy of its manifest's "uid" (finds it when the manifest missed its id)
 SWEEP_TAG = TAG_PREFIX + "sweep_run_id"  # a trial run's parent run id
 STEP_TAG = TAG_PREFIX + "step"  # a trial run's last logged step
 CHECKPOINT_TAG = TAG_PREFIX + "checkpoint"  # a trial run's newest checkpoint (path or URI)

@@ -19,6 +19,7 @@ import socket
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -452,7 +453,7 @@ def _open_sweep(plan: SweepPlan, client, manifest: dict[str, Any] | None) -> tup
     if manifest is None:
         manifest = {"kind": kind.name, "name": plan.name, "tracking_uri": plan.tracking_uri, "experiment_id": None,
                     "parent_run_id": None, "argv": list(getattr(args, "argv", sys.argv[1:])), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-                    "summary_dir": str(plan.summary_dir)}
+                    "summary_dir": str(plan.summary_dir), "uid": uuid.uuid4().hex}
         if plan.local_dir is not None:
             create_sweep_folder(plan.local_dir, manifest)
         else:  # an object store: one PUT of the manifest is atomic by itself
@@ -462,8 +463,21 @@ def _open_sweep(plan: SweepPlan, client, manifest: dict[str, Any] | None) -> tup
         client.update_run(manifest["parent_run_id"], status="RUNNING")
         return manifest["experiment_id"], manifest["parent_run_id"]
     experiment_id = ensure_experiment(client, kind.experiment)
+    uid = manifest.get("uid")
+    if uid:  # a start killed between creating the parent run and recording its id: adopt that run
+        from pact_ray.report.summary import search_all
+        from pact_ray.tracking.tags import SWEEP_UID_TAG
+
+        made = sorted(search_all(client, [experiment_id], f"tags.`{SWEEP_UID_TAG}` = '{uid}'"), key=lambda r: r.info.start_time)
+        for extra in made[1:]:
+            client.delete_run(extra.info.run_id)
+        if made:
+            parent_id = made[0].info.run_id
+            client.update_run(parent_id, status="RUNNING")
+            write_manifest(plan.store, {**manifest, "experiment_id": experiment_id, "parent_run_id": parent_id})
+            return experiment_id, parent_id
     parent_id = create_parent(
-        client, experiment_id, plan.name,
+        client, experiment_id, plan.name, uid=uid,
         tags={"kind": kind.name, "profile": args.profile, "model": args.model, "search": args.search, "git_commit": git_commit()},
         params={"profile": args.profile, "model": args.model, "search": args.search, "variants": args.variants,
                 "seeds": args.seeds, "until_conclusive": args.until_conclusive, "cpus_per_trial": args.cpus_per_trial,
