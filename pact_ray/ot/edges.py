@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pact_ray.ot.sinkhorn import SinkhornResult, sinkhorn_log
+from pact_ray.ot.sinkhorn import DEFAULT_EPS, DEFAULT_MAX_ITER, DEFAULT_TOL, SinkhornResult, sinkhorn_log
 
 __all__ = [
     "GridWeights",
@@ -297,16 +297,19 @@ def edge_delta(
         rows = part_valid
     rows = rows[..., None, None]
 
+    # Both plans in one tensor, so that each step below is one operation for both; the
+    # pair selection is counted before it broadcasts over the middle dims (heads).
+    both = torch.stack([pi0, pi])  # [2, B, ..., K, h, w]
     total = pi.new_zeros(())
     count = pi.new_zeros(())
     for pair_weight, dim in ((horizontal, -1), (vertical, -2)):
         length = pi.shape[dim] - 1
-        change0 = (pi0.narrow(dim, 1, length) - pi0.narrow(dim, 0, length)).abs()
-        change = (pi.narrow(dim, 1, length) - pi.narrow(dim, 0, length)).abs()
+        if length == 0:  # a grid one cell wide has no pair in this direction
+            continue
+        change = (both.narrow(dim, 1, length) - both.narrow(dim, 0, length)).abs_()
         selected = (pair_weight > threshold) & rows
-        selected = selected.expand(torch.broadcast_shapes(selected.shape, change.shape))
-        total = total + torch.where(selected, change0 - change, 0.0).sum()
-        count = count + selected.sum()
+        total = total + ((change[0] - change[1]) * selected).sum()
+        count = count + selected.sum() * (change[0].numel() // selected.numel())
     return torch.where(count > 0, total / count.clamp_min(1), 0.0) * (pi.shape[-2] * pi.shape[-1])
 
 
@@ -316,24 +319,30 @@ def edge_regularised_plan(
     b: torch.Tensor,
     weights: GridWeights,
     lambda_edge: float,
-    eps: float = 0.05,
-    max_iter: int = 50,
-    tol: float = 1e-6,
+    eps: float = DEFAULT_EPS,
+    max_iter: int = DEFAULT_MAX_ITER,
+    tol: float = DEFAULT_TOL,
     **kw: Any,
 ) -> tuple[SinkhornResult, SinkhornResult]:
-    r"""Two-pass Sinkhorn with the contextual edge term of ot_router.md.
+    r"""Two-pass solve with the contextual edge term of ot_router.md.
 
     Solves with :math:`\mathbf{C}` for :math:`\pi^0`, smooths it with
     :func:`smooth_plan` into :math:`\mathbf{S}`, and solves again with
-    :math:`\mathbf{C}^1 = \mathbf{C} - \lambda_{edge} P \mathbf{S}`. The factor P makes
-    :math:`P \mathbf{S}` of order 1/K whatever the grid size, so ``lambda_edge`` has
-    one meaning for every P. With ``differentiable=True`` in ``kw``, gradients also
-    flow through :math:`\mathbf{S}` into the first solve.
+    :math:`\mathbf{C}^1 = \mathbf{C} - \lambda_{edge} P \mathbf{S}`. The factor P (the h * w
+    grid cells) makes :math:`P \mathbf{S}` of order 1/K whatever the grid size, so
+    ``lambda_edge`` has one meaning for every P. Columns after the first h * w (the
+    router's virtual patch) are not on the grid: they get no edge term.
+
+    The second solve starts from the first one's row potential :math:`f^0` (a warm
+    start: the edge term moves the potentials much less than a cold start is away from
+    them), so it skips the Sinkhorn warm-up and takes only Newton steps. With
+    ``differentiable=True`` in ``kw``, gradients also flow through :math:`\mathbf{S}`
+    into the first solve (the warm start carries none: the solution does not depend on it).
 
     Parameters
     ----------
     cost : torch.Tensor, shape [B, ..., K, P]
-        Base cost; P = h * w of ``weights.grid``.
+        Base cost; its first h * w columns are the cells of ``weights.grid``.
     a : torch.Tensor, shape [B, ..., K]
         Part marginals (see :func:`~pact_ray.ot.sinkhorn.sinkhorn_log`).
     b : torch.Tensor, shape [B, ..., P]
@@ -341,12 +350,12 @@ def edge_regularised_plan(
     weights : GridWeights
         Neighbour weights for B images (or 1, broadcast).
     lambda_edge : float
-        Strength of the edge term; 0 gives :math:`\pi = \pi^0`.
+        Strength of the edge term; 0 gives :math:`\pi = \pi^0` (one solve, returned twice).
     eps, max_iter, tol : float, int, float
         Passed to :func:`~pact_ray.ot.sinkhorn.sinkhorn_log` for both solves.
     **kw
         Further keyword arguments of :func:`~pact_ray.ot.sinkhorn.sinkhorn_log`
-        (``check_every``, ``differentiable``, ``warn``).
+        (``differentiable``, ``early_stop``, ``warn``).
 
     Returns
     -------
@@ -354,7 +363,12 @@ def edge_regularised_plan(
         The first solve (:math:`\pi^0`) and the edge-regularised solve (:math:`\pi`).
     """
     first = sinkhorn_log(cost, a, b, eps=eps, max_iter=max_iter, tol=tol, **kw)
-    smoothed = smooth_plan(first.plan, weights)
-    edge_cost = cost - lambda_edge * cost.shape[-1] * smoothed
-    second = sinkhorn_log(edge_cost, a, b, eps=eps, max_iter=max_iter, tol=tol, **kw)
+    if lambda_edge == 0:
+        return first, first
+    cells = weights.grid[0] * weights.grid[1]
+    smoothed = smooth_plan(first.plan[..., :cells], weights)
+    if cost.shape[-1] > cells:
+        smoothed = F.pad(smoothed, (0, cost.shape[-1] - cells))
+    edge_cost = cost - (lambda_edge * cells) * smoothed
+    second = sinkhorn_log(edge_cost, a, b, eps=eps, max_iter=max_iter, tol=tol, f_init=first.f, **kw)
     return first, second
