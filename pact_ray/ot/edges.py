@@ -24,6 +24,7 @@ tokens of a patch embedding.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -54,6 +55,33 @@ class GridWeights:
     horizontal: torch.Tensor  # [B, h, w-1] w between (i, j) and (i, j+1)
     vertical: torch.Tensor  # [B, h-1, w] w between (i, j) and (i+1, j)
     grid: tuple[int, int]  # (h, w)
+
+    @cached_property
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row-major cell indices (p, q) of every neighbour pair: the horizontal pairs
+        (i, j)-(i, j+1), then the vertical (i, j)-(i+1, j), in the order of
+        :attr:`pair_weights`."""
+        h, w = self.grid
+        cells = torch.arange(h * w, device=self.horizontal.device).reshape(h, w)
+        first = torch.cat([cells[:, :-1].flatten(), cells[:-1, :].flatten()])
+        second = torch.cat([cells[:, 1:].flatten(), cells[1:, :].flatten()])
+        return first, second
+
+    @cached_property
+    def pair_weights(self) -> torch.Tensor:
+        """[B, pairs] the weight of every pair of :attr:`pairs`."""
+        return torch.cat([self.horizontal.flatten(1), self.vertical.flatten(1)], dim=1)
+
+    @cached_property
+    def total(self) -> torch.Tensor:
+        """[B, h, w] sum of each cell's neighbour weights; computed once, as the router
+        smooths several plans (blocks, solves) with the same weights."""
+        return (
+            F.pad(self.horizontal, (0, 1))
+            + F.pad(self.horizontal, (1, 0))
+            + F.pad(self.vertical, (0, 0, 0, 1))
+            + F.pad(self.vertical, (0, 0, 1, 0))
+        )
 
 
 def _grid_hw(grid: Grid) -> tuple[int, int]:
@@ -239,12 +267,7 @@ def smooth_plan(plan: torch.Tensor, weights: GridWeights) -> torch.Tensor:
         + F.pad(vertical * pi[..., 1:, :], (0, 0, 0, 1))  # from the neighbour below
         + F.pad(vertical * pi[..., :-1, :], (0, 0, 1, 0))  # from the neighbour above
     )
-    weight_sum = (
-        F.pad(horizontal, (0, 1))
-        + F.pad(horizontal, (1, 0))
-        + F.pad(vertical, (0, 0, 0, 1))
-        + F.pad(vertical, (0, 0, 1, 0))
-    )
+    weight_sum = weights.total.reshape(horizontal.shape[:-1] + (horizontal.shape[-1] + 1,))
     has_neighbours = weight_sum > 0
     safe_sum = torch.where(has_neighbours, weight_sum, torch.ones_like(weight_sum))
     return torch.where(has_neighbours, weighted_sum / safe_sum, pi).flatten(-2)
@@ -287,30 +310,30 @@ def edge_delta(
     torch.Tensor, shape []
         The mean; 0.0 when no pair (or part) qualifies.
     """
-    pi0, horizontal, vertical = _to_grid(plan0, weights)
-    pi, _, _ = _to_grid(plan, weights)
+    h, w = weights.grid
+    if plan0.shape != plan.shape or plan.dim() < 3 or plan.shape[-1] != h * w:
+        raise ValueError(
+            f"plans must both be [B, ..., K, {h * w}] for grid {h}x{w}, got {tuple(plan0.shape)} and {tuple(plan.shape)}"
+        )
+    first, second = weights.pairs
+    if first.numel() == 0:  # a 1 x 1 grid has no pair
+        return plan.new_zeros(())
     if part_valid is None:
-        rows = torch.ones(pi.shape[:-2], dtype=torch.bool, device=pi.device)
+        rows = torch.ones(plan.shape[:-1], dtype=torch.bool, device=plan.device)
     elif part_valid.dim() == 2:
-        rows = part_valid.reshape(part_valid.shape[0], *(1,) * (pi.dim() - 4), -1)
+        rows = part_valid.reshape(part_valid.shape[0], *(1,) * (plan.dim() - 3), -1)
     else:
         rows = part_valid
-    rows = rows[..., None, None]
-
-    # Both plans in one tensor, so that each step below is one operation for both; the
-    # pair selection is counted before it broadcasts over the middle dims (heads).
-    both = torch.stack([pi0, pi])  # [2, B, ..., K, h, w]
-    total = pi.new_zeros(())
-    count = pi.new_zeros(())
-    for pair_weight, dim in ((horizontal, -1), (vertical, -2)):
-        length = pi.shape[dim] - 1
-        if length == 0:  # a grid one cell wide has no pair in this direction
-            continue
-        change = (both.narrow(dim, 1, length) - both.narrow(dim, 0, length)).abs_()
-        selected = (pair_weight > threshold) & rows
-        total = total + ((change[0] - change[1]) * selected).sum()
-        count = count + selected.sum() * (change[0].numel() // selected.numel())
-    return torch.where(count > 0, total / count.clamp_min(1), 0.0) * (pi.shape[-2] * pi.shape[-1])
+    # [B, 1..., 1, pairs] & [B, ..., K, 1]: the (part, pair) terms that count.
+    pair_weight = weights.pair_weights.reshape(weights.pair_weights.shape[0], *(1,) * (plan.dim() - 2), -1)
+    selected = (pair_weight > threshold) & rows[..., None]
+    # Both plans in one tensor, every pair of the grid in one gather, so that each step
+    # below is one operation for everything.
+    both = torch.stack([plan0, plan])  # [2, B, ..., K, P]
+    change = (both.index_select(-1, first) - both.index_select(-1, second)).abs_()  # [2, B, ..., K, pairs]
+    total = ((change[0] - change[1]) * selected).sum()
+    count = selected.sum() * (change[0].numel() // selected.numel())  # selected broadcasts over heads
+    return torch.where(count > 0, total / count.clamp_min(1), 0.0) * (h * w)
 
 
 def edge_regularised_plan(

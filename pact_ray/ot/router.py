@@ -22,6 +22,7 @@ one learnable key/value token appended per patched block, taking plan mass ``m_v
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass, fields
@@ -231,6 +232,7 @@ class OTRouter(nn.Module):
             prior=None if prior is None else torch.nn.functional.pad(prior, (0, cols - n_patch))[:, None],
             weights=weights, active=active, n_patch=n_patch, grid=(h, w), collect=True,
             valid=valid, valid_count=valid.sum(-2, keepdim=True), a_solve=a[:, None, :], b_solve=b[None, None, :],
+            head_eye=torch.eye(self.num_heads, device=device),
             inv_ab=torch.where(ab > 0, 1.0 / ab.clamp_min(torch.finfo(ab.dtype).tiny), 0.0),
         )
 
@@ -259,7 +261,7 @@ class OTRouter(nn.Module):
             # of the projection's output): the part queries go into a block-diagonal
             # [N, H*D, H] matrix. An einsum would first copy the keys to [N, H, D, M].
             q_part = q.float().mean(1)  # [N, H, D]
-            blocks = (q_part.unsqueeze(-1) * torch.eye(heads, device=q.device)[:, None, :]).flatten(1, 2)
+            blocks = (q_part.unsqueeze(-1) * ctx.head_eye[:heads, None, :heads]).flatten(1, 2)
             cost_rows = torch.bmm(k[:, n_prefix:].float().flatten(2), blocks).mul_(-1.0 / math.sqrt(dim))  # [N, Pc, H]
             cost = cost_rows.new_zeros(n_obj, heads, ctx.k_max, cost_rows.shape[1])  # [B, H, K, Pc]
             cost.transpose(1, 2).index_put_((ctx.row_obj, ctx.slot), cost_rows.transpose(1, 2))
@@ -333,16 +335,16 @@ class _Record:
         ctx, first, final = self.ctx, self.first, self.final
         n_patch = ctx.n_patch
         two_solves = final is not first
-        lq = self.q.shape[1]
-        idx = torch.linspace(0, lq - 1, min(self.diag_tokens, lq), device=self.q.device).round().long()
-        q_sub = self.q[:, idx].float().transpose(1, 2)  # [N, H, L, D]
+        q_sub = self.q[:, _sampled_tokens(self.q.shape[1], self.diag_tokens, self.q.device)]
+        q_sub = q_sub.float().transpose(1, 2)  # [N, H, L, D]
         keys = self.k.float().transpose(1, 2).contiguous()  # [N, H, M, D]: a matmul on the strided view is 4x slower
         attention = torch.softmax((q_sub @ keys.mT).mul_(1.0 / math.sqrt(q_sub.shape[-1])), dim=-1)  # [N, H, L, M]
         bias = self.bias.float()  # [N, H, 1, M]
-        # -KL(A || A^g) with A^g = A e^bias / Z is E_A[bias] - log E_A[e^bias] <= 0 (Jensen);
-        # computed as -log E_A[e^(bias - E_A[bias])], whose argument is >= 1 up to rounding.
-        mean_bias = (attention * bias).sum(-1, keepdim=True)
-        gate = -torch.log((attention * torch.exp(bias - mean_bias)).sum(-1)).mean()
+        # -KL(A || A^g) with A^g = A e^bias / Z is E_A[bias] - log E_A[e^bias] <= 0 (Jensen).
+        # Both expectations in one product with [bias, e^(bias - max bias)]: [N, H, L, 2].
+        top = bias.amax(-1, keepdim=True)
+        moments = attention @ torch.cat([bias, (bias - top).exp()], dim=-2).mT
+        gate = (moments[..., 0] - torch.log(moments[..., 1]) - top[..., 0]).mean()
         zero = torch.zeros((), device=self.q.device)
         values = {
             M.GATE: gate,
@@ -360,6 +362,12 @@ class _Record:
             M.OT_TIME_MS: torch.tensor(float(self.elapsed), device=self.q.device),
         }
         return torch.stack([values[key].float() for key in M.ROUTER_DIAGNOSTICS])
+
+
+@functools.lru_cache(maxsize=16)
+def _sampled_tokens(tokens: int, count: int, device: torch.device) -> torch.Tensor:
+    """The fixed, evenly spaced subsample of a row's query tokens for the gate diagnostic."""
+    return torch.linspace(0, tokens - 1, min(count, tokens), device=device).round().long()
 
 
 class _ElapsedMs:

@@ -308,11 +308,11 @@ def sinkhorn_log(
     if early_stop is None:
         early_stop = cost.device.type == "cpu"
     with torch.no_grad():
-        log_kernel = cost.detach().to(dtype) / -eps  # [..., K, P]
-        a_col = a.detach().to(device=cost.device, dtype=dtype).unsqueeze(-1)  # [..., K, 1]
-        b_row = b.detach().to(device=cost.device, dtype=dtype).unsqueeze(-2)  # [..., 1, P]
+        log_kernel = _as(cost, dtype, cost.device) / -eps  # [..., K, P]
+        a_col = _as(a, dtype, cost.device).unsqueeze(-1)  # [..., K, 1]
+        b_row = _as(b, dtype, cost.device).unsqueeze(-2)  # [..., 1, P]
         batch_shape = torch.broadcast_shapes(log_kernel.shape[:-2], a_col.shape[:-2], b_row.shape[:-2])
-        u_init = None if f_init is None else (f_init.detach().to(log_kernel) / eps).unsqueeze(-1)
+        u_init = None if f_init is None else (_as(f_init, dtype, cost.device) / eps).unsqueeze(-1)
         solver = _Solver(log_kernel, a_col, b_row, batch_shape)
         state = solver.run(u_init, max_iter, tol, method == "newton", warmup, early_stop)
 
@@ -335,6 +335,23 @@ def sinkhorn_log(
         tol=tol,
         column_potential=lambda: eps * solver.column_potential(state.u).squeeze(-2),
     )
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``x`` in that dtype and on that device, without a call when it already is (these
+    tiny solves are dispatch-bound: every operation saved counts)."""
+    return x if x.dtype == dtype and x.device == device else x.to(device=device, dtype=dtype)
+
+
+_STEPS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _line_search_steps(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """LINE_SEARCH_STEPS as a tensor, made once per dtype and device."""
+    key = (dtype, device)
+    if key not in _STEPS:
+        _STEPS[key] = torch.tensor(LINE_SEARCH_STEPS, dtype=dtype, device=device)
+    return _STEPS[key]
 
 
 def _logsumexp(scores: torch.Tensor, dim: int) -> torch.Tensor:
@@ -386,7 +403,7 @@ class _Solver:
         # which keeps that test conservative.
         floor = 2.0**8 * math.sqrt(finfo.tiny)
         self.row_floor = torch.where(a > 0, floor, 0.0)  # [..., K, 1]
-        self.steps = torch.tensor(LINE_SEARCH_STEPS, dtype=log_kernel.dtype, device=log_kernel.device)
+        self.steps = _line_search_steps(log_kernel.dtype, log_kernel.device)
         self.j_const = None
 
     def evaluate(self, u):
@@ -428,12 +445,14 @@ class _Solver:
         factor, _ = torch.linalg.cholesky_ex(self.jacobian(soft, plan, r))
         return torch.cholesky_solve(self.a - r, factor).clamp_(-MAX_STEP, MAX_STEP)
 
-    def newton_step(self, u, soft, r, delta):
+    def newton_step(self, u, soft, r, delta, host_check: bool = False):
         """The next u: a damped Newton step on the semi-dual F, or a Sinkhorn step.
 
         F(u) = <a, u> + <b, v(u)>. Its gain along a step d is measured from the current
         soft = softmax_k(log_kernel + u), with no cancellation between large values of F:
         F(u + d) - F(u) = <a, d> - sum_p b_p log(sum_k soft_kp exp(d_k)).
+        ``host_check``: whether reading a value on the host is free (CPU), which lets the
+        step skip computing the Sinkhorn fallback when no problem needs it.
         """
         step = delta * self.steps  # [..., K, T]: the candidate steps t delta
         # sum_k soft_kp exp(t delta_k) is at least min_k exp(t delta_k) >= e^-50 (soft
@@ -443,7 +462,11 @@ class _Solver:
         gain = (self.a * step).sum(dim=-2, keepdim=True).mT - spread  # [..., T, 1]
         # The candidate that gains most; if none gains (or delta is NaN), the Sinkhorn step.
         best_gain, best = gain.max(dim=-2, keepdim=True)  # [..., 1, 1]
-        return torch.where(best_gain > 0, torch.addcmul(u, self.steps[best], delta), self.sinkhorn_step(u, r))
+        newton = torch.addcmul(u, self.steps[best], delta)
+        gains = best_gain > 0
+        if host_check and bool(gains.all()):  # on CPU: skip the Sinkhorn steps nobody takes
+            return newton
+        return torch.where(gains, newton, self.sinkhorn_step(u, r))
 
     def run(self, u, max_iter, tol, newton, warmup, early_stop) -> "_State":
         if u is None:
@@ -483,9 +506,9 @@ class _Solver:
                         worst = float(error.amax())
                         done = worst < tol
                         continue
-                    u = torch.where(take, trial_u, self.newton_step(u, soft, r, delta))
+                    u = torch.where(take, trial_u, self.newton_step(u, soft, r, delta, early_stop))
                 else:
-                    u = self.newton_step(u, soft, r, delta)
+                    u = self.newton_step(u, soft, r, delta, early_stop)
             soft, plan, r, error = self.evaluate(u)
             if early_stop:
                 worst = float(error.amax())
