@@ -499,7 +499,9 @@ class _Solver:
                     # than the line search; the other problems take the damped step.
                     trial_u = u + delta
                     trial = self.evaluate(trial_u)
-                    take = trial[3] < error
+                    # Kept where it lowers the error or meets tol (at the float32 floor a
+                    # step can move the error either way by rounding).
+                    take = (trial[3] < error) | (trial[3] < tol)
                     if bool(take.all()):
                         u = trial_u
                         soft, plan, r, error = trial
