@@ -12,19 +12,16 @@ import argparse
 import math
 import re
 import sys
-from pathlib import Path
 from typing import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
-from mlflow.entities import Run  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-
-from pact_ray.summary import METRIC_COLUMNS, row_from_run  # noqa: E402
-from pact_ray.sweep import EXIT_USAGE, OneLineParser  # noqa: E402
-from pact_ray.tracking.store import check_tracking_uri, default_tracking_uri, sqlite_path  # noqa: E402
-from pact_ray.tracking.writer import TRIAL_TAG  # noqa: E402
+from pact_ray.cli import OneLineParser, user_errors
+from pact_ray.report.summary import METRIC_COLUMNS, row_from_run
+from pact_ray.tracking.store import check_tracking_uri, default_tracking_uri, sqlite_path
+from pact_ray.tracking.tags import TRIAL_TAG
 
 MLFLOW_RUN_ID = re.compile(r"[0-9a-f]{32}")
 TRIAL_ID = re.compile(r"[\w.-]+")
@@ -95,25 +92,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite:///$PWD/mlflow.db)")
     p.add_argument("--all-params", action="store_true", help="list every param, not only those that differ")
     args = p.parse_args(argv)
-    try:
-        uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
-        if uri.startswith("sqlite:///") and not sqlite_path(uri).is_file():
-            raise ValueError(f"tracking store {uri} does not exist")
-        client = MlflowClient(uri)
-        found = []
-        for ref in (args.run_a, args.run_b):
-            hit = find_run(client, ref)
-            if hit is None:
-                raise ValueError(f"no run {ref!r} in {uri}; pass an MLflow run id or experiment/trial_id as in the summary's run_id column")
-            found.append(hit)
-    except (ValueError, MlflowException) as e:
-        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        return EXIT_USAGE
+    return user_errors(lambda: _compare(args), MlflowException)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
+    if uri.startswith("sqlite:///") and not sqlite_path(uri).is_file():
+        raise ValueError(f"tracking store {uri} does not exist")
+    client = MlflowClient(uri)
+    found = []
+    for ref in (args.run_a, args.run_b):
+        hit = find_run(client, ref)
+        if hit is None:
+            raise ValueError(f"no run {ref!r} in {uri}; pass an MLflow run id or experiment/trial_id as in the summary's run_id column")
+        found.append(hit)
     (a, exp_a), (b, exp_b) = found
     lines = [*run_lines("A", a, exp_a), *run_lines("B", b, exp_b), "", *param_lines(a, b, args.all_params), "", *metric_lines(a, b)]
     print("\n".join(lines))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

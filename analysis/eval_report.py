@@ -5,7 +5,7 @@
     python analysis/eval_report.py --run best.pt --notes notes.txt --data /data/so100-pan --out reports/real
 
 RUN_ID_OR_CHECKPOINT: an MLflow run id of a world-model trial (its exported ``checkpoint``
-artifact, else its Ray trial folder under --storage-path), a trial checkpoint folder, or a
+artifact, else the checkpoint folder the run recorded, else its Ray trial folder under --storage-path), a trial checkpoint folder, or a
 checkpoint file. A report of a run id is also logged as that run's ``eval_report/`` artifacts.
 Bad input ends in one ``error:`` line and exit status 2.
 """
@@ -16,9 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from pact_ray.sweep import EXIT_USAGE, OneLineParser  # noqa: E402
+from pact_ray.cli import OneLineParser, user_errors
 
 
 def build_parser() -> OneLineParser:
@@ -27,11 +25,13 @@ def build_parser() -> OneLineParser:
     p.add_argument("--out", required=True, help="folder for report.html, report.md, metrics.json and images/")
     p.add_argument("--compare", default=None, metavar="RUN", help="a previous run (run id or checkpoint), evaluated on the same samples")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite:///$PWD/mlflow.db)")
-    p.add_argument("--storage-path", default=None, help="the sweep's Ray results folder, where trial checkpoints are found (default: ./runs)")
+    p.add_argument("--storage-path", default=None,
+                   help="where to look for the run's trial folder when the run did not record its checkpoint (default: ./runs)")
     p.add_argument("--notes", default=None, help="a text file with the analysis notes (default: the run's MLflow note)")
     p.add_argument("--data", default=None, help="evaluate on this LeRobot-style folder's validation split instead of the run's data")
     p.add_argument("--samples", type=int, default=4, help="samples with counterfactual grids, heatmaps and joint tables")
-    p.add_argument("--max-samples", type=int, default=0, help="validation samples scored (0: all)")
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="validation samples scored (0: all; default: the ones the run scored while training, so the numbers match)")
     p.add_argument("--no-log", action="store_true", help="do not log the report as artifacts of the run")
     return p
 
@@ -39,20 +39,13 @@ def build_parser() -> OneLineParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep stderr for errors
-    try:
-        return _run(args)
-    except (ValueError, FileNotFoundError, PermissionError) as e:
-        # ReportError, CheckpointError, DataError, ConfigError, TrackingError are ValueErrors.
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return EXIT_USAGE
-
+    return user_errors(lambda: _run(args))  # ReportError, CheckpointError, DataError, ConfigError, TrackingError
 
 def _run(args) -> int:
+    from pact_ray.report.world_model import ReportError, build_report, log_report, read_notes, resolve_checkpoint
     from pact_ray.tracking.store import default_tracking_uri
-    from pact_ray.wm_report import ReportError, build_report, log_report, read_notes, resolve_checkpoint
 
-    if args.samples < 0 or args.max_samples < 0:
+    if args.samples < 0 or (args.max_samples is not None and args.max_samples < 0):
         raise ReportError("--samples and --max-samples must be >= 0")
     uri = args.tracking_uri or default_tracking_uri()
     storage = Path(args.storage_path).resolve() if args.storage_path else Path.cwd().resolve() / "runs"

@@ -13,15 +13,13 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mlflow.exceptions import MlflowException
 
-from mlflow.exceptions import MlflowException  # noqa: E402
-
-from pact_ray.report import collect_results, write_report  # noqa: E402
-from pact_ray.report.build import status_counts  # noqa: E402
-from pact_ray.summary import SummaryData, collect  # noqa: E402
-from pact_ray.sweep import EXIT_USAGE, OneLineParser  # noqa: E402
-from pact_ray.tracking.store import check_tracking_uri, default_tracking_uri, sqlite_path  # noqa: E402
+from pact_ray.cli import OneLineParser, user_errors
+from pact_ray.report.ablation import collect_results, write_report
+from pact_ray.report.ablation.build import status_counts
+from pact_ray.report.summary import SummaryData, collect
+from pact_ray.tracking.store import check_tracking_uri, default_tracking_uri, sqlite_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,15 +50,15 @@ def load(args: argparse.Namespace) -> tuple[SummaryData, str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return user_errors(lambda: _summarize(args), OSError, MlflowException)
+
+
+def _summarize(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
-    try:
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} is a file, not a folder")
-        data, source = load(args)
-        files = write_report(data, out, source)
-    except (ValueError, OSError, MlflowException) as e:
-        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
-        return EXIT_USAGE
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    data, source = load(args)
+    files = write_report(data, out, source)
     status = ", ".join(f"{n} {s}" for s, n in status_counts(data.rows).items())
     print(f"{len(data.rows)} runs ({status}) from {source}")
     print(f"wrote {len(files)} files to {out}")
@@ -69,7 +67,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {f.name}")
     print(f"open {out / 'index.html'}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

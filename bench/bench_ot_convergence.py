@@ -34,18 +34,16 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ot
+import torch
 
-import ot  # noqa: E402
-import torch  # noqa: E402
-
-from pact_ray.config import Stage1RunConfig  # noqa: E402
-from pact_ray.metrics import names as M  # noqa: E402
-from pact_ray.ot import edges as edges_module  # noqa: E402
-from pact_ray.ot import router as router_module  # noqa: E402
-from pact_ray.ot.sinkhorn import DEFAULT_EPS, DEFAULT_MAX_ITER, DEFAULT_TOL, sinkhorn_log  # noqa: E402
-from pact_ray.training.stage1 import Stage1Trainer  # noqa: E402
-from pact_ray.variants import STAGE1_VARIANTS  # noqa: E402
+from pact_ray.metrics import names as M
+from pact_ray.ot import edges as edges_module
+from pact_ray.ot import router as router_module
+from pact_ray.ot.sinkhorn import DEFAULT_EPS, DEFAULT_MAX_ITER, DEFAULT_TOL, sinkhorn_log
+from pact_ray.runs.registry import STAGE1_VARIANTS
+from pact_ray.runs.stage1 import Stage1RunConfig
+from pact_ray.training.stage1 import Stage1Trainer
 
 OLD_ITERATIONS = 50  # the router's default before issue #16 (plain Sinkhorn, tol 1e-6 never met)
 PLAIN_CAP = 1000  # plain Sinkhorn gets at most this many iterations to reach the tolerance

@@ -35,13 +35,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pact_ray.config import Stage1RunConfig  # noqa: E402
-from pact_ray.models.stage1 import ModulatedCrossBlock, PartLayout  # noqa: E402
-from pact_ray.ot.router import OTRouter, RouterConfig  # noqa: E402
-from pact_ray.training.stage1 import Stage1Trainer  # noqa: E402
-from pact_ray.variants import STAGE1_VARIANTS  # noqa: E402
+from pact_ray.models.stage1 import ModulatedCrossBlock, PartLayout
+from pact_ray.ot.router import OTRouter, RouterConfig
+from pact_ray.runs.registry import STAGE1_VARIANTS
+from pact_ray.runs.stage1 import Stage1RunConfig
+from pact_ray.training.stage1 import Stage1Trainer
 
 CASES = {
     # name: width, heads, tokens per part, grid, parts per object, objects, image size

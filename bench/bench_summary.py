@@ -1,6 +1,6 @@
 """Time the ablation summary on a large synthetic MLflow store (target: 1,000 runs of 60 steps in under 30 s).
 
-The store is a SQLite file written in bulk (``pact_ray.report.synthetic``, the callback's
+The store is a SQLite file written in bulk (``example_store``, the callback's
 layout): Stage1 runs of every variant on 2 profiles x 2 model presets with seeds, plus
 one Optuna-style variant whose runs vary router.eps and router.strength. Each run logs
 loss, step and wall_s at every step, and the router variants gate, edge_delta and
@@ -11,7 +11,7 @@ Measured, each on the same store:
 - ``end_to_end_s``: ``python analysis/summarize.py --tracking-uri ... --out ...`` in a fresh
   interpreter (imports, reading, route status, plots, page, writing): the target number;
 - in process: reading the runs (``search_runs`` in pages of 1,000), the loss histories by
-  each method of :func:`pact_ray.summary.fetch_curves` (``bulk``: one SQL query per 500
+  each method of :func:`pact_ray.report.summary.fetch_curves` (``bulk``: one SQL query per 500
   runs through the SQLAlchemy store; ``threads``: ``get_metric_history`` per run, 8
   threads), and rendering the report (route status, importances, plots, page).
 
@@ -33,13 +33,14 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the example store writer is a test fixture, not part of the package
 
-from pact_ray.report import render_report  # noqa: E402
-from pact_ray.report.synthetic import TrialSpec, log_sweep, loss_curve, router_history  # noqa: E402
-from pact_ray.summary import collect, fetch_curves  # noqa: E402
-from pact_ray.sweep import OneLineParser  # noqa: E402
-from pact_ray.variants import STAGE1_VARIANTS  # noqa: E402
+from example_store import TrialSpec, log_sweep, loss_curve, router_history  # noqa: E402
+
+from pact_ray.cli import OneLineParser  # noqa: E402
+from pact_ray.report.ablation import render_report  # noqa: E402
+from pact_ray.report.summary import collect, fetch_curves  # noqa: E402
+from pact_ray.runs.registry import STAGE1_VARIANTS  # noqa: E402
 
 TARGET_S = 30.0
 SETTINGS = (("quick", "tiny"), ("quick", "small"), ("full", "tiny"), ("full", "small"))

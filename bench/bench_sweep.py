@@ -21,14 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from pact_ray.config import Stage1RunConfig  # noqa: E402
-from pact_ray.sweep import run_sweep  # noqa: E402
-from pact_ray.training.stage1 import Stage1Trainer, dataset_for  # noqa: E402
-from pact_ray.variants import STAGE1_VARIANTS  # noqa: E402
+from pact_ray.runs.registry import STAGE1_VARIANTS
+from pact_ray.runs.stage1 import Stage1RunConfig
+from pact_ray.training.stage1 import Stage1Trainer, dataset_for
+from pact_ray.tune.sweep import run_sweep
 
 
 def sequential(model: str, profile: str, threads: int) -> float:
@@ -63,8 +61,9 @@ def through_ray(model: str, profile: str, workdir: Path, tag: str) -> float:
 
 
 def logging_overhead(model: str, steps: int, repeats: int, workdir: Path) -> dict:
-    from pact_ray.tracking.writer import MlflowWriter, RunRef
     from mlflow.tracking import MlflowClient
+
+    from pact_ray.tracking.writer import MlflowWriter, RunRef
 
     torch.set_num_threads(1)
     uri = f"sqlite:///{workdir / 'overhead.db'}"
@@ -105,10 +104,10 @@ def main(argv=None) -> int:
         work = Path(d)
         dataset_for(Stage1RunConfig.for_variant("baseline", profile, model, 0))  # generate the data before timing
         seq = sequential(model, profile, threads=1)
-        from pact_ray.sweep import init_ray
+        from pact_ray.tune.sweep import init_ray
 
         t0 = time.perf_counter()
-        init_ray(None, quiet=True)  # a running cluster (--address) has no start-up cost
+        init_ray(None)  # a running cluster (--address) has no start-up cost
         init_s = time.perf_counter() - t0
         ray_s = through_ray(model, profile, work, "a")
         phase_s = trial_phase(work)

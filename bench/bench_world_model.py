@@ -21,13 +21,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pact_ray.metrics.world_model import compute_metrics, eval_sample_ids, evaluate_model  # noqa: E402
-from pact_ray.models.world_model import PRESET_NAMES  # noqa: E402
-from pact_ray.training.base import count_parameters  # noqa: E402
-from pact_ray.training.world_model import WorldModelTrainer, dataset_for  # noqa: E402
-from pact_ray.world_model_config import WorldModelRunConfig  # noqa: E402
+from pact_ray.metrics.world_model import compute_metrics, evaluate_model
+from pact_ray.models.world_model import PRESET_NAMES
+from pact_ray.runs.world_model import WorldModelRunConfig
+from pact_ray.training.base import count_parameters
+from pact_ray.training.validation import eval_sample_ids
+from pact_ray.training.world_model import WorldModelTrainer, dataset_for
 
 EVAL_SAMPLES = 100
 
@@ -52,7 +51,7 @@ def bench_case(model_type: str, preset: str, data, device: torch.device, batch_s
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pact_ray.sweep import OneLineParser
+    from pact_ray.cli import OneLineParser
 
     p = OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench/results/world_model_cpu.json")

@@ -2,7 +2,7 @@
 
     python sweeps/mae_world_model.py                     # quick: mae, mae_random, gpt at --model small, ...
     python sweeps/mae_world_model.py --profile smoke --model tiny --variants mae,gpt --seeds 0,1
-    python sweeps/mae_world_model.py --variants mae_small,mae_seed,gpt_small --set lr=5e-4
+    python sweeps/mae_world_model.py --variants mae_small,mae_reference,gpt_small --set lr=5e-4
     python sweeps/mae_world_model.py --data /data/so100-pan --profile full --name wm-full
     python sweeps/mae_world_model.py --name wm-full --resume
 
@@ -10,11 +10,14 @@ Run with --help for every flag; then `python analysis/eval_report.py --run RUN_I
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from pact_ray.runs.kinds import WORLD_MODEL
+from pact_ray.tune.sweep import run_sweep
 
-from pact_ray.sweep import run_sweep  # noqa: E402
+
+def main(argv: list[str] | None = None) -> int:
+    return run_sweep(WORLD_MODEL, argv, description=__doc__)
+
 
 if __name__ == "__main__":
-    sys.exit(run_sweep("world_model", description=__doc__.split("\n\n")[0]))
+    sys.exit(main())

@@ -1,5 +1,5 @@
-"""The seed's whole OT matrix in one sweep: Stage1 router cells and Stage2 spatial cells,
-one MLflow parent run, one summary.
+"""The ablation dashboard's whole OT matrix in one sweep: Stage1 router cells and Stage2
+spatial cells, one MLflow parent run, one summary.
 
     python sweeps/ot_matrix.py                          # quick: 8 cells, small preset, local Ray
     python sweeps/ot_matrix.py --profile full --name matrix-full-1
@@ -15,11 +15,14 @@ cells of that stage only. Run with --help for every flag.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from pact_ray.runs.kinds import MATRIX
+from pact_ray.tune.sweep import run_sweep
 
-from pact_ray.sweep import run_sweep  # noqa: E402
+
+def main(argv: list[str] | None = None) -> int:
+    return run_sweep(MATRIX, argv, description=__doc__)
+
 
 if __name__ == "__main__":
-    sys.exit(run_sweep("matrix", description=__doc__.split("\n\n")[0]))
+    sys.exit(main())

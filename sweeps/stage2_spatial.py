@@ -9,11 +9,14 @@ Run with --help for every flag.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from pact_ray.runs.kinds import STAGE2
+from pact_ray.tune.sweep import run_sweep
 
-from pact_ray.sweep import run_sweep  # noqa: E402
+
+def main(argv: list[str] | None = None) -> int:
+    return run_sweep(STAGE2, argv, description=__doc__)
+
 
 if __name__ == "__main__":
-    sys.exit(run_sweep("stage2", description=__doc__.split("\n\n")[0]))
+    sys.exit(main())

@@ -31,6 +31,7 @@ def ray_address(_data_cache):
     """One local Ray instance for the whole session (init costs seconds); yields its GCS address."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # address "local": this session's own instance, never another process's cluster.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

@@ -26,6 +26,8 @@ How the tests use it:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT32, FLOAT64 = torch.float32, torch.float64
@@ -54,7 +56,10 @@ def rounding_bound(scale: float, ops: int, dtype: torch.dtype, gain: float = 1.0
     its reduction length; a network, the sum over its layers); ``gain``: a bound on how much
     the operations after a rounding error amplify it (1 for a plain reduction).
     """
-    return 2.0 * gamma(ops, dtype) * float(scale) * float(gain)
+    # Higham's model with underflow adds an absolute error of at most u * tiny per operation
+    # (gradual underflow), which matters only for values near the dtype's smallest normal.
+    underflow = ops * unit_roundoff(dtype) * torch.finfo(dtype).tiny
+    return 2.0 * (gamma(ops, dtype) * float(scale) * float(gain) + underflow)
 
 
 def magnitude(*tensors: torch.Tensor) -> float:
@@ -72,7 +77,7 @@ def assert_within_rounding(actual: torch.Tensor, expected: torch.Tensor, *, ops:
     assert actual.shape == expected.shape, f"{what}: shapes differ ({tuple(actual.shape)} vs {tuple(expected.shape)})"
     s = magnitude(actual, expected) if scale is None else scale
     bound = rounding_bound(s, ops, actual.dtype, gain)
-    diff = float((actual - expected).abs().max()) if actual.numel() else 0.0
+    diff = float((actual - expected).detach().abs().max()) if actual.numel() else 0.0
     assert diff <= bound, (
         f"{what or 'values'} differ by {diff:.3e}, more than rounding allows "
         f"({bound:.3e} = 2 gamma_{ops} x scale {s:.3e} x gain {gain:g} in {actual.dtype})"
@@ -88,3 +93,33 @@ def transformer_ops(width: int, tokens: int, blocks: int, mlp_ratio: float = 4, 
     if cond_tokens:
         per_block += 3 * width + 2 * cond_tokens
     return blocks * per_block
+
+
+def pairwise_sum_ops(n: int) -> int:
+    """The longest chain of additions in a blocked pairwise sum of ``n`` values, as NumPy and
+    torch's CPU reductions do it: NumPy sums blocks of 128 values with 8 interleaved
+    accumulators (16 additions each, then 3 to combine them) and pairs the blocks up (one
+    addition per level); torch's cascade sum is no deeper. Counted as n for n <= 19, where a
+    plain sequential sum is the worst case."""
+    if n <= 19:
+        return max(n - 1, 1)
+    levels = max(0, math.ceil(math.log2(n / 128)))
+    return 16 + 3 + levels
+
+
+def statistic_bound(*samples, ops: int = 16) -> float:
+    """The largest float64 rounding difference between two implementations of a mean, a
+    sample standard deviation or a t interval over ``samples`` (sequences of floats).
+
+    The sums run over all n values (n + ``ops`` operations with the divisions, the square root
+    and the t quantile's scaling). The sample variance is ill-conditioned when the spread is
+    small next to the mean: its relative error is amplified by ``kappa = 1 + mean^2 / var``
+    (Chan, Golub & LeVeque, "Algorithms for computing the sample variance", 1983), which is the
+    gain here. The scale is the largest magnitude of the values.
+    """
+    values = [float(v) for s in samples for v in s]
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / max(n - 1, 1)
+    kappa = 1.0 + mean * mean / var if var > 0 else 1.0
+    return rounding_bound(max(abs(v) for v in values), n + ops, torch.float64, gain=kappa)

@@ -1,5 +1,5 @@
 """The Stage2 voxel sets: format and validation, the synthetic generator with voxels, and
-the padded voxel batches (collate_voxels)."""
+the sparse voxel batches with PAct's 9-channel latents (collate_voxels)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from pact_ray.data.format import DATASET_FILE, DataError, DatasetSpec, load_sample, read_dataset_spec, sample_path, write_sample
-from pact_ray.data.loader import ArticulatedDataset, collate_voxels
-from pact_ray.data.synthetic import PRESETS, SyntheticGenerator, generate_dataset, main
+from pact_ray.data.objects.format import DATASET_FILE, DatasetSpec, load_sample, read_dataset_spec, sample_path, write_sample
+from pact_ray.data.objects.loader import OWNERSHIP, ArticulatedDataset, collate_voxels
+from pact_ray.data.objects.synthetic import PRESETS, SyntheticGenerator, generate_dataset, main
+from pact_ray.errors import DataError
 
 TINY = PRESETS["tiny"]
 G = 32  # the tiny Stage2 preset's voxel grid
@@ -170,36 +171,56 @@ def test_cli_voxel_resolution(tmp_path, capsys):
 
 # ---------------------------------------------------------------- collate_voxels
 
+def brute_force_rows(item) -> list[dict[tuple[int, int, int], np.ndarray]]:
+    """PAct's rows of one object from their definition (loader.pact_latents), with sets:
+    {cell: 9-channel latent} per row, whole object first."""
+    coords, feats = item["voxel_coords"], item["voxel_feats"].astype(np.float32)
+    k = len(item["part_labels"])
+    own = [{tuple(c): f for c, f in zip(coords[coords[:, 0] == r, 1:].tolist(), feats[coords[:, 0] == r])} for r in range(k + 1)]
+    rows, votes = [], {cell: [0, 0] for cell in own[0]}
+    for r in range(1, k + 1):
+        lo, hi = np.array(list(own[r])).min(0), np.array(list(own[r])).max(0)
+        context = {c for q in range(1, k + 1) if q != r for c in own[q]
+                   if all(lo[a] < c[a] < hi[a] for a in range(3)) and c not in own[r]}
+        row = {c: np.append(f, OWNERSHIP) for c, f in own[r].items()}
+        row.update({c: np.append(np.zeros(8, np.float32), -OWNERSHIP) for c in context})
+        for c in own[r]:
+            votes[c][0] += 1
+        for c in context:
+            votes[c][1] += 1
+        rows.append(row)
+    whole = {c: np.append(f, OWNERSHIP * (votes[c][0] - votes[c][1]) / sum(votes[c])) for c, f in own[0].items()}
+    return [whole] + rows
+
+
 def test_collate_voxels_layout(voxel_dir):
     dataset = ArticulatedDataset(voxel_dir)
     items = [dataset[i] for i in range(3)]
     counts = [len(item["part_labels"]) for item in items]
     batch = collate_voxels(items)  # no cap: every voxel
-    n, b, p = sum(counts) + len(items), len(items), sum(counts)
-    lengths = [int((item["voxel_coords"][:, 0] == r).sum()) for item in items for r in range(len(item["part_labels"]) + 1)]
-    m = max(lengths)
+    expected_rows = [row for item in items for row in brute_force_rows(item)]
+    t, b, p = sum(len(r) for r in expected_rows), len(items), sum(counts)
     shapes = {
-        "feats": (n, m, 8), "shared": (n, m), "coords": (n, m, 3), "valid": (n, m), "num_rows": (b,), "cond": (b, 41, 64),
-        "masks": (b, 6, 6), "pixel_masks": (b, 48, 48), "num_parts": (b,), "articulation": (p, 24), "art_valid": (p, 24),
+        "coords": (t, 4), "latents": (t, 9), "num_rows": (b,), "cond": (b, 41, 64), "masks": (b, 6, 6),
+        "pixel_masks": (b, 48, 48), "num_parts": (b,), "articulation": (p, 24), "art_valid": (p, 24),
         "part_labels": (p,), "joint_types": (p,), "index": (b,),
     }
     assert {k: tuple(v.shape) for k, v in batch.items()} == shapes
-    assert batch["valid"].sum(1).tolist() == lengths and batch["num_rows"].tolist() == [c + 1 for c in counts]
-    assert not batch["feats"][~batch["valid"]].any() and not batch["shared"][~batch["valid"]].any()
-    row = 0
-    for item in items:
-        coords, feats = item["voxel_coords"], item["voxel_feats"]
-        for r in range(len(item["part_labels"]) + 1):
-            sel = coords[:, 0] == r
-            v = batch["valid"][row]
-            np.testing.assert_array_equal(batch["coords"][row][v].numpy(), coords[sel, 1:])
-            np.testing.assert_array_equal(batch["feats"][row][v].numpy(), feats[sel].astype(np.float32))
-            # shared: the cell belongs to more than one part row of this object (brute force)
-            owners = [cell_set(coords[coords[:, 0] == q]) for q in range(1, len(item["part_labels"]) + 1)]
-            expected = [sum(tuple(c) in o for o in owners) > 1 for c in coords[sel, 1:].tolist()]
-            assert batch["shared"][row][v].bool().tolist() == expected
-            row += 1
-    assert batch["shared"].sum() > 0  # doors touch their body
+    assert batch["num_rows"].tolist() == [c + 1 for c in counts]
+    rows = batch["coords"][:, 0]
+    assert (rows.diff() >= 0).all() and rows.max() == len(expected_rows) - 1
+    for r, expected in enumerate(expected_rows):
+        xyz = batch["coords"][rows == r, 1:]
+        keys = (xyz[:, 0] * G + xyz[:, 1]) * G + xyz[:, 2]
+        assert (keys.diff() > 0).all()  # (x, y, z) order, each cell once
+        assert [tuple(c) for c in xyz.tolist()] == sorted(expected)
+        np.testing.assert_allclose(batch["latents"][rows == r].numpy(), np.stack([expected[c] for c in sorted(expected)]),
+                                   rtol=1e-6, atol=0)
+    ownership = batch["latents"][:, -1]
+    assert (ownership == -OWNERSHIP).any()  # context voxels: a drawer's tray inside its body's box
+    whole_rows = torch.cat([torch.tensor([0]), torch.cumsum(batch["num_rows"], 0)[:-1]])
+    whole = torch.isin(rows, whole_rows)
+    assert ((ownership[whole] > -OWNERSHIP) & (ownership[whole] <= OWNERSHIP)).all() and (ownership[whole] < OWNERSHIP).any()
 
 
 def test_collate_voxels_cap_is_a_seeded_subset(voxel_dir):
@@ -210,12 +231,15 @@ def test_collate_voxels_cap_is_a_seeded_subset(voxel_dir):
     b = collate_voxels(items, 16, torch.Generator().manual_seed(5))
     c = collate_voxels(items, 16, torch.Generator().manual_seed(6))
     assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["coords"], c["coords"])
-    assert a["coords"].shape[1] == 16
-    assert a["valid"].sum(1).tolist() == full["valid"].sum(1).clamp(max=16).tolist()
-    for row in range(len(a["coords"])):  # a subset of the row, kept in canonical order
-        kept = a["coords"][row][a["valid"][row]]
-        allc = full["coords"][row][full["valid"][row]]
-        keys = (kept[:, 0] * G + kept[:, 1]) * G + kept[:, 2]
-        assert (keys.diff() > 0).all() and set(map(tuple, kept.tolist())) <= set(map(tuple, allc.tolist()))
+    rows = int(full["num_rows"].sum())
+    assert torch.bincount(a["coords"][:, 0], minlength=rows).tolist() == torch.bincount(full["coords"][:, 0]).clamp(max=16).tolist()
+    for row in range(rows):  # a subset of the row, kept in order, with its latents
+        kept = a["coords"][a["coords"][:, 0] == row]
+        everything = {tuple(v): lat for v, lat in zip(full["coords"][full["coords"][:, 0] == row].tolist(),
+                                                       full["latents"][full["coords"][:, 0] == row])}
+        keys = (kept[:, 1] * G + kept[:, 2]) * G + kept[:, 3]
+        assert (keys.diff() > 0).all()
+        for v, lat in zip(kept.tolist(), a["latents"][a["coords"][:, 0] == row]):
+            assert torch.equal(everything[tuple(v)], lat)
     with pytest.raises(ValueError, match="needs samples with voxel sets"):
         collate_voxels([{k: v for k, v in items[0].items() if k != "voxel_coords"}])

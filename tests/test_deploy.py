@@ -14,8 +14,8 @@ import jsonschema
 import ray.autoscaler
 import yaml
 
-from pact_ray.runkinds import get_kind
-from pact_ray.sweep import build_parser
+from pact_ray.runs.kinds import get_kind
+from pact_ray.tune.flags import build_parser
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 

@@ -14,13 +14,15 @@ import torch
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from pact_ray.config import Stage1RunConfig
-from pact_ray.summary import JSON_NAME
-from pact_ray.sweep import MANIFEST, run_sweep
-from pact_ray.tracking.callback import SWEEP_TAG
+from pact_ray.report.summary import JSON_NAME
+from pact_ray.runs.stage1 import Stage1RunConfig
 from pact_ray.tracking.server import start_server
+from pact_ray.tracking.tags import SWEEP_TAG
+from pact_ray.training.checkpoints import read_checkpoint, write_checkpoint
 from pact_ray.training.stage1 import Stage1Trainer
-from pact_ray.tune_trial import read_checkpoint, restore, write_checkpoint
+from pact_ray.tune.manifest import MANIFEST
+from pact_ray.tune.sweep import run_sweep
+from pact_ray.tune.trial import restore
 
 
 def _runs(uri: str, storage: Path, name: str):
@@ -91,14 +93,17 @@ def test_corrupted_or_truncated_checkpoint_falls_back_to_the_previous_one(tmp_pa
         read_checkpoint(trial / "checkpoint_000001", "stage1")
 
     fresh = _trainer(tmp_path)
-    restore(fresh, tune.Checkpoint.from_directory(str(trial / "checkpoint_000002")), "stage1")
+    note = restore(fresh, tune.Checkpoint.from_directory(str(trial / "checkpoint_000002")), "stage1")
     assert fresh.step == states[0] and fresh.resumed
+    # The note the driver shows (progress line, MLflow tag) names the checkpoint used and both failures.
+    assert note.startswith(f"fell back to checkpoint checkpoint_000000 (step {states[0]}) after: ")
+    assert note.count(";") == 1 and "corrupted" in note
     ref = read_checkpoint(trial / "checkpoint_000000", "stage1")["model"]
     for k, v in fresh.model.state_dict().items():
         assert torch.equal(v, ref[k])
     # A resumed trainer continues with exactly the uninterrupted run's next step.
     again = _trainer(tmp_path)
-    restore(again, tune.Checkpoint.from_directory(str(trial / "checkpoint_000000")), "stage1")
+    assert restore(again, tune.Checkpoint.from_directory(str(trial / "checkpoint_000000")), "stage1") is None
     assert again.train_step()["loss"] == fresh.train_step()["loss"]
 
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from pact_ray.config import Stage1RunConfig, Stage2RunConfig
-from pact_ray.data.synthetic import PRESETS, generate_dataset
-from pact_ray.runkinds import MATRIX_CELLS, RUN_KINDS, resolve_kind
-from pact_ray.sweep import run_sweep
+from pact_ray.data.objects.synthetic import PRESETS, generate_dataset
+from pact_ray.runs.kinds import MATRIX_CELLS, RUN_KINDS, resolve_kind
+from pact_ray.runs.stage1 import Stage1RunConfig
+from pact_ray.runs.stage2 import Stage2RunConfig
+from pact_ray.tune.sweep import run_sweep
 
 MATRIX = RUN_KINDS["matrix"]
 
@@ -75,10 +76,9 @@ def test_matrix_data_is_checked_for_every_kind(tmp_path, capsys):
 def test_matrix_smoke_sweep_and_resume(tmp_path, ray_address, capsys):
     from mlflow.tracking import MlflowClient
 
-    from pact_ray.summary import JSON_NAME
-    from pact_ray.sweep import MANIFEST
-    from pact_ray.tracking.callback import SWEEP_TAG
-    from pact_ray.tracking.writer import ROLE_TAG
+    from pact_ray.report.summary import JSON_NAME
+    from pact_ray.tracking.tags import ROLE_TAG, SWEEP_TAG
+    from pact_ray.tune.manifest import MANIFEST
 
     cells = ["stage1_baseline", "stage1_ot_first", "stage2_spatial_adapter"]
     rc = run_sweep("matrix", args(tmp_path, "m", "--variants", ",".join(cells)))
@@ -103,7 +103,9 @@ def test_matrix_smoke_sweep_and_resume(tmp_path, ray_address, capsys):
         stage2 = row["kind"] == "stage2"
         assert all((row[c] is not None) == stage2 for c in ("art_l2", "mask_parts", "empty"))
         assert (row["gate"] is not None) == (row["variant"] == "ot_first")
-    assert "Best Stage1 variant:" in out and "Best Stage2 variant: spatial_adapter" in out
+    # One seed per cell and no Stage2 baseline cell: no verdict, no "best", and the output says why.
+    assert "Best" not in out and "No Stage1 variant beats the baseline at 1 seed(s)" in out
+    assert "spatial adapter" in out and "no baseline" in out
 
     # --resume of the finished matrix: the same experiment, parent and child runs, nothing trained twice.
     rc = run_sweep("matrix", args(tmp_path, "m", "--resume"))

@@ -14,12 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numerics import magnitude, rounding_bound, transformer_ops
 
+from pact_ray.errors import ConfigError
 from pact_ray.metrics import names as M
-from pact_ray.models.stage1 import build_stage1
+from pact_ray.models.stage1 import STAGE1_PRESETS, build_stage1
 from pact_ray.ot import router as router_module
-from pact_ray.ot.router import ConfigError, RouterConfig, resolve_blocks
-from pact_ray.presets import STAGE1_PRESETS
-from pact_ray.variants import STAGE1_VARIANTS
+from pact_ray.ot.router import RouterConfig, resolve_blocks
+from pact_ray.runs.registry import STAGE1_VARIANTS
 
 N_PARTS = torch.tensor([3, 2])
 

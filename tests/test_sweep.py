@@ -14,20 +14,20 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pact_ray.summary import ALL_COLUMNS, COLUMNS, JSON_NAME
-from pact_ray.sweep import MANIFEST, run_sweep
-from pact_ray.tracking.callback import SWEEP_TAG
-from pact_ray.tracking.writer import TRIAL_TAG
-from pact_ray.variants import STAGE1_VARIANTS
+from pact_ray.report.summary import ALL_COLUMNS, COLUMNS, JSON_NAME
+from pact_ray.runs.registry import STAGE1_VARIANTS
+from pact_ray.tracking.tags import CHECKPOINT_TAG, STEP_TAG, SWEEP_TAG, TRIAL_TAG
+from pact_ray.tune.manifest import MANIFEST
+from pact_ray.tune.sweep import run_sweep
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "sweeps" / "stage1_router.py"
 
 
-def sweep_args(tmp_path: Path, name: str, *extra: str) -> list[str]:
+def sweep_args(tmp_path: Path, name: str, *extra: str, quiet: bool = True) -> list[str]:
     return ["--model", "tiny", "--name", name, "--storage-path", str(tmp_path / "runs"),
-            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--quiet", *extra]
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *(["--quiet"] if quiet else []), *extra]
 
 
 def child_runs(tmp_path: Path, name: str):
@@ -38,34 +38,50 @@ def child_runs(tmp_path: Path, name: str):
 
 
 def test_smoke_sweep_of_every_variant(tmp_path, ray_address, capsys):
-    rc = run_sweep("stage1", sweep_args(tmp_path, "smoke-all", "--profile", "smoke"))
+    rc = run_sweep("stage1", sweep_args(tmp_path, "smoke-all", "--profile", "smoke", quiet=False))
     out = capsys.readouterr().out
     assert rc == 0, out
+    # The terminal: our progress lines and the summary, no Ray boxes, no escape codes off a terminal.
+    assert len(out.splitlines()) <= 80 and "\x1b[" not in out and "Configuration for experiment" not in out
+    assert max(len(line) for line in out.splitlines()) <= 160
+    assert all(f"{v} s0" in out for v in STAGE1_VARIANTS) and "trials done" in out
     client, manifest, runs = child_runs(tmp_path, "smoke-all")
     assert sorted(r.data.tags["variant"] for r in runs) == sorted(STAGE1_VARIANTS)
+    assert sorted(r.info.run_name for r in runs) == sorted(f"{v} s0" for v in STAGE1_VARIANTS)  # distinct at a glance
     parent = client.get_run(manifest["parent_run_id"])
-    assert parent.info.status == "FINISHED"
+    assert parent.info.status == "FINISHED" and parent.data.tags["sweep"] == "smoke-all"
     for r in runs:
         assert r.info.status == "FINISHED"
-        assert r.data.tags["mlflow.parentRunId"] == manifest["parent_run_id"]
-        assert {"variant", "phase", "profile", "note", "git_commit"} <= set(r.data.tags) and r.data.tags[TRIAL_TAG]
+        assert r.data.tags["mlflow.parentRunId"] == manifest["parent_run_id"] and r.data.tags["sweep"] == "smoke-all"
+        assert {"variant", "phase", "profile", "note", "git_commit", "seed", "model"} <= set(r.data.tags) and r.data.tags[TRIAL_TAG]
         assert r.data.params["variant"] == r.data.tags["variant"] and r.data.params["model"] == "tiny"
-        assert r.data.metrics["step"] == 1 and "loss" in r.data.metrics
+        assert "step" not in r.data.metrics and r.data.tags[STEP_TAG] == "1" and "loss" in r.data.metrics
         routed = STAGE1_VARIANTS[r.data.tags["variant"]].router is not None
         assert ("gate" in r.data.metrics) == routed
         assert [a.path for a in client.list_artifacts(r.info.run_id)] == ["config.json"]
+        [dataset] = r.inputs.dataset_inputs  # the Dataset column: name, digest, source
+        assert dataset.dataset.name and len(dataset.dataset.digest) == 8 and dataset.dataset.source_type == "local"
+        assert Path(r.data.tags[CHECKPOINT_TAG]).is_dir()
+    # The parent: the summary as artifacts, the verdicts as its description, headline numbers as metrics.
+    summary_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
+    assert {"summary/index.html", "summary/ablation_summary.csv", "summary/route_status.json"} <= summary_artifacts
+    assert "| setting | variant | step |" in parent.data.tags["mlflow.note.content"]
+    assert parent.data.metrics["trials_finished"] == len(STAGE1_VARIANTS) and parent.data.metrics["trials_errored"] == 0
     # The summary files hold one row per trial, matching MLflow.
     rows = json.loads((tmp_path / "runs" / "smoke-all" / "summary" / JSON_NAME).read_text())
     assert len(rows) == len(STAGE1_VARIANTS) and list(rows[0]) == ALL_COLUMNS
     by_id = {r.info.run_id: r for r in runs}
     for row in rows:
         run = by_id[row["mlflow_run_id"]]
-        assert row["loss"] == pytest.approx(run.data.metrics["loss"])
+        assert row["loss"] == run.data.metrics["loss"]  # the same float64 MLflow holds
         assert row["steps"] == 1 and row["status"] == "finished" and row["phase"] == STAGE1_VARIANTS[row["variant"]].phase
         assert (row["gate"] is None) == (row["variant"] == "baseline")
     csv_lines = (tmp_path / "runs" / "smoke-all" / "summary" / "ablation_summary.csv").read_text().splitlines()
     assert csv_lines[0].split(",")[: len(COLUMNS)] == COLUMNS and len(csv_lines) == 1 + len(STAGE1_VARIANTS)
-    assert "Best variant:" in out and "mlflow ui --backend-store-uri sqlite:///" in out
+    assert all(row["val_loss"] is not None and row["val_step"] == 1 for row in rows)
+    # One seed: no interval, so no verdict and no "best"; the sweep says so.
+    assert "Route status (val_loss" in out and "No Stage1 variant beats the baseline at 1 seed(s)" in out and "Best" not in out
+    assert "mlflow ui --backend-store-uri sqlite:///" in out
     # On demand, from the tracking store alone: the same table.
     from analysis.summarize import main as summarize
 
@@ -74,19 +90,45 @@ def test_smoke_sweep_of_every_variant(tmp_path, ray_address, capsys):
     assert (tmp_path / "again" / "ablation_summary.csv").read_text() == "\n".join(csv_lines) + "\n"
 
 
-def test_optuna_search_with_asha_and_persistent_study(tmp_path, ray_address):
+def test_optuna_search_with_asha_and_persistent_study(tmp_path, ray_address, capsys):
     import optuna
 
     rc = run_sweep("stage1", sweep_args(tmp_path, "opt", "--profile", "smoke", "--search", "optuna", "--variant", "rgb_edge",
                                         "--num-samples", "3", "--scheduler", "asha", "--set", "router.iterations=20"))
-    assert rc == 0
+    out = capsys.readouterr().out
+    assert rc == 0, out
     _, _, runs = child_runs(tmp_path, "opt")
     assert len(runs) == 3
     eps = {r.data.params["router.eps"] for r in runs}
     assert len(eps) == 3  # Optuna proposed three different values
     assert {r.data.params["router.iterations"] for r in runs} == {"20"}  # fixed by --set, not searched
-    study = optuna.load_study(study_name="opt", storage=f"sqlite:///{tmp_path / 'runs' / 'opt' / 'optuna.db'}")
+    assert len({r.info.run_name for r in runs}) == 3  # "rgb_edge s0 #1", "#2", ...
+    db = tmp_path / "runs" / "opt" / "optuna.db"
+    study = optuna.load_study(study_name="opt", storage=f"sqlite:///{db}")
     assert len(study.trials) == 3 and all("router.eps" in t.params for t in study.trials)
+    # The study names its objective and links each trial to its MLflow run, and the run to the trial.
+    assert study.metric_names == ["val_loss"]
+    by_run = {r.info.run_id: r for r in runs}
+    assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == set(by_run)
+    for t in study.trials:
+        assert by_run[t.user_attrs["mlflow_run_id"]].data.tags["pact_ray.optuna_trial"] == str(t.number)
+    assert "Optuna best of 3 trials: router.eps=" in out and f"optuna-dashboard sqlite:///{db}" in out
+    assert "optuna-dashboard sqlite:///" in (tmp_path / "runs" / "opt" / "summary" / "index.html").read_text()
+
+
+def test_until_conclusive_adds_seeds_within_the_cap(tmp_path, ray_address, capsys):
+    rc = run_sweep("stage1", sweep_args(tmp_path, "adapt", "--profile", "smoke", "--variants", "baseline,ot_first",
+                                        "--seeds", "0,1", "--until-conclusive", "3"))
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    _, _, runs = child_runs(tmp_path, "adapt")
+    pairs = [(r.data.tags["variant"], int(r.data.tags["seed"])) for r in runs]
+    assert len(pairs) == len(set(pairs))  # no trial ran twice
+    seeds = {v: sorted(s for name, s in pairs if name == v) for v in ("baseline", "ot_first")}
+    assert seeds["ot_first"][:2] == [0, 1] and len(seeds["ot_first"]) <= 3 and set(seeds["ot_first"]) <= set(seeds["baseline"])
+    [entry] = json.loads((tmp_path / "runs" / "adapt" / "summary" / "route_status.json").read_text())
+    assert entry["variant"] == "ot_first" and entry["seeds"] == seeds["ot_first"]
+    assert entry["verdict_corrected"] != "inconclusive" or len(seeds["ot_first"]) == 3  # settled, or at the cap
 
 
 def _step_counts(db: Path) -> dict[str, list[int]]:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from pact_ray.data.synthetic import generate_dataset
-from pact_ray.presets import CONDITION_PRESETS, STAGE1_PRESETS
-from pact_ray.sweep import run_sweep
+from pact_ray.data.objects.synthetic import generate_dataset
+from pact_ray.models.presets import CONDITION_PRESETS, STAGE1_PRESETS
+from pact_ray.tune.sweep import run_sweep
 
 
 def base(tmp_path: Path, *extra: str) -> list[str]:
@@ -58,7 +58,15 @@ def assert_rejected(tmp_path: Path, capsys, args: list[str], *fragments: str) ->
     (["--profile", "official-full"], "needs the official Stage1 weights"),
     (["--name", "../escape"], "plain folder name"),
     (["--name", ".hidden"], "plain folder name"),
+    (["--name", "x" * 101], "keep it to 100"),
     (["--resume"], "nothing to resume"),
+    (["--seeds", "-1"], "--seeds must be in 0..4294967295"),
+    (["--seeds", "4294967296"], "--seeds must be in 0..4294967295"),
+    (["--set", "lr=nan"], "lr must be a finite number"),
+    (["--set", "router.eps=inf", "--variants", "ot_first"], "router.eps must be a finite number"),
+    (["--set", "data_seed=-3"], "data_seed must be in 0..4294967295"),
+    (["--cpus-per-trial", "inf"], "is not a finite number"),
+    (["--summary-dir", "/proc/1/summary"], "--summary-dir /proc/1/summary is not writable"),
 ])
 def test_bad_flags_and_values(tmp_path, capsys, extra, fragment):
     assert_rejected(tmp_path, capsys, base(tmp_path, *extra), fragment)

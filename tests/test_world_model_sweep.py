@@ -5,19 +5,22 @@ browser's screenshot."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+from html import unescape
 
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pact_ray.metrics import names as M
-from pact_ray.sweep import MANIFEST, run_sweep
-from pact_ray.tracking.callback import SWEEP_TAG
-from pact_ray.tracking.writer import TRIAL_TAG
-from pact_ray.wm_report import ACTION_COLOURS, ARTIFACT_PATH
+from pact_ray.report.world_model import ACTION_COLOURS, ARTIFACT_PATH
+from pact_ray.tracking.tags import STEP_TAG, SWEEP_TAG, TRIAL_TAG
+from pact_ray.tune.manifest import MANIFEST
+from pact_ray.tune.sweep import run_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +47,14 @@ def test_world_model_sweep_and_its_evaluation_report(tmp_path, ray_address, caps
                                    "--storage-path", str(storage), "--tracking-uri", uri, "--quiet"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "Best variant:" in out
+    # Its own summary: validation metrics, MAE vs GPT on val_mse, the report commands; no OT page, no "best" from losses.
+    assert "Best" not in out and "Route status" not in out and "MAE vs GPT (tiny): mae - gpt val_mse" in out
+    assert "analysis/eval_report.py --run" in out
+    summary = storage / "wm" / "summary"
+    assert (summary / "wm_summary.csv").is_file() and not (summary / "route_status.json").exists()
+    rows = json.loads((summary / "wm_summary.json").read_text())
+    assert sorted(r["variant"] for r in rows) == ["gpt", "mae"] and all(r[M.VAL_MSE] is not None for r in rows)
+    assert "MAE vs GPT" in (summary / "index.html").read_text()
     client = MlflowClient(uri)
     manifest = json.loads((storage / "wm" / MANIFEST).read_text())
     assert manifest["kind"] == "world_model" and client.get_experiment(manifest["experiment_id"]).name == "pact-ray/mae_world_model"
@@ -55,7 +65,8 @@ def test_world_model_sweep_and_its_evaluation_report(tmp_path, ray_address, caps
         assert r.info.status == "FINISHED" and r.data.tags["phase"] == {"mae": "iter3", "gpt": "iter2"}[variant]
         assert r.data.params["model_type"] == variant and r.data.params["model"] == "tiny"
         metrics = r.data.metrics
-        assert set(SPEC_METRICS) <= set(metrics) and metrics[M.STEP] == 1 and metrics[M.VAL_SAMPLES] == 8
+        assert set(SPEC_METRICS) <= set(metrics) and metrics[M.VAL_SAMPLES] == 8
+        assert M.STEP not in metrics and r.data.tags[STEP_TAG] == "1"  # the step is a tag, not a metric
         assert {f"motor_position_mae_per_joint.J{j}" for j in range(6)} <= set(metrics)
         assert any(k.startswith("val_mse_action_") for k in metrics) and any(k.startswith("motor_position_mae_action_") for k in metrics)
         assert metrics[M.BEST_VAL_MSE] == metrics[M.VAL_MSE] and (M.TF_FR_GAP in metrics) == (variant == "gpt")
@@ -69,21 +80,34 @@ def test_world_model_sweep_and_its_evaluation_report(tmp_path, ray_address, caps
     report = tmp_path / "report"
     from analysis.eval_report import main
 
-    rc = main(["--run", runs["mae"].info.run_id, "--compare", runs["gpt"].info.run_id, "--tracking-uri", uri,
-               "--storage-path", str(storage), "--notes", str(notes), "--out", str(report)])
+    # From another folder, with the run id and the tracking URI alone: the run recorded its checkpoint.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cwd, threads = os.getcwd(), torch.get_num_threads()
+    os.chdir(elsewhere)
+    torch.set_num_threads(1)  # as the trial ran (one CPU): the very same kernels as at training time
+    try:
+        rc = main(["--run", runs["mae"].info.run_id, "--compare", runs["gpt"].info.run_id, "--tracking-uri", uri,
+                   "--notes", str(notes), "--out", str(report)])
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
     assert rc == 0, capsys.readouterr().err
     html = (report / "report.html").read_text()
     md = (report / "report.md").read_text()
-    for text in (html, md):
+    for text in (unescape(html), md):
         assert "Evaluation Report: " in text and "ITERATION 3: Switch to MAE model" in text
         assert all(m in text for m in SPEC_METRICS + [M.MOTOR_POSITION_MAE_PER_JOINT])
         assert "Comparison with" in text and "Recommendations" in text and "Error heatmap (jet colormap)" in text
+        assert "the same 8 of the" in text and "val_mse matches the run's at that step" in text  # what it scored, and why
     mae_trial = f"_{runs['mae'].data.tags[TRIAL_TAG]}/checkpoint_"
     assert mae_trial in html.split("<h2>")[0]  # the header names the MAE's checkpoint in its trial folder
     images = sorted(p.name for p in (report / "images").iterdir())
     assert images == sorted([f"counterfactual_{i}.png" for i in range(4)] + [f"error_heatmap_{i}.png" for i in range(4)])
     record = json.loads((report / "metrics.json").read_text())
     assert record["run_id"] == runs["mae"].info.run_id and record["previous"][M.TF_FR_GAP] is not None
+    # The same samples, weights, batches and threads as at training time: the same val_mse, exactly.
+    assert record["metrics"][M.VAL_MSE] == runs["mae"].data.metrics[M.VAL_MSE]
     logged = {a.path for a in client.list_artifacts(runs["mae"].info.run_id, ARTIFACT_PATH)}
     assert {f"{ARTIFACT_PATH}/report.html", f"{ARTIFACT_PATH}/report.md", f"{ARTIFACT_PATH}/images"} <= logged
 
@@ -106,8 +130,8 @@ def test_optuna_search_over_world_model_knobs(tmp_path, ray_address):
     """--search optuna tunes the world model's own knobs (no router prefix), through the shared harness."""
     from mlflow.tracking import MlflowClient
 
-    from pact_ray.sweep import run_sweep
-    from pact_ray.world_model_config import WM_VARIANTS
+    from pact_ray.runs.world_model import WM_VARIANTS
+    from pact_ray.tune.sweep import run_sweep
 
     variant = next(name for name, v in WM_VARIANTS.items() if v.knobs)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

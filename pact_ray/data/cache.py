@@ -1,8 +1,9 @@
-"""A node-local cache of synthetic datasets, so concurrent trials share one copy.
+"""A node-local cache of generated data sets (the PAct objects' and the arm's), so
+concurrent trials share one copy.
 
-Each dataset is generated into a temporary folder beside its final place and renamed
-into place in one step: a trial never sees a half-written dataset, and when two trials
-race, the second one's copy is discarded (both are byte-identical: generation is seeded).
+Each data set is generated into a temporary folder beside its final place and renamed into
+place in one step: a trial never sees a half-written data set, and when two trials race,
+the second one's copy is discarded (both are byte-identical: generation is seeded).
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-
-from pact_ray.data.synthetic import generate_dataset
 
 
 def cache_root() -> Path:
@@ -20,27 +20,21 @@ def cache_root() -> Path:
     return Path(os.environ.get("PACT_RAY_DATA_CACHE", Path.home() / ".cache" / "pact_ray" / "synthetic"))
 
 
-def ensure_synthetic(num_samples: int, seed: int, *, resolution: int, image_size, grid, cond_channels: int,
-                     prefix_tokens: int = 5, occlusion_prob: float = 0.2, voxel_resolution: int | None = None,
-                     root: Path | None = None) -> Path:
-    """Path of the synthetic dataset with these settings, generating it once if missing
-    (with Stage2 voxel sets when ``voxel_resolution`` is given)."""
+def cached(name: str, marker: str, generate: Callable[[Path], object], root: Path | None = None) -> Path:
+    """``<root>/<name>`` (root: :func:`cache_root`), made by ``generate(path)`` (``path`` does
+    not exist yet) when the file ``marker`` inside it is missing."""
     root = Path(root) if root is not None else cache_root()
-    name = (f"n{num_samples}-s{seed}-r{resolution}-img{image_size[0]}x{image_size[1]}-g{grid[0]}x{grid[1]}"
-            f"-c{cond_channels}-p{prefix_tokens}-o{occlusion_prob:g}" + (f"-v{voxel_resolution}" if voxel_resolution else ""))
     final = root / name
-    if (final / "dataset.json").is_file():
+    if (final / marker).is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
     try:
-        generate_dataset(tmp, num_samples, seed=seed, resolution=resolution, image_size=tuple(image_size),
-                         grid=tuple(grid), cond_channels=cond_channels, prefix_tokens=prefix_tokens,
-                         occlusion_prob=occlusion_prob, voxel_resolution=voxel_resolution)
+        generate(tmp / name)
         try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "dataset.json").is_file():
+            os.rename(tmp / name, final)
+        except OSError:  # another trial won the race: both copies are identical
+            if not (final / marker).is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

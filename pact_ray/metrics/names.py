@@ -14,6 +14,16 @@ STEP_TIME_S = "step_time_s"
 GRAD_NORM = "grad_norm"
 LR = "lr"
 STEP = "step"
+NONFINITE_STEPS = "nonfinite_steps"  # steps so far whose training loss was NaN or infinite (a diverged run)
+RESUME_NOTE = "resume_note"  # not a metric: a one-line note in the first result after a resume that skipped an unreadable checkpoint
+
+# Held-out validation (pact_ray.training.validation), at the profile's evaluation steps and
+# at the last step: the same samples, timesteps and noise for every variant and seed.
+VAL_LOSS = "val_loss"  # the training objective on the validation split (Stage1: flow MSE; Stage2: flow + art)
+VAL_FLOW_LOSS = "val_flow_loss"  # the rectified-flow MSE alone
+VAL_ART_L2 = "val_art_l2"  # Stage2: articulation MSE over valid slots
+VAL_ART_TYPE_ACC = "val_art_type_acc"  # Stage2: decoded joint type == target
+VAL_ART_LABEL_ACC = "val_art_label_acc"  # Stage2: decoded semantic label == target
 
 # Stage2
 ART_L2 = "art_l2"
@@ -25,12 +35,12 @@ ROUTER_DIAGNOSTICS = (GATE, EDGE_DELTA, VIRTUAL_MASS, PLAN_ENTROPY, MARGINAL_ERR
                       EDGE_SOLVE_ITERS, OT_TIME_MS)
 
 # Stage2, every step (besides LOSS, ART_L2, MASK_PARTS and EMPTY).
-FLOW_LOSS = "flow_loss"  # rectified-flow MSE on the voxel latents (valid tokens)
+FLOW_LOSS = "flow_loss"  # Stage2: rectified-flow MSE on the voxel latents, every voxel of every row
 ART_LOSS = "art_loss"  # the articulation term of LOSS: ART_L2 times the config's art_weight
 ART_TYPE_ACC = "art_type_acc"  # decoded joint type == target, over the batch's parts
 ART_LABEL_ACC = "art_label_acc"  # decoded semantic label == target
 # Mean squared error of each slot group of the articulation vector (valid slots only),
-# keyed by pact_ray.data.articulation.SLOT_GROUPS.
+# keyed by pact_ray.data.objects.articulation.SLOT_GROUPS.
 ART_GROUP_ERRORS = {
     "type": "art_err_type",
     "axis": "art_err_axis",

@@ -1,9 +1,9 @@
-"""Validation metrics of a world model (``shared/specs/world_model.md``; names in
+"""Validation metrics of a world model (``docs/specs/world_model.md``; names in
 :mod:`pact_ray.metrics.names`).
 
 Every sample is predicted under each action (the counterfactuals); the metrics of "the
 prediction" use the recorded action. Predictions are clamped to the pixel range [0, 1]
-first. Joint values are decoded from the motor strip (:class:`pact_ray.data.arm.MotorStrip`)
+first. Joint values are decoded from the motor strip (:class:`pact_ray.data.arm.strip.MotorStrip`)
 of the predicted and of the true frames, in degrees (velocities: degrees per frame).
 
 =============================  ==================================================================
@@ -46,7 +46,8 @@ import numpy as np
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from pact_ray.data.arm import ACTIONS, JOINT_LABELS, PAN, MotorStrip, SampleSet
+from pact_ray.data.arm.dataset import SampleSet
+from pact_ray.data.arm.strip import ACTIONS, JOINT_LABELS, PAN, MotorStrip
 from pact_ray.metrics import names as M
 from pact_ray.models.world_model import AutoregressiveWorldModel, WorldModel
 
@@ -78,13 +79,6 @@ class Evaluation:
     def prediction(self) -> np.ndarray:
         """[N, H, W, 3] the prediction under the recorded action."""
         return self.counterfactual[np.arange(len(self.action)), self.action]
-
-
-def eval_sample_ids(n: int, limit: int) -> np.ndarray:
-    """``limit`` sample ids spread evenly over a split of ``n`` samples (all of them if limit is 0 or >= n)."""
-    if limit <= 0 or limit >= n:
-        return np.arange(n)
-    return np.unique(np.linspace(0, n - 1, limit).round().astype(np.int64))
 
 
 def _hwc(x: torch.Tensor) -> np.ndarray:

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pact_ray.errors import first_line
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model (one-sentence message)."""
@@ -40,8 +42,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any reader failure is the same user error
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {p} could not be read as weights ({first[:200]})") from None
+        raise CheckpointError(f"checkpoint {p} could not be read as weights ({first_line(e, 200)})") from None
     for key in ("state_dict", "model", "ema"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

@@ -1,7 +1,7 @@
 """Building blocks of the PAct / TRELLIS structure-flow transformer.
 
 Module and parameter names follow the published model exactly (see
-``shared/specs/stage1_pact.md``) so that official checkpoints load strictly.
+``docs/specs/stage1_pact.md``) so that official checkpoints load strictly.
 """
 
 from __future__ import annotations

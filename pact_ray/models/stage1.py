@@ -1,7 +1,7 @@
 """Stage1: PAct's part-based sparse-structure flow transformer.
 
 A PAct-compatible re-implementation: the module tree, parameter names, shapes and
-forward pass follow the published model (``shared/specs/stage1_pact.md``) so that
+forward pass follow the published model (``docs/specs/stage1_pact.md``) so that
 the official weights load strictly and a golden forward pass is reproduced to 1e-5.
 The OT router of ``pact_ray.ot.router`` plugs into the cross-attention of chosen
 blocks; with it off (or at strength 0) the forward pass is the plain core, bit for bit.
@@ -24,15 +24,15 @@ from torch.utils.checkpoint import checkpoint
 from pact_ray.models.layers import (
     ModulatedBlockModules,
     TimestepEmbedder,
+    absolute_position_embedding,
     at_least_float32,
     build_from_preset,
-    absolute_position_embedding,
     modulate,
     patchify,
     unpatchify,
 )
+from pact_ray.models.presets import CONDITION_PRESETS, STAGE1_PRESETS  # noqa: F401 (re-exported)
 from pact_ray.ot.router import OTRouter, RouterConfig
-from pact_ray.presets import CONDITION_PRESETS, STAGE1_PRESETS  # noqa: F401 (re-exported)
 
 # Keys of the official config that this implementation accepts without using: they
 # describe the official model's fixed choices (both cross-attention kinds on, no shared

@@ -1,11 +1,11 @@
-"""Action-conditioned next-frame world models of the arm (``shared/specs/world_model.md``).
+"""Action-conditioned next-frame world models of the arm (``docs/specs/world_model.md``).
 
 Both models see C context frames and a discrete action (STAY, MOVE+, MOVE-) and predict
 the next frame patch by patch. Frames are ``[N, 3, H, W]`` floats in [0, 1], the motor
 strip included; patches are ``[N, L, p*p*3]`` in raster order (MAE's ``patchify`` layout),
 ``L = (H / p)^2``.
 
-- :class:`MaskedWorldModel` (the seed's iteration 3, after facebookresearch/mae): a ViT
+- :class:`MaskedWorldModel` (the evaluation report's iteration 3, after facebookresearch/mae): a ViT
   encoder over the context frames' patches plus an action token; a decoder gets the
   encoded tokens, a mask token at every target patch (and at every masked context patch)
   and reconstructs all of them at once. Mask strategies: ``target`` masks the whole
@@ -13,7 +13,7 @@ strip included; patches are ``[N, L, p*p*3]`` in raster order (MAE's ``patchify`
   context patches while training (MAE's per-sample random masking), so that the model
   cannot copy the last frame patch for patch. At inference the whole context is visible.
   The loss is the pixel MSE over every masked patch.
-- :class:`AutoregressiveWorldModel` (the seed's iteration 2, the comparison target): a
+- :class:`AutoregressiveWorldModel` (the evaluation report's iteration 2, the comparison target): a
   prefix-LM transformer over [action, context patches, target patches]; the prefix sees
   itself, target patch i sees the prefix and the target patches before it and predicts
   patch i. Trained teacher-forced; :meth:`~AutoregressiveWorldModel.predict` generates
@@ -22,7 +22,8 @@ strip included; patches are ``[N, L, p*p*3]`` in raster order (MAE's ``patchify`
   frame for the TF/FR gap.
 
 Sizes are named presets (factory functions below): ``tiny`` for tests, ``small`` for
-CPU sweeps, ``seed`` the seed's sizes (MAE: embed 384, depth 8, decoder 192 x 4; GPT: 384 x 12).
+CPU sweeps, ``reference`` the sizes of the evaluation report (``docs/design/world_model_eval_report.txt``;
+MAE: embed 384, depth 8, decoder 192 x 4; GPT: 384 x 12).
 The :class:`WorldModelConfig` is saved in every checkpoint, so a model is rebuilt exactly.
 """
 
@@ -38,7 +39,7 @@ from torch import nn
 
 MODEL_TYPES = ("mae", "gpt")
 MASKS = ("target", "target_random")
-PRESET_NAMES = ("tiny", "small", "seed")
+PRESET_NAMES = ("tiny", "small", "reference")
 
 
 @dataclass
@@ -100,8 +101,8 @@ def mae_small(**kw: Any) -> WorldModelConfig:
     return WorldModelConfig(model_type="mae", embed_dim=192, depth=4, num_heads=4, decoder_embed_dim=96, decoder_depth=2, decoder_num_heads=4, **kw)
 
 
-def mae_seed(**kw: Any) -> WorldModelConfig:
-    """The seed's iteration 3: embed 384, depth 8, decoder embed 192, decoder depth 4."""
+def mae_reference(**kw: Any) -> WorldModelConfig:
+    """The evaluation report's iteration 3: embed 384, depth 8, decoder embed 192, decoder depth 4."""
     return WorldModelConfig(model_type="mae", embed_dim=384, depth=8, num_heads=6, decoder_embed_dim=192, decoder_depth=4, decoder_num_heads=6, **kw)
 
 
@@ -113,14 +114,14 @@ def gpt_small(**kw: Any) -> WorldModelConfig:
     return WorldModelConfig(model_type="gpt", embed_dim=192, depth=6, num_heads=4, **kw)
 
 
-def gpt_seed(**kw: Any) -> WorldModelConfig:
-    """The seed's iteration 2 baseline (GPT 384d12)."""
+def gpt_reference(**kw: Any) -> WorldModelConfig:
+    """The evaluation report's iteration 2 baseline (GPT 384d12)."""
     return WorldModelConfig(model_type="gpt", embed_dim=384, depth=12, num_heads=6, **kw)
 
 
 PRESETS: dict[tuple[str, str], Callable[..., WorldModelConfig]] = {
-    ("mae", "tiny"): mae_tiny, ("mae", "small"): mae_small, ("mae", "seed"): mae_seed,
-    ("gpt", "tiny"): gpt_tiny, ("gpt", "small"): gpt_small, ("gpt", "seed"): gpt_seed,
+    ("mae", "tiny"): mae_tiny, ("mae", "small"): mae_small, ("mae", "reference"): mae_reference,
+    ("gpt", "tiny"): gpt_tiny, ("gpt", "small"): gpt_small, ("gpt", "reference"): gpt_reference,
 }
 
 

@@ -1,4 +1,4 @@
-"""OT router: optimal-transport-gated cross-attention for Stage1 (``shared/specs/ot_router.md``).
+"""OT router: optimal-transport-gated cross-attention for Stage1 (``docs/specs/ot_router.md``).
 
 Per object, per head and per patched block an entropic OT problem is solved between the
 object's K parts and the P image patches of the condition:
@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
+from pact_ray.errors import ConfigError
 from pact_ray.metrics import names as M
 from pact_ray.ot import sinkhorn
 from pact_ray.ot.edges import GridWeights, edge_delta, edge_regularised_plan, mask_edge_map, neighbour_weights, sobel_edge_map
@@ -38,10 +39,6 @@ from pact_ray.ot.sinkhorn import plan_entropy, sinkhorn_log
 EDGE_KINDS = ("none", "rgb", "mask")
 PART_MARGINALS = ("uniform", "area")
 T_SCALE = 1000.0  # the model sees t * 1000
-
-
-class ConfigError(ValueError):
-    """A configuration value a user can get wrong; the message is one sentence."""
 
 
 def resolve_blocks(spec: str | list[int] | tuple[int, ...], num_blocks: int) -> list[int]:
@@ -124,7 +121,7 @@ class RouterConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RouterConfig":
-        from pact_ray.coerce import CoercionError, coerce_fields
+        from pact_ray.runs.coerce import CoercionError, coerce_fields
 
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names

@@ -1,11 +1,4 @@
-"""The ablation report: route status, plots and a static page over the summary rows.
-
-``write_report(data, out_dir)`` writes the whole report of a :class:`pact_ray.summary.SummaryData`
-(from :func:`pact_ray.summary.collect` / :func:`pact_ray.summary.collect_sweep`, or from Ray's
-result folders with :func:`collect_results`).
+"""Reports: the ablation summary table (``summary.py``: one row per trial, from MLflow), the
+ablation report over it (``ablation/``: route status, plots, the static page, Ray result
+folders, Optuna importance) and the world model's evaluation report (``world_model.py``).
 """
-
-from pact_ray.report.build import render_report, write_report
-from pact_ray.report.ray_results import collect_results
-
-__all__ = ["collect_results", "render_report", "write_report"]

@@ -3,6 +3,14 @@
 It runs in the driver and only enqueues work for the process's shared :class:`MlflowWriter`
 thread. It pickles its settings alone (Ray stores callbacks in ``tuner.pkl``), so a restored
 sweep reconnects and finds each trial's run again by its trial-id tag.
+
+What a child run holds, for the MLflow UI: a name that tells runs apart at a glance
+(``ot_first s0``; ``rgb_edge s0 #3`` for the third Optuna trial), the sweep's name as a tag,
+variant, seed, profile and model as params and tags (so "Group by" variant aggregates the
+seeds), every reported metric at its step (the step itself is a tag, not a metric), the data
+set as a dataset input, the config as ``config.json``, the newest checkpoint's location as a
+tag (what ``analysis/eval_report.py --run RUN_ID`` reads) and, in an Optuna sweep, the Optuna
+trial number (and the run id in the Optuna trial's user attributes).
 """
 
 from __future__ import annotations
@@ -12,12 +20,19 @@ import os
 import tempfile
 from typing import Any
 
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 from ray import tune
 
-from pact_ray.runkinds import resolve_kind
-from pact_ray.tracking.writer import ROLE_TAG, TAG_PREFIX, TRIAL_TAG, MlflowWriter, RunRef, shared_writer, status_name
+from pact_ray.errors import error_line
+from pact_ray.metrics import names as M
+from pact_ray.runs.kinds import resolve_kind
+from pact_ray.tracking.datasets import DatasetInfo, log_dataset
+from pact_ray.tracking.tags import CHECKPOINT_TAG, OPTUNA_TRIAL_TAG, RESUME_NOTE_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG
+from pact_ray.tracking.writer import MlflowWriter, RunRef, shared_writer, status_name
 
-SWEEP_TAG = TAG_PREFIX + "sweep_run_id"
+RAY_TRIAL_ATTR, MLFLOW_RUN_ATTR = "ray_trial_id", "mlflow_run_id"  # Optuna trial user attributes
+INTERRUPTED = "interrupted"  # a trial's status after Ctrl-C (pact_ray.tune.interrupt)
+
 # Ray's own bookkeeping in every result: not metrics of the model.
 RAY_RESULT_KEYS = frozenset({
     "training_iteration", "time_this_iter_s", "timestamp", "pid", "date", "hostname", "node_ip",
@@ -27,27 +42,25 @@ RAY_RESULT_KEYS = frozenset({
 })
 
 
-def error_line(trial) -> str:
-    """The last line of a trial's error (what the summary shows)."""
-    path = getattr(trial, "error_file", None)
-    text = ""
-    if path and os.path.isfile(path):
-        with open(path) as f:
-            text = f.read()
-    elif getattr(trial, "error_msg", None):
-        text = trial.error_msg
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1][:500] if lines else "unknown error"
+def run_name(trial_config: dict[str, Any], trial_id: str = "", numbered: bool = False) -> str:
+    """"ot_first s0"; with ``numbered`` (an Optuna sweep, where every trial has the same
+    variant and seed) a short trial id too, "rgb_edge s0 #a1b2", which the run's link to its
+    Optuna trial replaces with the Optuna trial number, "rgb_edge s0 #3"."""
+    name = f"{trial_config.get('variant', 'trial')} s{trial_config.get('seed', 0)}"
+    return f"{name} #{trial_id.replace('_', '')[-4:]}" if numbered and trial_id else name
 
 
 class MlflowSweepCallback(tune.Callback):
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, kind: str, sweep: str, commit: str = ""):
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, kind: str, sweep: str, commit: str = "",
+                 datasets: dict[str, DatasetInfo] | None = None, optuna_storage: str | None = None):
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.kind = kind
         self.sweep = sweep
         self.commit = commit
+        self.datasets = dict(datasets or {})  # run kind -> its data set
+        self.optuna_storage = optuna_storage  # the study's storage URL in an Optuna sweep (its study is the sweep's name)
         self._refs: dict[str, RunRef] = {}
         self._configs: dict[str, Any] = {}
 
@@ -69,15 +82,15 @@ class MlflowSweepCallback(tune.Callback):
         cfg = kind.config(own)
         self._configs[trial.trial_id] = cfg
         flat = cfg.flat()
-        variant = kind.variants[cfg.variant]
+        variant = cfg.variant_info
         tags = {
             "variant": cfg.variant, "phase": cfg.phase, "profile": cfg.profile, "model": cfg.model,
-            "seed": cfg.seed, "note": variant.note, "kind": kind.name, "stage": variant.stage,
+            "seed": cfg.seed, "note": variant.note, "kind": kind.name, "stage": kind.name,
             "trial_name": str(trial), "git_commit": self.commit, "sweep": self.sweep, "status": "running",
             ROLE_TAG: "trial", "mlflow.note.content": variant.note,
         }
         ref = RunRef(
-            experiment_id=self.experiment_id, name=f"{self.sweep}/{trial}",
+            experiment_id=self.experiment_id, name=run_name(trial.config, trial.trial_id, numbered=self.optuna_storage is not None),
             key_tags={TRIAL_TAG: trial.trial_id, SWEEP_TAG: self.parent_run_id},
             tags=tags,
             params=flat, parent_run_id=self.parent_run_id,
@@ -85,6 +98,11 @@ class MlflowSweepCallback(tune.Callback):
         self._refs[trial.trial_id] = ref
         self.writer.run(ref)
         self.writer.call(ref, _log_json_artifact(flat, "config.json"))
+        if kind.name in self.datasets:
+            info = self.datasets[kind.name]
+            self.writer.call(ref, lambda client, run_id: log_dataset(client, run_id, info))
+        if self.optuna_storage:
+            self.writer.call(ref, _link_optuna_trial(self.optuna_storage, self.sweep, trial.trial_id))
         return ref
 
     # ------------------------------------------------------------- Tune hooks
@@ -94,9 +112,12 @@ class MlflowSweepCallback(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         ref = self._ref(trial)
-        metrics = {k: v for k, v in result.items() if k not in RAY_RESULT_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics = {k: v for k, v in result.items()
+                   if k not in RAY_RESULT_KEYS and k != M.STEP and isinstance(v, (int, float)) and not isinstance(v, bool)}
         metrics["wall_s"] = float(result.get("time_total_s", 0.0))
         self.writer.log_metrics(ref, int(result.get("step", result.get("training_iteration", 0))), metrics)
+        if result.get(M.RESUME_NOTE):  # an unreadable checkpoint was skipped on resume
+            self.writer.set_tags(ref, {RESUME_NOTE_TAG: str(result[M.RESUME_NOTE])[:5000]})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         ref = self._ref(trial)
@@ -108,15 +129,70 @@ class MlflowSweepCallback(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         ref = self._ref(trial)
-        self.writer.set_tags(ref, {"status": "errored", "error": error_line(trial)})
+        error = error_line(trial)
+        if "SweepInterrupted" in error:  # stopped by Ctrl-C with a checkpoint: --resume continues it
+            self.writer.set_tags(ref, {"status": INTERRUPTED, "error": ""})
+            self.writer.terminate(ref, "KILLED")
+            return
+        self.writer.set_tags(ref, {"status": "errored", "error": error})
         self.writer.terminate(ref, status_name(False))
+
+    def replay(self, trial_id: str, config: dict[str, Any], results: list[dict[str, Any]], finished: bool) -> None:
+        """Log a trial's results from Ray's result file (what a tracking store that was away
+        missed; the writer skips the steps the run already holds), and its end when it finished."""
+        trial = _Replayed(trial_id, config)
+        for result in results:
+            self.on_trial_result(0, [], trial, result)
+        if finished:
+            ref = self._ref(trial)
+            self.writer.set_tags(ref, {"status": "finished", "error": ""})
+            self.writer.terminate(ref, status_name(True))
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        self.writer.set_tags(self._ref(trial), {CHECKPOINT_TAG: checkpoint_uri(checkpoint)})
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         ref = self._ref(trial)
         self.writer.set_tags(ref, {"retried_after": error_line(trial)})
 
     def on_experiment_end(self, trials, **info):
-        self.writer.flush()
+        # A short, bounded wait: the sweep then flushes with its own bound (FLUSH_TIMEOUT_S) and
+        # tells the user what is left; an unbounded wait here hangs on a tracking store that is down.
+        self.writer.flush(timeout=2.0)
+
+
+class _Replayed:
+    """What the callback reads of a Tune trial, for a trial known only from its folder."""
+
+    def __init__(self, trial_id: str, config: dict[str, Any]):
+        self.trial_id, self.config = trial_id, config
+
+    def __str__(self) -> str:
+        return f"{self.config.get('variant', 'trial')}_s{self.config.get('seed', 0)}_{self.trial_id}"
+
+
+def checkpoint_uri(checkpoint) -> str:
+    """A checkpoint's location as a path (local) or a URI (an object store)."""
+    kind = getattr(getattr(checkpoint, "filesystem", None), "type_name", "local")
+    return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
+
+
+def _link_optuna_trial(storage_url: str, study_name: str, ray_trial_id: str):
+    """Tag the run with its Optuna trial number and put the run id into that trial's user
+    attributes (the searcher marks each Optuna trial with its Ray trial id)."""
+    def fn(client, run_id):
+        import optuna
+
+        storage = optuna.storages.RDBStorage(storage_url)
+        study_id = storage.get_study_id_from_name(study_name)
+        for t in storage.get_all_trials(study_id, deepcopy=False):
+            if t.user_attrs.get(RAY_TRIAL_ATTR) == ray_trial_id:
+                storage.set_trial_user_attr(t._trial_id, MLFLOW_RUN_ATTR, run_id)
+                client.set_tag(run_id, OPTUNA_TRIAL_TAG, str(t.number))
+                name = client.get_run(run_id).info.run_name or ""
+                client.set_tag(run_id, MLFLOW_RUN_NAME, f"{name.rpartition(' #')[0] or name} #{t.number}")
+                return
+    return fn
 
 
 def _log_json_artifact(obj: Any, name: str):

@@ -4,10 +4,13 @@
     # -> serving http://127.0.0.1:5000 (backend sqlite:////abs/tracking/mlflow.db, artifacts /abs/tracking/artifacts)
     python sweeps/stage1_router.py --tracking-uri http://127.0.0.1:5000
 
-It runs ``mlflow server`` with a SQLite backend and a served artifact folder, waits until
-``/health`` answers, and stops it cleanly on Ctrl-C. The server binds 127.0.0.1 unless
-``--host`` names another address *and* ``--allow-remote`` is given: a tracking server
-accepts writes from anyone who can reach it.
+It runs ``mlflow server`` with a SQLite backend and served artifacts (a folder, or an object
+store with ``--artifacts-destination s3://bucket/mlartifacts``: the server writes there with
+its own credentials, ``AWS_*`` and ``MLFLOW_S3_ENDPOINT_URL`` for an S3-compatible server, so
+clients need none), waits until ``/health`` answers, and stops it and its worker processes on
+Ctrl-C or SIGTERM. The server binds 127.0.0.1 unless ``--host`` names another address *and*
+``--allow-remote`` is given: a tracking server accepts writes from anyone who can reach it.
+Its flags are checked, and its port found free, before anything is created.
 """
 
 from __future__ import annotations
@@ -27,6 +30,18 @@ from pathlib import Path
 
 class ServerError(RuntimeError):
     pass
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something already listens on ``host:port`` (or the port cannot be bound)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def is_loopback(host: str) -> bool:
@@ -51,7 +66,7 @@ class TrackingServer:
     process: subprocess.Popen
     uri: str
     backend_store_uri: str
-    artifacts: Path
+    artifacts: str  # a folder or an object-store URI
     log_path: Path
 
     def stop(self, timeout: float = 20.0) -> None:
@@ -91,19 +106,28 @@ def wait_healthy(uri: str, timeout: float, process: subprocess.Popen | None = No
 
 
 def start_server(store: str | os.PathLike, port: int | None = None, host: str = "127.0.0.1",
-                 allow_remote: bool = False, timeout: float = 60.0) -> TrackingServer:
-    """Start ``mlflow server`` with ``<store>/mlflow.db`` and ``<store>/artifacts``; returns once it answers."""
+                 allow_remote: bool = False, timeout: float = 60.0, artifacts: str | None = None) -> TrackingServer:
+    """Start ``mlflow server`` with ``<store>/mlflow.db`` and ``artifacts`` (an object-store URI
+    such as ``s3://bucket/mlartifacts``; default the folder ``<store>/artifacts``); returns once it answers."""
     if not is_loopback(host) and not allow_remote:
         raise ServerError(f"refusing to bind {host}: pass --allow-remote to serve beyond this machine")
+    if port is not None and not 1 <= port <= 65535:
+        raise ServerError(f"--port must be in 1..65535, got {port}")
+    if port is not None and port_in_use(host, port):
+        raise ServerError(f"port {port} on {host} is in use: stop what serves there or pick another --port")
     root = Path(store).resolve()
+    if root.exists() and not root.is_dir():
+        raise ServerError(f"--store {root} is a file, not a folder")
     root.mkdir(parents=True, exist_ok=True)
-    artifacts = root / "artifacts"
-    artifacts.mkdir(exist_ok=True)
+    if artifacts is None or "://" not in artifacts:
+        folder = root / "artifacts" if artifacts is None else Path(artifacts).resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        artifacts = str(folder)
     port = port or free_port(host if is_loopback(host) else "127.0.0.1")
     backend = f"sqlite:///{root / 'mlflow.db'}"
     log_path = root / f"server-{port}.log"
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
-           "--backend-store-uri", backend, "--artifacts-destination", str(artifacts), "--workers", "1"]
+           "--backend-store-uri", backend, "--artifacts-destination", artifacts, "--workers", "1"]
     log = open(log_path, "ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
@@ -118,27 +142,36 @@ def start_server(store: str | os.PathLike, port: int | None = None, host: str = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pact_ray.sweep import OneLineParser
+    from pact_ray.cli import OneLineParser
 
     p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--store", default="tracking", help="folder for mlflow.db and artifacts/")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless --allow-remote)")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host")
+    p.add_argument("--artifacts-destination", default=None, metavar="URI",
+                   help="where the artifacts go: an object store (s3://bucket/mlartifacts, gs://...; credentials from "
+                        "the environment) or a folder (default: <store>/artifacts)")
     args = p.parse_args(argv)
     try:
-        server = start_server(args.store, args.port, args.host, args.allow_remote)
+        server = start_server(args.store, args.port, args.host, args.allow_remote, artifacts=args.artifacts_destination)
     except (ServerError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"serving {server.uri} (backend {server.backend_store_uri}, artifacts {server.artifacts}); Ctrl-C stops it", flush=True)
     print(f"sweeps: --tracking-uri {server.uri}", flush=True)
+
+    def _terminate(signum, frame):  # SIGTERM: stop like Ctrl-C, with the server's workers
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         while server.process.poll() is None:
             time.sleep(1)
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         server.stop()
     return 0 if server.process.returncode in (0, -signal.SIGTERM, None) else 1
 

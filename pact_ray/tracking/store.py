@@ -57,6 +57,27 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> str:
     raise TrackingError(f"tracking URI {uri!r} is neither an absolute sqlite:/// file nor an http(s):// server")
 
 
+def prepare_store(uri: str) -> None:
+    """Create (or migrate) a SQLite store's schema once, under an exclusive file lock beside
+    the database: MLflow's first-time schema creation is not safe against another process
+    doing the same at the same moment (two sweeps started together on a new file). A server
+    store needs nothing."""
+    if not uri.startswith("sqlite:///"):
+        return
+    import fcntl
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    path = sqlite_path(uri)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            store = SqlAlchemyStore(uri, default_artifact_root=str(path.parent / "mlartifacts"))
+            store.engine.dispose()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def artifact_location(uri: str, experiment: str) -> str | None:
     """Artifacts of a SQLite store live beside the database (``<db folder>/mlartifacts/<experiment>``),
     not in whatever folder the command ran from; a server decides for itself (None)."""
@@ -65,13 +86,19 @@ def artifact_location(uri: str, experiment: str) -> str | None:
     return None
 
 
+# The MLflow UI opens an experiment of this kind on its training runs, not on the GenAI
+# traces overview it shows for experiments of unknown kind.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def ensure_experiment(client: MlflowClient, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name))
+    return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name),
+                                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str:
@@ -84,8 +111,9 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str:
         return ""
 
 
-def ui_command(uri: str) -> str:
-    """The command that opens the MLflow UI on ``uri``."""
+def ui_command(uri: str, experiment_id: str | None = None) -> str:
+    """How to open the MLflow UI on ``uri`` (at the experiment's runs table when given)."""
+    page = f"/#/experiments/{experiment_id}/runs" if experiment_id else ""
     if uri.startswith("sqlite:///"):
-        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
-    return f"open {uri} in a browser"
+        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open http://127.0.0.1:5000{page}"
+    return f"open {uri.rstrip('/')}{page} in a browser"

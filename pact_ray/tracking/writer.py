@@ -25,11 +25,11 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from pact_ray.errors import first_line
+from pact_ray.tracking.tags import STEP_TAG
+
 log = logging.getLogger(__name__)
 
-TAG_PREFIX = "pact_ray."
-TRIAL_TAG = TAG_PREFIX + "trial_id"
-ROLE_TAG = TAG_PREFIX + "role"
 STEP_METRIC = "loss"  # every reported row has it: its history tells the last step a run holds
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch
 MAX_PARAM_LEN = 6000
@@ -65,6 +65,9 @@ class MlflowWriter:
         self._queue: queue.Queue = queue.Queue()
         self._closed = False
         self.failures = 0  # operations that had to be retried at least once
+        self.dropped = 0  # operations given up (a failure that retrying cannot mend)
+        self.given_up = 0  # operations given up because the writer closed before the store answered
+        self._busy = False
         self._thread = threading.Thread(target=self._run, name="pact-ray-mlflow-writer", daemon=True)
         self._client = MlflowClient(tracking_uri)
         self._thread.start()
@@ -96,7 +99,8 @@ class MlflowWriter:
         return done.wait(timeout)
 
     def close(self, timeout: float | None = 300.0) -> bool:
-        """Flush and stop the thread. Returns False when writes were still pending at the timeout."""
+        """Flush and stop the thread. Returns False when writes were still pending at the
+        timeout; those are given up (the thread stops retrying) and counted in :meth:`pending`."""
         if self._closed:
             return True
         ok = self.flush(timeout)
@@ -106,7 +110,8 @@ class MlflowWriter:
         return ok
 
     def pending(self) -> int:
-        return self._queue.qsize()
+        """Writes not applied yet (the one being retried included)."""
+        return self._queue.qsize() + (1 if self._busy else 0) + self.given_up
 
     # -------------------------------------------------------------- thread
     def _put(self, op: tuple) -> None:
@@ -121,8 +126,10 @@ class MlflowWriter:
             pending = None
             if op is _STOP:
                 return
+            self._busy = True
             if op[0] != "metrics":
                 self._retry(lambda: self._apply(op))
+                self._busy = False
                 continue
             # Coalesce consecutive metric rows of one run into one log_batch.
             batch = [op]
@@ -137,19 +144,33 @@ class MlflowWriter:
                     pending = nxt
                     break
             self._retry(lambda: self._apply_metrics(batch))
+            self._busy = False
 
     def _retry(self, fn: Callable[[], None]) -> None:
+        """Apply ``fn`` until it succeeds while the failure is the tracking store being away
+        (retried with backoff, without bound while the writer is open); a failure no retry can
+        mend (a rejected value, a bug) is retried ``PERMANENT_ATTEMPTS`` times, then logged and
+        dropped, so one bad write never stalls the sweep."""
         delay = 0.25
-        first = True
+        attempts = 0
         while True:
             try:
                 fn()
                 return
-            except Exception as e:  # noqa: BLE001 - any tracking failure is retried, never fatal to the sweep
-                if first:
+            except Exception as e:  # noqa: BLE001 - a tracking failure is never fatal to the sweep
+                attempts += 1
+                if self._closed:  # the sweep stopped waiting: leave it to --resume's replay
+                    self.given_up += 1
+                    return
+                transient = is_transient(e)
+                if attempts == 1:
                     self.failures += 1
-                    log.warning("MLflow write failed (%s); retrying until the tracking store answers", str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
-                    first = False
+                    log.warning("MLflow write failed (%s); %s", first_line(e, 200),
+                                "retrying until the tracking store answers" if transient else "retrying it twice")
+                if not transient and attempts >= PERMANENT_ATTEMPTS:
+                    self.dropped += 1
+                    log.error("MLflow write dropped after %d attempts: %s", attempts, first_line(e, 300))
+                    return
                 time.sleep(delay)
                 delay = min(delay * 2, self.retry_max_s)
 
@@ -204,8 +225,35 @@ class MlflowWriter:
             rows.extend(Metric(k, v, ts, step) for k, v in metrics.items())
             top = max(top, step)
         for i in range(0, len(rows), MAX_BATCH):
-            self._client.log_batch(ref.run_id, metrics=rows[i : i + MAX_BATCH])
+            last = i + MAX_BATCH >= len(rows)
+            # The step count travels as a tag in the same request: a "step" metric would be
+            # the first axis MLflow's chart views offer, and it is not a result.
+            tags = [RunTag(STEP_TAG, str(top))] if last else []
+            self._client.log_batch(ref.run_id, metrics=rows[i : i + MAX_BATCH], tags=tags)
         ref.last_step = top
+
+
+PERMANENT_ATTEMPTS = 3
+# MLflow error codes that mean "try again later": the server or its database is busy or away.
+TRANSIENT_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"})
+TRANSIENT_TEXT = ("API request to", "Connection", "connection", "Max retries", "timed out", "database is locked")
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a failed write may succeed later: the network or the store is away or busy
+    (connection errors, timeouts, HTTP 5xx, SQLite's "database is locked"), as opposed to a
+    write the store rejects or a bug."""
+    if isinstance(error, (OSError, TimeoutError)):  # requests' errors derive from OSError
+        return True
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, MlflowException):
+        return error.error_code in TRANSIENT_CODES or any(t in str(error) for t in TRANSIENT_TEXT)
+    try:
+        from sqlalchemy.exc import OperationalError
+    except ImportError:  # pragma: no cover - SQLAlchemy ships with MLflow
+        return False
+    return isinstance(error, OperationalError)
 
 
 _SHARED: dict[str, MlflowWriter] = {}
@@ -220,10 +268,26 @@ def shared_writer(tracking_uri: str) -> MlflowWriter:
     return w
 
 
-def close_shared(tracking_uri: str, timeout: float | None = 300.0) -> bool:
-    """Flush and close the shared writer of ``tracking_uri``; False if writes were still pending."""
-    w = _SHARED.pop(tracking_uri, None)
-    return True if w is None else w.close(timeout)
+_CLOSED: dict[str, MlflowWriter] = {}  # the last closed writer of each store (its unsent count)
+
+
+def close_shared(tracking_uri: str, timeout: float | None = 300.0, keep_open: bool = False) -> bool:
+    """Flush (``keep_open``: only flush) and close the shared writer of ``tracking_uri``;
+    False if writes were still pending at the timeout."""
+    w = _SHARED.get(tracking_uri)
+    if w is None:
+        return True
+    if keep_open:
+        return w.flush(timeout)
+    _SHARED.pop(tracking_uri)
+    _CLOSED[tracking_uri] = w
+    return w.close(timeout)
+
+
+def pending_writes(tracking_uri: str, closed: bool = False) -> int:
+    """Writes the (``closed``: last closed) shared writer of ``tracking_uri`` has not applied."""
+    w = (_CLOSED if closed else _SHARED).get(tracking_uri)
+    return 0 if w is None else w.pending()
 
 
 def status_name(ok: bool) -> str:
@@ -231,6 +295,8 @@ def status_name(ok: bool) -> str:
 
 
 def env_fast_fail() -> None:
-    """Make the MLflow HTTP client fail fast: the writer does its own unbounded retrying."""
+    """Make the MLflow HTTP client fail fast (the writer does its own retrying) and keep it
+    from printing a "View run" link for every run it ends (the sweep prints where to look)."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

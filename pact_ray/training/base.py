@@ -1,9 +1,11 @@
 """What every trainer shares: device, optimiser, precision, seeded per-step randomness,
-checkpoint state and the timed, clipped optimisation step."""
+the held-out split, checkpoint state and the timed, clipped optimisation step followed by
+validation when it is due."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import time
 from typing import Any
@@ -12,8 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from pact_ray.errors import ConfigError
 from pact_ray.metrics import names as M
-from pact_ray.ot.router import ConfigError
+from pact_ray.training.validation import split_indices
 
 
 class InjectedFault(RuntimeError):
@@ -59,13 +62,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Trainer:
-    """Base trainer: subclasses build ``self.model`` and implement :meth:`loss_and_metrics`."""
+    """Base trainer: subclasses build ``self.model`` and implement :meth:`loss_and_metrics`
+    and :meth:`evaluate` (the validation metrics of the current weights)."""
 
     def __init__(self, cfg, device=None):
         self.cfg = cfg
         self.device = pick_device(device)
         self.step = 0
         self.resumed = False
+        self.nonfinite_steps = 0  # steps whose training loss was NaN or infinite
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
         torch.manual_seed(cfg.seed)
@@ -80,8 +85,8 @@ class Trainer:
 
         cfg = self.cfg
         self.dataset = dataset
-        if len(dataset) < cfg.batch_size:
-            raise ValueError(f"the dataset has {len(dataset)} samples, fewer than batch_size {cfg.batch_size}")
+        # The held-out split: fixed by the data seed, never drawn for training.
+        self.train_ids, self.val_ids = split_indices(len(dataset), cfg.val_fraction, cfg.data_seed, min_train=cfg.batch_size)
         model = build_model(cfg)
         if cfg.init == "official":
             load_core_weights(model, cfg.init_checkpoint, model.core_state_dict_keys(), what=f"the {title} '{cfg.model}' preset")
@@ -92,8 +97,8 @@ class Trainer:
         """The batch of ``step``: a seeded draw of ``batch_size`` objects (resume-exact), collated
         by ``collate(items, generator)`` and moved to the device (pinned, non-blocking on CUDA)."""
         g = step_generator(self.cfg.seed, step, stream=0)
-        idx = torch.randperm(len(self.dataset), generator=g)[: self.cfg.batch_size].tolist()
-        batch = collate([self.dataset[i] for i in idx], g)
+        pick = torch.randperm(len(self.train_ids), generator=g)[: self.cfg.batch_size].tolist()
+        batch = collate([self.dataset[int(self.train_ids[i])] for i in pick], g)
         pin = self.device.type == "cuda"
         return {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=pin) for k, v in batch.items() if k in keys}
 
@@ -112,6 +117,10 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def loss_and_metrics(self, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, float]:
+        """The validation metrics of the current weights (``val_*``; pact_ray.training.validation)."""
         raise NotImplementedError
 
     def check_fault(self) -> None:
@@ -143,9 +152,14 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.step += 1
-        metrics = {M.STEP: self.step, M.LOSS: float(loss.detach()), M.GRAD_NORM: float(grad_norm),
-                   M.LR: self.optimizer.param_groups[0]["lr"], M.STEP_TIME_S: time.perf_counter() - t0}
+        loss_value = float(loss.detach())
+        self.nonfinite_steps += not math.isfinite(loss_value)
+        metrics = {M.STEP: self.step, M.LOSS: loss_value, M.GRAD_NORM: float(grad_norm),
+                   M.LR: self.optimizer.param_groups[0]["lr"], M.STEP_TIME_S: time.perf_counter() - t0,
+                   M.NONFINITE_STEPS: float(self.nonfinite_steps)}
         metrics.update({k: float(v) for k, v in extra.items()})
+        if self.cfg.eval_due(self.step):
+            metrics.update(self.evaluate())
         return metrics
 
     # ------------------------------------------------------------ checkpoints
@@ -155,6 +169,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
+            "nonfinite_steps": self.nonfinite_steps,
             "rng": rng_state(),
             "config": self.cfg.flat(),
             "kind": self.cfg.kind,
@@ -165,6 +180,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         set_rng_state(state["rng"])
         self.resumed = True
 

@@ -1,20 +1,23 @@
 """Stage1 training: the rectified-flow step of PAct's structure model, with the OT router's
-diagnostics reported every step."""
+diagnostics reported every step and the held-out flow loss at the evaluation steps."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from pact_ray import flow
-from pact_ray.config import Stage1RunConfig
-from pact_ray.data.cache import ensure_synthetic
-from pact_ray.data.loader import ArticulatedDataset, collate_parts
+from pact_ray.data.objects.loader import ArticulatedDataset, collate_parts
+from pact_ray.data.objects.synthetic import ensure_synthetic
+from pact_ray.metrics import names as M
 from pact_ray.models.stage1 import CONDITION_PRESETS, STAGE1_PRESETS, PartStructureFlow, build_stage1
+from pact_ray.runs.stage1 import Stage1RunConfig
+from pact_ray.training import flow
 from pact_ray.training.base import Trainer, step_generator
+from pact_ray.training.validation import eval_sample_ids, stratified_timesteps, validation_generator
 
 BATCH_KEYS_TO_DEVICE = ("x", "cond", "masks", "num_parts", "part_idx", "images", "pixel_masks")
 
@@ -45,6 +48,9 @@ class Stage1Trainer(Trainer):
     def __init__(self, cfg: Stage1RunConfig, device=None, dataset: ArticulatedDataset | None = None):
         super().__init__(cfg, device)
         self.setup(dataset if dataset is not None else dataset_for(cfg), build_model, "Stage1")
+        self.eval_ids = self.val_ids[eval_sample_ids(len(self.val_ids), cfg.eval_samples)]
+        self.eval_t = stratified_timesteps(cfg.eval_timesteps)
+        self._val_items: list[dict[str, Any]] | None = None  # loaded on the first evaluation, then kept
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         """The batch of ``step``: a seeded draw of ``batch_size`` objects (resume-exact)."""
@@ -71,6 +77,39 @@ class Stage1Trainer(Trainer):
                           images=b["images"], pixel_masks=b["pixel_masks"])
         loss = F.mse_loss(pred.float(), flow.velocity_target(x0, noise))
         return loss, self.model.router_diagnostics()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """The rectified-flow MSE on the validation samples (conditional, no CFG dropout), at
+        the stratified timesteps, with noise fixed per (sample, timestep): the same numbers
+        for every variant and seed (``pact_ray.training.validation``). Each sample weighs
+        the same whatever its part count: the loss is the mean over samples and timesteps
+        of the sample's MSE."""
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        if self._val_items is None:
+            self._val_items = [self.dataset[int(i)] for i in self.eval_ids]
+        self.model.eval()
+        losses = []
+        for start in range(0, len(self._val_items), cfg.batch_size):
+            items = self._val_items[start : start + cfg.batch_size]
+            b = {k: v.to(self.device) for k, v in collate_parts(items).items() if k in BATCH_KEYS_TO_DEVICE}
+            x0, num_parts = b["x"], b["num_parts"].cpu()
+            for j, t in enumerate(self.eval_t.tolist()):
+                noise = torch.cat([torch.randn((len(item["part_labels"]), *x0.shape[1:]),
+                                               generator=validation_generator(cfg.data_seed, item["index"], j))
+                                   for item in items]).to(self.device)
+                t_rows = torch.full((x0.shape[0],), t, device=self.device)
+                with self.autocast():
+                    pred = self.model(flow.diffuse(x0, t_rows, noise), t_rows * flow.T_SCALE, b["cond"], b["masks"], b["num_parts"],
+                                      b["part_idx"], images=b["images"], pixel_masks=b["pixel_masks"])
+                sq = (pred.float() - flow.velocity_target(x0, noise)).pow(2).flatten(1).mean(1)  # [N] per part
+                per_object = torch.stack([rows.mean() for rows in sq.split(num_parts.tolist())])
+                losses.append(per_object)
+        val = torch.cat(losses).mean()
+        self.model.train()
+        return {M.VAL_LOSS: float(val), M.VAL_FLOW_LOSS: float(val), M.VAL_SAMPLES: float(len(self._val_items)),
+                M.EVAL_TIME_S: time.perf_counter() - t0}
 
     @torch.no_grad()
     def sample(self, batch: dict[str, torch.Tensor], steps: int = 25, guidance: float = 7.0, seed: int = 0) -> torch.Tensor:

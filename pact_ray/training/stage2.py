@@ -2,38 +2,42 @@
 regression, with the articulation metrics every step and the spatial variants' mask
 diagnostics.
 
-The objective of one step, for the batch's valid voxel tokens V and part articulation
-slots A (validity mask of the joint type):
+The objective of one step, for the batch's voxels V (every row, the whole object's too;
+9 latent channels) and part articulation slots A (validity mask of the joint type):
 
     loss     = flow_loss + art_weight * art_l2
     flow     = mean_{(i, c), i in V} (v_pred - ((1 - sigma_min) eps - x0))^2     (flow.py)
     art_l2   = mean_{(p, s) in A} (a_pred - a)^2
+
+Each object draws one timestep, shared by all its rows (PAct).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pact_ray import flow
-from pact_ray.config import Stage2RunConfig
-from pact_ray.data.articulation import SLOT_GROUPS, decode_articulation
-from pact_ray.data.cache import ensure_synthetic
-from pact_ray.data.loader import ArticulatedDataset, collate_voxels
+from pact_ray.data.objects.articulation import SLOT_GROUPS, decode_articulation
+from pact_ray.data.objects.loader import ArticulatedDataset, collate_voxels
+from pact_ray.data.objects.synthetic import ensure_synthetic
 from pact_ray.metrics import names as M
-from pact_ray.models.stage2 import ArticulatedSLatFlow, FeatureAverage, TokenLayout, build_stage2, mask_moments
-from pact_ray.presets import CONDITION_PRESETS, STAGE1_PRESETS, STAGE2_MAX_TOKENS, STAGE2_PRESETS
+from pact_ray.models.presets import CONDITION_PRESETS, STAGE1_PRESETS, STAGE2_MAX_TOKENS, STAGE2_PRESETS
+from pact_ray.models.stage2 import PART_SLOTS, ArticulatedSLatFlow, FeatureAverage, VoxelLayout, build_stage2, mask_moments
+from pact_ray.runs.stage2 import Stage2RunConfig
+from pact_ray.training import flow
 from pact_ray.training.base import Trainer, step_generator
+from pact_ray.training.validation import eval_sample_ids, stratified_timesteps, validation_generator
 
-BATCH_KEYS_TO_DEVICE = ("feats", "shared", "coords", "valid", "num_rows", "cond", "masks", "pixel_masks", "num_parts",
+BATCH_KEYS_TO_DEVICE = ("latents", "coords", "num_rows", "cond", "masks", "pixel_masks", "num_parts",
                         "articulation", "art_valid", "part_labels", "joint_types")
 
 
 def build_model(cfg: Stage2RunConfig) -> ArticulatedSLatFlow:
     """The Stage2 model of a run config (preset + the variant's spatial adapter)."""
-    preset = STAGE2_PRESETS[cfg.model]
+    preset = STAGE2_PRESETS[cfg.model]["flow"]
     use_ckpt = preset["use_checkpoint"] if cfg.grad_checkpointing is None else cfg.grad_checkpointing
     return build_stage2(cfg.model, spatial_adapter=cfg.variant_info.adapter, use_checkpoint=use_ckpt)
 
@@ -45,9 +49,10 @@ def token_cap(cfg: Stage2RunConfig) -> int | None:
 
 def dataset_for(cfg: Stage2RunConfig) -> ArticulatedDataset:
     """The run's dataset (with voxel sets): ``cfg.data`` if given, else the preset's synthetic data (cached)."""
-    preset = STAGE2_PRESETS[cfg.model]
+    preset = STAGE2_PRESETS[cfg.model]["flow"]
+    # The model's latents are the stored channels plus the ownership channel (collate_voxels).
     expect = {"cond_channels": preset["cond_channels"], "voxel_resolution": preset["resolution"],
-              "voxel_channels": preset["out_channels"], "max_parts": preset["max_num_parts"]}
+              "voxel_channels": preset["in_channels"] - 1, "max_parts": PART_SLOTS}
     if cfg.data:
         folder = Path(cfg.data)
     else:
@@ -56,11 +61,6 @@ def dataset_for(cfg: Stage2RunConfig) -> ArticulatedDataset:
                                   image_size=cond["image_size"], grid=cond["grid"], cond_channels=preset["cond_channels"],
                                   prefix_tokens=cond["prefix_tokens"], voxel_resolution=preset["resolution"])
     return ArticulatedDataset(folder, expect=expect)
-
-
-def model_input(x_t: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
-    """x_t: [N, M, C2] noisy latents, shared: [N, M] flag -> [N, M, C2 + 1] (the model's 8 + 1 channels)."""
-    return torch.cat([x_t, shared[..., None].to(x_t.dtype)], dim=-1)
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -94,6 +94,9 @@ class Stage2Trainer(Trainer):
         super().__init__(cfg, device)
         self.variant = cfg.variant_info
         self.setup(dataset if dataset is not None else dataset_for(cfg), build_model, "Stage2")
+        self.eval_ids = self.val_ids[eval_sample_ids(len(self.val_ids), cfg.eval_samples)]
+        self.eval_t = stratified_timesteps(cfg.eval_timesteps)
+        self._val_items: list[dict[str, Any]] | None = None  # loaded on the first evaluation, then kept
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         """The batch of ``step``: a seeded draw of ``batch_size`` objects and of their voxel
@@ -104,10 +107,11 @@ class Stage2Trainer(Trainer):
         cfg = self.cfg
         b = self.batch(step)
         g = step_generator(cfg.seed, step, stream=1)
-        num_rows, num_parts = b["num_rows"].cpu(), b["num_parts"].cpu()
-        n_obj = num_rows.shape[0]
+        layout = self.model.layout(b["coords"], b["num_rows"])
+        num_parts = b["num_parts"].cpu()
+        n_obj = num_parts.shape[0]
         t_obj = flow.sample_t(n_obj, g)
-        x0 = b["feats"]
+        x0 = b["latents"]
         noise = torch.randn(x0.shape, generator=g).to(self.device)
         cond, masks = b["cond"], b["masks"]
         moments, visible = mask_moments(b["pixel_masks"], b["num_parts"])
@@ -116,13 +120,7 @@ class Stage2Trainer(Trainer):
             cond = torch.where(drop[:, None, None], torch.zeros_like(cond), cond)
             masks = torch.where(drop[:, None, None], torch.zeros_like(masks), masks)
             moments = moments * ~torch.repeat_interleave(drop, num_parts.to(self.device))[:, None]
-        x_t = flow.diffuse(x0, torch.repeat_interleave(t_obj, num_rows).to(self.device), noise)
-        out = self.model(model_input(x_t, b["shared"]), (t_obj * flow.T_SCALE).to(self.device), cond,
-                         b["coords"], b["valid"], b["num_rows"], masks)
-        valid = b["valid"][..., None].expand_as(x0)
-        flow_loss = masked_mse(out.velocity.float(), flow.velocity_target(x0, noise), valid)
-        pred = self.model.articulate(out.features, out.layout, moments if self.variant.adapter else None).float()
-        art = articulation_metrics(pred, b["articulation"], b["art_valid"], b["joint_types"], b["part_labels"])
+        flow_loss, art = self.objective(b, layout, t_obj, noise, cond, masks, moments)
         art_loss = cfg.art_weight * art[M.ART_L2]
         metrics = {M.FLOW_LOSS: flow_loss, M.ART_LOSS: art_loss, **art,
                    M.MASK_PARTS: visible.sum(), M.EMPTY: (~visible).sum()}
@@ -130,6 +128,48 @@ class Stage2Trainer(Trainer):
             mean = (moments * visible[:, None]).sum(0) / visible.sum().clamp(min=1)
             metrics.update(zip(M.MASK_MOMENTS, mean))
         return flow_loss + art_loss, {k: v.detach() for k, v in metrics.items()}
+
+    def objective(self, b: dict[str, torch.Tensor], layout: VoxelLayout, t_obj: torch.Tensor, noise: torch.Tensor,
+                  cond: torch.Tensor, masks: torch.Tensor, moments: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The flow MSE over the batch's voxels and the articulation metrics of batch ``b``
+        (its ``layout``) noised at per-object timesteps ``t_obj`` [B] with ``noise`` [T, 9]
+        (training and validation)."""
+        x0 = b["latents"]
+        t_obj = t_obj.to(self.device)
+        x_t = flow.diffuse(x0, t_obj[layout.voxel_obj], noise)
+        out = self.model(x_t, t_obj * flow.T_SCALE, cond, layout, masks)
+        flow_loss = (out.velocity.float() - flow.velocity_target(x0, noise)).pow(2).mean()
+        pred = self.model.articulate(out.features, layout, moments if self.variant.adapter else None).float()
+        return flow_loss, articulation_metrics(pred, b["articulation"], b["art_valid"], b["joint_types"], b["part_labels"])
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """The objective on the validation samples (conditional, no CFG dropout), object by
+        object, at the stratified timesteps with noise and voxel subsample fixed per sample
+        (``pact_ray.training.validation``): the same draws for every variant and seed."""
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        if self._val_items is None:
+            self._val_items = [self.dataset[int(i)] for i in self.eval_ids]
+        self.model.eval()
+        sums = {M.VAL_FLOW_LOSS: 0.0, M.VAL_ART_L2: 0.0, M.VAL_ART_TYPE_ACC: 0.0, M.VAL_ART_LABEL_ACC: 0.0}
+        for item in self._val_items:
+            subsample = validation_generator(cfg.data_seed, item["index"], len(self.eval_t))  # its own stream
+            b = {k: v.to(self.device) for k, v in collate_voxels([item], token_cap(cfg), subsample).items() if k in BATCH_KEYS_TO_DEVICE}
+            layout = self.model.layout(b["coords"], b["num_rows"])  # built once, used at every timestep
+            moments = mask_moments(b["pixel_masks"], b["num_parts"])[0]
+            for j, t in enumerate(self.eval_t.tolist()):
+                noise = torch.randn(b["latents"].shape, generator=validation_generator(cfg.data_seed, item["index"], j)).to(self.device)
+                with self.autocast():
+                    flow_loss, art = self.objective(b, layout, torch.tensor([t]), noise, b["cond"], b["masks"], moments)
+                for key, value in ((M.VAL_FLOW_LOSS, flow_loss), (M.VAL_ART_L2, art[M.ART_L2]),
+                                   (M.VAL_ART_TYPE_ACC, art[M.ART_TYPE_ACC]), (M.VAL_ART_LABEL_ACC, art[M.ART_LABEL_ACC])):
+                    sums[key] += float(value)
+        self.model.train()
+        out = {k: v / (len(self._val_items) * len(self.eval_t)) for k, v in sums.items()}
+        out[M.VAL_LOSS] = out[M.VAL_FLOW_LOSS] + cfg.art_weight * out[M.VAL_ART_L2]
+        out.update({M.VAL_SAMPLES: float(len(self._val_items)), M.EVAL_TIME_S: time.perf_counter() - t0})
+        return out
 
     @torch.no_grad()
     def sample(self, batch: dict[str, torch.Tensor], steps: int = 25, guidance: float = 3.0, aggregate_last: int = 20,
@@ -140,27 +180,27 @@ class Stage2Trainer(Trainer):
         Euler sampling over ``steps`` with classifier-free guidance (negative: zeroed image
         and mask condition; TRELLIS's SLat default strength 3); the conditional pass's
         last-block features are averaged over the last ``aggregate_last`` steps (PAct: 20
-        of 25) and the head runs once on the mean. Returns latents [N, M, C2] (zeros at
-        padding) and articulation [P, 24].
+        of 25) and the head runs once on the mean. The batch's layout (neighbour maps,
+        downsampling) is built once for all the steps. Returns latents [T, 9] and
+        articulation [P, 24].
         """
         self.model.eval()
-        layout = TokenLayout.build(batch["num_rows"], batch["valid"])
+        layout = self.model.layout(batch["coords"], batch["num_rows"])
         average = FeatureAverage(steps, aggregate_last)
         n_obj = batch["num_rows"].shape[0]
-        noise = torch.randn(batch["feats"].shape, generator=torch.Generator().manual_seed(seed)).to(self.device)
+        noise = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(seed)).to(self.device)
 
         def velocity(x: torch.Tensor, t: torch.Tensor, conditional: bool) -> torch.Tensor:
             cond, masks = batch["cond"], batch["masks"]
             if not conditional:
                 cond, masks = torch.zeros_like(cond), torch.zeros_like(masks)
-            with self.autocast():  # t: [N], one value for all rows; the model takes one per object
-                out = self.model(model_input(x, batch["shared"]), t[:n_obj], cond, batch["coords"], batch["valid"],
-                                 batch["num_rows"], masks)
+            with self.autocast():  # t: [T], one value for all voxels; the model takes one per object
+                out = self.model(x, t[:n_obj], cond, layout, masks)
             if conditional:
                 average.add(out.features)
             return out.velocity.float()
 
-        latents = flow.euler_sample(velocity, noise, steps=steps, guidance=guidance) * batch["valid"][..., None]
+        latents = flow.euler_sample(velocity, noise, steps=steps, guidance=guidance)
         moments = mask_moments(batch["pixel_masks"], batch["num_parts"])[0] if self.variant.adapter else None
         with self.autocast():
             articulation = self.model.articulate(average.mean, layout, moments)

@@ -16,13 +16,16 @@ from typing import Any
 
 import torch
 
-from pact_ray.data.arm import WorldModelData, ensure_arm_dataset
+from pact_ray.data.arm.dataset import WorldModelData
+from pact_ray.data.arm.synthetic import ensure_arm_dataset
+from pact_ray.errors import first_line
 from pact_ray.metrics import names as M
-from pact_ray.metrics.world_model import compute_metrics, eval_sample_ids, evaluate_model, loggable
+from pact_ray.metrics.world_model import compute_metrics, evaluate_model, loggable
 from pact_ray.models.checkpoint import CheckpointError, describe_mismatch
 from pact_ray.models.world_model import WorldModel, build_world_model
+from pact_ray.runs.world_model import WorldModelRunConfig
 from pact_ray.training.base import Trainer, step_generator
-from pact_ray.world_model_config import WorldModelRunConfig
+from pact_ray.training.validation import eval_sample_ids
 
 KIND = WorldModelRunConfig.kind
 
@@ -58,14 +61,6 @@ class WorldModelTrainer(Trainer):
         b = self.data.train.batch(ids.numpy()).to(self.device)
         loss = self.model.training_loss(b.context, b.action, b.target, generator=step_generator(cfg.seed, step, stream=1))
         return loss, {}
-
-    def train_step(self) -> dict[str, float]:
-        """One optimiser step; at evaluation steps (every eval_every, and the last) the
-        validation metrics join the step's metrics."""
-        metrics = super().train_step()
-        if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
-            metrics.update(self.evaluate())
-        return metrics
 
     def evaluate(self) -> dict[str, float]:
         """Validation metrics of the current weights (and keep them if they are the best so far)."""
@@ -107,7 +102,7 @@ class LoadedWorldModel:
 def read_state(path: str | os.PathLike) -> dict[str, Any]:
     """The state dict of a trial checkpoint folder (``state.pt`` + ``meta.json``, checksum
     verified) or of a ``.pt``/``.pth`` file, loaded with ``weights_only=True``."""
-    from pact_ray.tune_trial import STATE_FILE, read_checkpoint
+    from pact_ray.training.checkpoints import STATE_FILE, read_checkpoint
 
     p = Path(path)
     if p.is_dir():
@@ -116,18 +111,14 @@ def read_state(path: str | os.PathLike) -> dict[str, Any]:
         except ValueError as e:
             raise CheckpointError(str(e)) from None
         except Exception as e:  # noqa: BLE001 - an unreadable state.pt is the same user error
-            raise CheckpointError(f"checkpoint {p / STATE_FILE} could not be read ({_first_line(e)})") from None
+            raise CheckpointError(f"checkpoint {p / STATE_FILE} could not be read ({first_line(e, 200)})") from None
     if not p.is_file():
         raise CheckpointError(f"checkpoint {p} does not exist")
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated files, pickles with objects, non-torch files
-        raise CheckpointError(f"checkpoint {p} could not be read as weights ({_first_line(e)})") from None
+        raise CheckpointError(f"checkpoint {p} could not be read as weights ({first_line(e, 200)})") from None
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def load_checkpoint(path: str | os.PathLike) -> LoadedWorldModel:
@@ -142,7 +133,7 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedWorldModel:
     try:
         cfg = WorldModelRunConfig.from_flat(state["config"])
     except ValueError as e:
-        raise CheckpointError(f"checkpoint {path} has an invalid world-model config ({_first_line(e)})") from None
+        raise CheckpointError(f"checkpoint {path} has an invalid world-model config ({first_line(e, 200)})") from None
     best = state.get("best")
     weights = best["model"] if best else state.get("model")
     if not isinstance(weights, dict):

@@ -1,0 +1,82 @@
+"""Command-line plumbing every entry point shares: one-sentence errors with exit status 2,
+typed flag values, and the guard that turns a user's error into that one line."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Callable
+
+from pact_ray.errors import first_line
+
+EXIT_USAGE = 2  # a user error: bad flag, value, path, data file or checkpoint
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help with each default said once: appended as "(default: X)" where the help text does
+    not already say it and the default is a value (not None, False or empty); the
+    description and the examples (epilog) keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or "default" in text.lower() or default in (None, False, "", [], argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one sentence (no usage dump) and exits with 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
+
+
+def user_errors(run: Callable[[], int], *extra: type[BaseException]) -> int:
+    """``run()``'s exit status; a user error (a ValueError such as ConfigError, DataError,
+    CheckpointError, TrackingError or SweepError, a missing or unreadable file, or one of
+    ``extra``) prints ``error: <first line>`` on stderr and gives :data:`EXIT_USAGE`."""
+    try:
+        return run()
+    except (ValueError, FileNotFoundError, PermissionError, *extra) as e:
+        print(f"error: {first_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _number(kind: type, text: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _number(int, text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    value = _number(int, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(float, text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def nonneg_float(text: str) -> float:
+    value = _number(float, text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value

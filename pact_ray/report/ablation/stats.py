@@ -1,0 +1,166 @@
+"""Means with 95% t intervals, the difference of a variant from its baseline with its test,
+and the family-wise correction over the variants compared with one baseline.
+
+With n values x_i the interval is mean ± t_{0.975, n-1} · s / sqrt(n) (s the sample
+standard deviation). A variant and its baseline are compared on the seeds both have: the
+paired t interval and test of the per-seed differences, when they share at least two seeds
+(each seed's runs saw the same data order and initialisation, and validation uses the same
+draws for every run, so pairing removes what the seed alone explains). Otherwise Welch's
+unequal-variance interval and test (Welch-Satterthwaite degrees of freedom), when each side
+has at least two seeds. With fewer seeds there is no interval and no verdict beyond
+"inconclusive (1 seed)".
+
+The verdict of one comparison is better / worse when its 95% interval excludes 0 (the
+two-sided t test at 5%). Comparing several variants with one baseline makes several tests,
+and with m tests at 5% some "better" turns up by chance; the corrected verdict controls the
+family-wise error rate with Holm's step-down method (Holm 1979) over the tests of one family
+(the variants of one setting compared on one metric), computed by statsmodels. Holm is as
+strong as Bonferroni and uniformly more powerful, and needs no assumption about how the
+tests depend on each other (they share the baseline). Dunnett's many-to-one procedure would
+be sharper, but it assumes independent groups and our design is paired by seed.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from scipy import stats as sps
+from statsmodels.stats.multitest import multipletests
+
+LEVEL = 0.95
+ALPHA = 1 - LEVEL
+BETTER, WORSE, INCONCLUSIVE, ONE_SEED = "better", "worse", "inconclusive", "inconclusive (1 seed)"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean and the half width of its 95% interval (None from a single value)."""
+
+    mean: float
+    half_width: float | None
+    n: int
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        if self.half_width is None:
+            return None
+        return (self.mean - self.half_width, self.mean + self.half_width)
+
+    def text(self, signed: bool = False, suffix: str = "") -> str:
+        """"1.063 ± 0.0041": the mean to the last digit of the interval's half width (two
+        significant digits), or to 4 significant digits without an interval."""
+        sign = "+" if signed else ""
+        hw = self.half_width
+        if hw is None or hw == 0 or not math.isfinite(hw):
+            text = f"{self.mean:{sign}.4g}{suffix}"
+            return text if hw is None else f"{text} ± 0{suffix}"
+        decimals = max(0, 1 - math.floor(math.log10(hw)))
+        return f"{self.mean:{sign}.{decimals}f}{suffix} ± {hw:.{decimals}f}{suffix}"
+
+    def to_json(self) -> dict[str, float | int | None]:
+        lo, hi = self.interval or (None, None)
+        return {"mean": self.mean, "half_width": self.half_width, "low": lo, "high": hi, "n": self.n}
+
+
+def _t(df: float) -> float:
+    return float(sps.t.ppf(0.5 + LEVEL / 2, df))
+
+
+def estimate(values: Sequence[float]) -> Estimate:
+    """Mean ± 95% t interval of one or more values (no interval from a single value)."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n == 1:
+        return Estimate(mean, None, 1)
+    return Estimate(mean, _t(n - 1) * statistics.stdev(values) / math.sqrt(n), n)
+
+
+def mean_interval(values: Sequence[float]) -> Estimate | None:
+    """Mean ± 95% t interval of ``values``; None when there are none."""
+    return estimate(values) if values else None
+
+
+@dataclass(frozen=True)
+class Difference:
+    """variant - baseline, with how its interval and test were obtained."""
+
+    estimate: Estimate
+    method: str  # "paired" (on shared seeds), "welch", or "point" (too few seeds for an interval)
+    p_value: float | None = None  # two-sided t test of "no difference"; None without an interval
+
+
+def _two_sided_p(mean: float, se: float, df: float) -> float:
+    if se == 0.0:  # every seed gave the same difference: certain, unless it is none
+        return 1.0 if mean == 0.0 else 0.0
+    return float(2 * sps.t.sf(abs(mean / se), df))
+
+
+def _paired(diffs: Sequence[float]) -> Difference:
+    n = len(diffs)
+    mean = statistics.fmean(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(n)
+    return Difference(Estimate(mean, _t(n - 1) * se, n), "paired", _two_sided_p(mean, se, n - 1))
+
+
+def _welch(a: Sequence[float], b: Sequence[float]) -> Difference:
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    mean = statistics.fmean(a) - statistics.fmean(b)
+    se = math.sqrt(va + vb)
+    if se == 0.0:
+        return Difference(Estimate(mean, 0.0, len(a) + len(b)), "welch", 1.0 if mean == 0.0 else 0.0)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    return Difference(Estimate(mean, _t(df) * se, len(a) + len(b)), "welch", _two_sided_p(mean, se, df))
+
+
+def difference(variant: Mapping[int, float], baseline: Mapping[int, float]) -> Difference:
+    """variant - baseline from per-seed values (one value per seed on each side)."""
+    shared = sorted(set(variant) & set(baseline))
+    if len(shared) >= 2:
+        return _paired([variant[s] - baseline[s] for s in shared])
+    a, b = list(variant.values()), list(baseline.values())
+    if len(a) >= 2 and len(b) >= 2:
+        return _welch(a, b)
+    return Difference(Estimate(statistics.fmean(a) - statistics.fmean(b), None, len(a) + len(b)), "point")
+
+
+def _direction(mean: float, mode: str) -> str:
+    improved = mean < 0 if mode == "min" else mean > 0
+    return BETTER if improved else WORSE
+
+
+def verdict(diff: Difference, mode: str = "min") -> str:
+    """better / worse when the 95% interval of the difference excludes 0 (lower is better for
+    ``mode`` "min"), inconclusive when it holds 0, "inconclusive (1 seed)" without an interval."""
+    interval = diff.estimate.interval
+    if interval is None:
+        return ONE_SEED
+    lo, hi = interval
+    if lo > 0 or hi < 0:
+        return _direction(diff.estimate.mean, mode)
+    return INCONCLUSIVE
+
+
+def holm(p_values: Sequence[float], alpha: float = ALPHA) -> tuple[list[bool], list[float]]:
+    """Holm's step-down correction of one family of tests: (rejected at family-wise level
+    ``alpha``, adjusted p-values), in the order given."""
+    if not p_values:
+        return [], []
+    reject, adjusted, _, _ = multipletests(list(p_values), alpha=alpha, method="holm")
+    return [bool(r) for r in reject], [float(p) for p in adjusted]
+
+
+def corrected_verdicts(diffs: Sequence[Difference | None], mode: str = "min") -> tuple[list[str | None], list[float | None]]:
+    """The Holm-corrected verdict and adjusted p-value of each comparison of one family, in
+    order. Comparisons without a test (None, or no interval) keep "inconclusive (1 seed)" /
+    None and do not count in the family."""
+    tested = [i for i, d in enumerate(diffs) if d is not None and d.p_value is not None]
+    reject, adjusted = holm([diffs[i].p_value for i in tested])
+    verdicts: list[str | None] = [None if d is None else ONE_SEED for d in diffs]
+    p_adj: list[float | None] = [None] * len(diffs)
+    for i, r, p in zip(tested, reject, adjusted):
+        verdicts[i] = _direction(diffs[i].estimate.mean, mode) if r else INCONCLUSIVE
+        p_adj[i] = p
+    return verdicts, p_adj

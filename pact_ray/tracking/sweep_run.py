@@ -1,0 +1,81 @@
+"""The sweep's parent run in MLflow: what the UI shows for the sweep as a whole.
+
+Created when the sweep starts (named after the sweep, its command line as the description,
+the sweep's settings as params), and brought up to date at the end of every invocation,
+``--resume`` included: the summary folder (index.html, the CSV and JSON tables, the plots)
+as artifacts under ``summary/``, the verdicts as its description (a Markdown table the UI
+renders), and the headline numbers as metrics (trials finished and errored; variants better,
+worse, inconclusive and without a verdict; each variant's Δ % from the baseline).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from pact_ray.tracking.tags import ROLE_TAG, SWEEP_NAME_TAG
+
+NOTE_TAG = "mlflow.note.content"
+SUMMARY_ARTIFACTS = "summary"
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command as the user typed it (``python sweeps/stage1_router.py --profile smoke``)."""
+    argv = sys.argv if argv is None else argv
+    script = argv[0] if argv else ""
+    prefix = ["python", script] if script.endswith(".py") else [Path(script).name or "pact-ray"]
+    return " ".join(shlex.quote(a) for a in [*prefix, *argv[1:]])
+
+
+def create_parent(client: MlflowClient, experiment_id: str, name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
+    """The parent run of a new sweep; returns its id."""
+    run = client.create_run(experiment_id, run_name=name, tags={
+        ROLE_TAG: "sweep", SWEEP_NAME_TAG: name, **tags,
+        NOTE_TAG: f"Sweep `{name}`, started {time.strftime('%Y-%m-%d %H:%M')}:\n\n    {command_line()}\n",
+    })
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, str(value))
+    return run.info.run_id
+
+
+def verdict_table(entries: Iterable[Any]) -> str:
+    """The route status as a Markdown table (what the parent's description shows)."""
+    lines = ["| setting | variant | step | seeds | Δ val (95% CI) | verdict | corrected (Holm) |", "|---|---|---|---|---|---|---|"]
+    for e in entries:
+        delta = e.delta.estimate.text(signed=True) if e.delta else "-"
+        verdict = e.verdict if e.valid else f"{e.verdict}: {e.reason}"
+        lines.append(f"| {e.setting[1]} · {e.setting[2]} | {e.label} | {e.step if e.step is not None else '-'} | "
+                     f"{len(e.seeds)}/{len(e.baseline_seeds)} | {delta} | {verdict} | {e.verdict_corrected} |")
+    return "\n".join(lines)
+
+
+def finish_parent(client: MlflowClient, parent_id: str, *, description: str, metrics: dict[str, float], status: str) -> None:
+    """Bring the parent run up to date: description, headline metrics, status (the summary
+    files reach its ``summary/`` artifacts as they are written: ``pact_ray.tune.sweep.write_summary``)."""
+    started = client.get_run(parent_id).data.tags.get(NOTE_TAG, "").split("\n\n")[0]
+    client.set_tag(parent_id, NOTE_TAG, f"{started}\n\n    {command_line()}\n\n{description}\n")
+    now = int(time.time() * 1000)
+    if metrics:
+        client.log_batch(parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    client.set_terminated(parent_id, status=status)
+
+
+def ablation_headline(rows: list[dict[str, Any]], entries: list[Any]) -> dict[str, float]:
+    """Counts of trials and verdicts, and each valid variant's Δ % from its baseline."""
+    out: dict[str, float] = {
+        "trials_finished": sum(r["status"] == "finished" for r in rows),
+        "trials_errored": sum(r["status"] == "errored" for r in rows),
+    }
+    for verdict in ("better", "worse", "inconclusive"):
+        out[f"variants_{verdict}"] = sum(e.verdict_corrected == verdict for e in entries)
+    out["variants_without_verdict"] = sum(not e.valid or e.delta is None for e in entries)
+    for e in entries:
+        if e.valid and e.delta_pct is not None and not e.knobs:
+            out[f"delta_pct.{e.setting[0]}.{e.variant}"] = e.delta_pct.mean
+    return out

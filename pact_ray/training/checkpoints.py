@@ -1,0 +1,40 @@
+"""The trial checkpoint format (Ray-free, so offline evaluation never loads Ray).
+
+A checkpoint is a folder with ``state.pt`` (model, optimiser, step, RNG, config; tensors and
+plain values only, so it loads with ``weights_only=True``) and ``meta.json`` (step, kind,
+sha256 of ``state.pt``, config). A checkpoint whose file is missing, truncated or fails its
+checksum is refused with the reason, so the caller can fall back to an older one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pact_ray.fileio import sha256_file
+
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+
+
+def write_checkpoint(folder: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` (a trainer's ``state_dict()``) into ``folder``."""
+    torch.save(state, folder / STATE_FILE)
+    meta = {"step": state["step"], "kind": state["kind"], "sha256": sha256_file(folder / STATE_FILE), "config": state["config"]}
+    (folder / META_FILE).write_text(json.dumps(meta, indent=1))
+
+
+def read_checkpoint(folder: Path, kind: str) -> dict[str, Any]:
+    """Load and verify one checkpoint folder of run kind ``kind``; raises ValueError with the reason."""
+    meta_path, state_path = folder / META_FILE, folder / STATE_FILE
+    if not meta_path.is_file() or not state_path.is_file():
+        raise ValueError(f"checkpoint {folder} lacks {META_FILE} or {STATE_FILE}")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("kind") != kind:
+        raise ValueError(f"checkpoint {folder} is a {meta.get('kind')!r} checkpoint, not {kind!r}")
+    if sha256_file(state_path) != meta.get("sha256"):
+        raise ValueError(f"checkpoint {folder} is corrupted (checksum mismatch)")
+    return torch.load(state_path, map_location="cpu", weights_only=True)

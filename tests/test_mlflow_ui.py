@@ -1,0 +1,79 @@
+"""The MLflow UI as researchers use it: a real tracking server and its UI on loopback, a real
+sweep logged to it, and the pages rendered by headless Chromium (the DOM after the UI's
+JavaScript ran), checked for what they must show. Screenshots are kept in test-artifacts/."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import urllib.parse
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from pact_ray.tracking.server import start_server
+from pact_ray.tracking.tags import ROLE_TAG
+from pact_ray.tune.sweep import run_sweep
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--window-size=1600,1100", "--virtual-time-budget=20000"]
+
+
+def rendered(url: str, profile: Path, screenshot: Path | None = None) -> str:
+    """The page's visible text after its scripts ran (and a screenshot when asked)."""
+    extra = [f"--screenshot={screenshot}"] if screenshot else ["--dump-dom"]
+    out = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *extra, url], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    text = re.sub(r"<(script|style)\b.*?</\1>", " ", out, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
+def test_the_mlflow_ui_shows_distinct_runs_and_the_sweep_summary(tmp_path, ray_address, capsys):
+    server = start_server(tmp_path / "tracking")
+    try:
+        rc = run_sweep("stage1", ["--model", "tiny", "--profile", "smoke", "--variants", "baseline,ot_first", "--seeds", "0,1",
+                                  "--name", "ui", "--storage-path", str(tmp_path / "runs"), "--tracking-uri", server.uri, "--quiet"])
+        assert rc == 0, capsys.readouterr().out
+        client = MlflowClient(server.uri)
+        exp = client.get_experiment_by_name("pact-ray/stage1_router")
+        runs = client.search_runs([exp.experiment_id])
+        children = [r for r in runs if r.data.tags.get(ROLE_TAG) == "trial"]
+        [parent] = [r for r in runs if r.data.tags.get(ROLE_TAG) == "sweep"]
+        names = sorted(r.info.run_name for r in children)
+        assert names == ["baseline s0", "baseline s1", "ot_first s0", "ot_first s1"]
+
+        ARTIFACTS.mkdir(exist_ok=True)
+        profile = tmp_path / "chrome"
+        base = f"{server.uri}/#/experiments/{exp.experiment_id}"
+        # The experiment's training runs (the link the sweep prints), with the sweep's parent run.
+        page = rendered(f"{base}/runs", profile)
+        assert "Run Name" in page and parent.info.run_name in page and f"{len(runs)} matching runs" in page
+        rendered(f"{base}/runs", profile, ARTIFACTS / "mlflow_ui_runs.png")
+        # The runs side by side: every child's name, each one distinct.
+        ids = urllib.parse.quote(json.dumps([r.info.run_id for r in children]))
+        compare = f"{server.uri}/#/compare-runs?runs={ids}&experiments=" + urllib.parse.quote(json.dumps([exp.experiment_id]))
+        page = rendered(compare, profile)
+        shown = re.search(r"Run Name: (.*?) Start Time", page).group(1)
+        assert sorted(re.findall(r"(?:baseline|ot_first) s\d", shown)) == names
+        rendered(compare, profile, ARTIFACTS / "mlflow_ui_compare.png")
+        # The parent run's artifacts list the sweep's page, tables and plots.
+        artifacts = f"{base}/runs/{parent.info.run_id}/artifacts/summary/index.html"
+        page = rendered(artifacts, profile)
+        for name in ("index.html", "ablation_summary.csv", "route_status.json", "stage1_val_delta.png"):
+            assert name in page, name
+        shot = ARTIFACTS / "mlflow_ui_parent_artifacts.png"
+        rendered(artifacts, profile, shot)
+        pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float64)
+        assert pixels.shape[:2] == (1100, 1600) and pixels.std() > 10
+    finally:
+        server.stop()

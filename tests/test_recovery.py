@@ -1,0 +1,279 @@
+"""No sweep left unrecoverable: kills in every start-up window (found by waiting for the file
+that opens it), Ctrl-C, a full disk, two sweeps starting on one new SQLite store, impossible
+resource requests, a tracking store that stays down, and the tracking-server wrapper."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pact_ray.tracking.tags import ROLE_TAG, SWEEP_TAG
+from pact_ray.tune.manifest import MANIFEST
+from pact_ray.tune.sweep import EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_UNSENT, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "sweeps" / "stage1_router.py"
+
+
+def _cmd(tmp: Path, name: str, *extra: str, storage: Path | None = None) -> list[str]:
+    return [sys.executable, str(SCRIPT), "--model", "tiny", "--profile", "smoke", "--variants", "baseline,ot_first",
+            "--name", name, "--storage-path", str(storage or tmp / "runs"), "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+            "--quiet", *extra]
+
+
+def _start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+
+
+def _wait_for(ready, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"the sweep ended before the window opened: {proc.stdout.read()[-2000:]}")
+        if time.time() > deadline:
+            pytest.fail("the window never opened")
+        time.sleep(0.02)
+
+
+def _resume(tmp: Path, name: str, storage: Path | None = None) -> subprocess.CompletedProcess:
+    """The resume, from another working folder, with nothing but the name and the storage."""
+    elsewhere = tmp / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    return subprocess.run([sys.executable, str(SCRIPT), "--name", name, "--storage-path", str(storage or tmp / "runs"),
+                           "--resume", "--quiet"], cwd=elsewhere, capture_output=True, text=True, timeout=400,
+                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+
+
+def _assert_complete(tmp: Path, name: str, runs_dir: Path | None = None, steps: int = 1, trials: int = 2) -> None:
+    """One active MLflow run per trial, each FINISHED with every step once; the parent FINISHED."""
+    manifest = json.loads(((runs_dir or tmp / "runs") / name / MANIFEST).read_text())
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    runs = client.search_runs([manifest["experiment_id"]], filter_string=f"tags.`{SWEEP_TAG}` = '{manifest['parent_run_id']}'")
+    assert sorted(r.info.run_name for r in runs) == sorted({r.info.run_name for r in runs}) and len(runs) == trials
+    for r in runs:
+        history = [m.step for m in client.get_metric_history(r.info.run_id, "loss")]
+        assert sorted(history) == list(range(1, steps + 1)), (r.info.run_name, history)
+        assert r.info.status == "FINISHED"
+    assert client.get_run(manifest["parent_run_id"]).info.status == "FINISHED"
+    parents = client.search_runs([manifest["experiment_id"]], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'")
+    assert [p.info.run_id for p in parents] == [manifest["parent_run_id"]]  # no orphan parent
+
+
+# ------------------------------------------------------------------ kills
+
+@pytest.mark.slow
+@pytest.mark.parametrize("window", [MANIFEST, "tuner.pkl"])
+def test_killed_while_starting_resumes(tmp_path, window):
+    """SIGKILL the driver's process group the moment the window's file appears, then resume."""
+    proc = _start(_cmd(tmp_path, "w"))
+    _wait_for(lambda: (tmp_path / "runs" / "w" / window).exists(), proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = _resume(tmp_path, "w")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    _assert_complete(tmp_path, "w")
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_exits_130_and_resume_finishes(tmp_path):
+    proc = _start(_cmd(tmp_path, "c", "--set", "steps=300"))
+    runs = tmp_path / "runs" / "c"
+    _wait_for(lambda: sum(len(p.read_text().splitlines()) for p in runs.glob("*/result.json")) >= 6, proc)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == EXIT_INTERRUPTED, out[-2000:]
+    assert "Continue with: " in out and "--name c" in out and "--resume" in out and "Traceback" not in out
+    manifest = json.loads((runs / MANIFEST).read_text())
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(manifest["parent_run_id"]).info.status == "KILLED"
+    rows = json.loads((runs / "summary" / "ablation_summary.json").read_text())
+    assert {r["status"] for r in rows} == {"interrupted"} and all(r["steps"] < 300 for r in rows)
+    assert all(list(folder.glob("checkpoint_*")) for folder in runs.glob("*_s0_*"))  # stopped with a checkpoint
+    done = _resume(tmp_path, "c")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    _assert_complete(tmp_path, "c", steps=300)
+
+
+@pytest.mark.slow
+def test_a_full_disk_ends_in_one_line_and_resume_finishes_after_freeing_space(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        filler = disk / "filler"
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M", "count=33"], check=True, capture_output=True)
+        full = subprocess.run(_cmd(tmp_path, "d", "--seeds", "0,1", storage=disk / "runs"), capture_output=True, text=True,
+                              timeout=400, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        assert full.returncode == EXIT_DISK_FULL, full.stdout[-2000:]
+        error = full.stderr.strip().splitlines()[-1]
+        assert error.startswith("error: the storage ") and "is full" in error and "--resume" in error
+        filler.unlink()
+        done = _resume(tmp_path, "d", storage=disk / "runs")
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        _assert_complete(tmp_path, "d", runs_dir=disk / "runs", trials=4)
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+# ------------------------------------------------------------------ start-up checks
+
+def _create_store_and_experiment(uri: str, barrier) -> str:
+    from pact_ray.tracking.store import ensure_experiment, prepare_store
+
+    barrier.wait()
+    prepare_store(uri)
+    return ensure_experiment(MlflowClient(uri), "pact-ray/stage1_router")
+
+
+def test_state_files_are_read_as_ray_writes_them(tmp_path):
+    """Ray pickles the search algorithm's state, basic-variant-state-*.json included; only
+    experiment_state-*.json is JSON. A whole file of either kind is readable, a cut one is
+    not, and repair puts the last good copy back."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from ray.tune.utils.util import _atomic_save
+
+    from pact_ray.tune.state import backup, readable, repair
+
+    _atomic_save(BasicVariantGenerator().get_state(), str(tmp_path), "basic-variant-state-s.json", "tmp")
+    (tmp_path / "experiment_state-s.json").write_text(json.dumps({"trial_data": [], "runner_data": {}}))
+    assert backup(tmp_path) == 2  # both readable, both copied
+    for name in ("basic-variant-state-s.json", "experiment_state-s.json"):
+        path = tmp_path / name
+        assert readable(path), name
+        whole = path.read_bytes()
+        path.write_bytes(whole[: len(whole) // 2])
+        assert not readable(path)
+        assert f"restored {name} from its last good copy" in repair(tmp_path)
+        assert path.read_bytes() == whole
+
+
+def test_concurrent_first_use_of_one_sqlite_store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'new.db'}"
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Manager().Barrier(4)
+    with ctx.Pool(4) as pool:
+        ids = pool.starmap(_create_store_and_experiment, [(uri, barrier)] * 4)
+    assert len(set(ids)) == 1  # one experiment, every process found it
+    with sqlite3.connect(tmp_path / "new.db") as con:
+        assert con.execute("select count(*) from experiments where name = 'pact-ray/stage1_router'").fetchone()[0] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra, fragment", [
+    (["--cpus-per-trial", "1000"], "--cpus-per-trial 1000 asks for more CPUs than"),
+    (["--gpus-per-trial", "1"], "--gpus-per-trial 1 asks for more GPUs than"),
+    (["--address", "127.0.0.1:9"], "--address 127.0.0.1:9: no Ray cluster answers there"),
+])
+def test_impossible_requests_fail_before_anything_is_created(tmp_path, ray_address, capsys, extra, fragment):
+    started = time.time()
+    rc = run_sweep("stage1", ["--model", "tiny", "--profile", "smoke", "--name", "x", "--storage-path", str(tmp_path / "runs"),
+                              "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--quiet", *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and fragment in err and "\n" not in err, err
+    assert time.time() - started < 60
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+# ------------------------------------------------------------------ the tracking store
+
+@pytest.mark.slow
+def test_a_store_that_stays_down_ends_the_sweep_in_bounded_time_and_resume_replays(tmp_path, ray_address, monkeypatch, capsys):
+    from pact_ray.tracking.server import start_server
+    from pact_ray.tune import sweep
+
+    monkeypatch.setattr(sweep, "FLUSH_TIMEOUT_S", 5.0)
+    store = tmp_path / "tracking"
+    server = start_server(store)
+    port = int(server.uri.rsplit(":", 1)[1])
+    db = store / "mlflow.db"
+
+    def logged_steps() -> int:
+        with sqlite3.connect(db) as con:
+            return con.execute("select count(*) from metrics where key = 'loss'").fetchone()[0]
+
+    import threading
+
+    def outage():
+        while True:
+            try:
+                if logged_steps() >= 3:
+                    break
+            except sqlite3.Error:
+                pass
+            time.sleep(0.1)
+        server.stop()
+
+    thread = threading.Thread(target=outage, daemon=True)
+    thread.start()
+    args = ["--model", "tiny", "--profile", "quick", "--variants", "baseline", "--name", "down", "--storage-path",
+            str(tmp_path / "runs"), "--tracking-uri", server.uri, "--quiet", "--set", "steps=60"]
+    started = time.time()
+    rc = run_sweep("stage1", args)
+    out = capsys.readouterr().out
+    assert rc == EXIT_UNSENT, out[-2000:]
+    assert "did not reach" in out and "--resume" in out and time.time() - started < 240
+    again = start_server(store, port=port)
+    try:
+        rc = run_sweep("stage1", ["--name", "down", "--storage-path", str(tmp_path / "runs"), "--resume", "--quiet"])
+        assert rc == 0
+        client = MlflowClient(again.uri)
+        [run] = client.search_runs([client.get_experiment_by_name("pact-ray/stage1_router").experiment_id],
+                                   filter_string=f"tags.`{ROLE_TAG}` = 'trial'")
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(1, 61))
+        assert run.info.status == "FINISHED"
+    finally:
+        again.stop()
+
+
+def test_the_server_wrapper_refuses_a_busy_port_and_bad_flags_before_creating_anything(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "pact_ray.tracking.server", "--store", str(tmp_path / "s1"), "--port", str(port)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and f"port {port}" in out.stderr and "in use" in out.stderr
+        assert not (tmp_path / "s1").exists()
+    out = subprocess.run([sys.executable, "-m", "pact_ray.tracking.server", "--store", str(tmp_path / "s2"), "--port", "-1"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--port must be in 1..65535" in out.stderr and not (tmp_path / "s2").exists()
+
+
+@pytest.mark.slow
+def test_the_server_wrapper_stops_its_workers_on_sigterm(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "pact_ray.tracking.server", "--store", str(tmp_path / "s"), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        assert "serving" in proc.stdout.readline()
+        # The wrapper starts `mlflow server` in a session of its own (a Ctrl-C in the wrapper's
+        # terminal reaches only the wrapper, which stops it): its process group is the server's pid.
+        [server] = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        group = subprocess.run(["pgrep", "-g", server], capture_output=True, text=True).stdout.split()
+        assert len(group) > 1  # mlflow server and its workers
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        deadline = time.time() + 30
+        while subprocess.run(["pgrep", "-g", server], capture_output=True).returncode == 0 and time.time() < deadline:
+            time.sleep(0.2)
+        assert subprocess.run(["pgrep", "-g", server], capture_output=True).returncode != 0  # none left
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # the port is free again
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
