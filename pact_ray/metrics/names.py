@@ -5,8 +5,10 @@ GATE = "gate"
 EDGE_DELTA = "edge_delta"
 VIRTUAL_MASS = "virtual_mass"
 PLAN_ENTROPY = "plan_entropy"
-MARGINAL_ERROR = "marginal_error"
-SINKHORN_ITERS = "sinkhorn_iters"
+MARGINAL_ERROR = "marginal_error"  # L1 marginal error of the router's plans, mean over problems and blocks
+MARGINAL_ERROR_MAX = "marginal_error_max"  # the largest, over every plan solved in the step (target: < router tol)
+SINKHORN_ITERS = "sinkhorn_iters"  # solver iterations per patched block (both solves of an edge variant)
+EDGE_SOLVE_ITERS = "edge_solve_iters"  # of which the warm-started edge-regularised solve (0 without edge term)
 OT_TIME_MS = "ot_time_ms"
 STEP_TIME_S = "step_time_s"
 GRAD_NORM = "grad_norm"
@@ -29,7 +31,8 @@ MASK_PARTS = "mask_parts"
 EMPTY = "empty"
 
 # Router diagnostics, in the order they are reported.
-ROUTER_DIAGNOSTICS = (GATE, EDGE_DELTA, VIRTUAL_MASS, PLAN_ENTROPY, MARGINAL_ERROR, SINKHORN_ITERS, OT_TIME_MS)
+ROUTER_DIAGNOSTICS = (GATE, EDGE_DELTA, VIRTUAL_MASS, PLAN_ENTROPY, MARGINAL_ERROR, MARGINAL_ERROR_MAX, SINKHORN_ITERS,
+                      EDGE_SOLVE_ITERS, OT_TIME_MS)
 
 # Stage2, every step (besides LOSS, ART_L2, MASK_PARTS and EMPTY).
 FLOW_LOSS = "flow_loss"  # Stage2: rectified-flow MSE on the voxel latents, every voxel of every row

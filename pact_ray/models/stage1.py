@@ -294,10 +294,8 @@ class PartStructureFlow(nn.Module):
                     h = checkpoint(block, *args, use_reentrant=False)
                 else:
                     h = block(*args)
-        if route is not None:
+        if self.ot_router is not None:
             self.ot_router.finish(route)
-        elif self.ot_router is not None:
-            self.ot_router._last_records = []
         h = F.layer_norm(at_least_float32(h), h.shape[-1:])
         h = self.out_layer(h.to(self.out_layer.weight.dtype))
         grid = self.resolution // self.patch_size

@@ -24,12 +24,13 @@ tokens of a patch embedding.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from pact_ray.ot.sinkhorn import SinkhornResult, sinkhorn_log
+from pact_ray.ot.sinkhorn import DEFAULT_EPS, DEFAULT_MAX_ITER, DEFAULT_TOL, SinkhornResult, sinkhorn_log
 
 __all__ = [
     "GridWeights",
@@ -54,6 +55,33 @@ class GridWeights:
     horizontal: torch.Tensor  # [B, h, w-1] w between (i, j) and (i, j+1)
     vertical: torch.Tensor  # [B, h-1, w] w between (i, j) and (i+1, j)
     grid: tuple[int, int]  # (h, w)
+
+    @cached_property
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row-major cell indices (p, q) of every neighbour pair: the horizontal pairs
+        (i, j)-(i, j+1), then the vertical (i, j)-(i+1, j), in the order of
+        :attr:`pair_weights`."""
+        h, w = self.grid
+        cells = torch.arange(h * w, device=self.horizontal.device).reshape(h, w)
+        first = torch.cat([cells[:, :-1].flatten(), cells[:-1, :].flatten()])
+        second = torch.cat([cells[:, 1:].flatten(), cells[1:, :].flatten()])
+        return first, second
+
+    @cached_property
+    def pair_weights(self) -> torch.Tensor:
+        """[B, pairs] the weight of every pair of :attr:`pairs`."""
+        return torch.cat([self.horizontal.flatten(1), self.vertical.flatten(1)], dim=1)
+
+    @cached_property
+    def total(self) -> torch.Tensor:
+        """[B, h, w] sum of each cell's neighbour weights; computed once, as the router
+        smooths several plans (blocks, solves) with the same weights."""
+        return (
+            F.pad(self.horizontal, (0, 1))
+            + F.pad(self.horizontal, (1, 0))
+            + F.pad(self.vertical, (0, 0, 0, 1))
+            + F.pad(self.vertical, (0, 0, 1, 0))
+        )
 
 
 def _grid_hw(grid: Grid) -> tuple[int, int]:
@@ -239,12 +267,7 @@ def smooth_plan(plan: torch.Tensor, weights: GridWeights) -> torch.Tensor:
         + F.pad(vertical * pi[..., 1:, :], (0, 0, 0, 1))  # from the neighbour below
         + F.pad(vertical * pi[..., :-1, :], (0, 0, 1, 0))  # from the neighbour above
     )
-    weight_sum = (
-        F.pad(horizontal, (0, 1))
-        + F.pad(horizontal, (1, 0))
-        + F.pad(vertical, (0, 0, 0, 1))
-        + F.pad(vertical, (0, 0, 1, 0))
-    )
+    weight_sum = weights.total.reshape(horizontal.shape[:-1] + (horizontal.shape[-1] + 1,))
     has_neighbours = weight_sum > 0
     safe_sum = torch.where(has_neighbours, weight_sum, torch.ones_like(weight_sum))
     return torch.where(has_neighbours, weighted_sum / safe_sum, pi).flatten(-2)
@@ -287,27 +310,30 @@ def edge_delta(
     torch.Tensor, shape []
         The mean; 0.0 when no pair (or part) qualifies.
     """
-    pi0, horizontal, vertical = _to_grid(plan0, weights)
-    pi, _, _ = _to_grid(plan, weights)
+    h, w = weights.grid
+    if plan0.shape != plan.shape or plan.dim() < 3 or plan.shape[-1] != h * w:
+        raise ValueError(
+            f"plans must both be [B, ..., K, {h * w}] for grid {h}x{w}, got {tuple(plan0.shape)} and {tuple(plan.shape)}"
+        )
+    first, second = weights.pairs
+    if first.numel() == 0:  # a 1 x 1 grid has no pair
+        return plan.new_zeros(())
     if part_valid is None:
-        rows = torch.ones(pi.shape[:-2], dtype=torch.bool, device=pi.device)
+        rows = torch.ones(plan.shape[:-1], dtype=torch.bool, device=plan.device)
     elif part_valid.dim() == 2:
-        rows = part_valid.reshape(part_valid.shape[0], *(1,) * (pi.dim() - 4), -1)
+        rows = part_valid.reshape(part_valid.shape[0], *(1,) * (plan.dim() - 3), -1)
     else:
         rows = part_valid
-    rows = rows[..., None, None]
-
-    total = pi.new_zeros(())
-    count = pi.new_zeros(())
-    for pair_weight, dim in ((horizontal, -1), (vertical, -2)):
-        length = pi.shape[dim] - 1
-        change0 = (pi0.narrow(dim, 1, length) - pi0.narrow(dim, 0, length)).abs()
-        change = (pi.narrow(dim, 1, length) - pi.narrow(dim, 0, length)).abs()
-        selected = (pair_weight > threshold) & rows
-        selected = selected.expand(torch.broadcast_shapes(selected.shape, change.shape))
-        total = total + torch.where(selected, change0 - change, 0.0).sum()
-        count = count + selected.sum()
-    return torch.where(count > 0, total / count.clamp_min(1), 0.0) * (pi.shape[-2] * pi.shape[-1])
+    # [B, 1..., 1, pairs] & [B, ..., K, 1]: the (part, pair) terms that count.
+    pair_weight = weights.pair_weights.reshape(weights.pair_weights.shape[0], *(1,) * (plan.dim() - 2), -1)
+    selected = (pair_weight > threshold) & rows[..., None]
+    # Both plans in one tensor, every pair of the grid in one gather, so that each step
+    # below is one operation for everything.
+    both = torch.stack([plan0, plan])  # [2, B, ..., K, P]
+    change = (both.index_select(-1, first) - both.index_select(-1, second)).abs_()  # [2, B, ..., K, pairs]
+    total = ((change[0] - change[1]) * selected).sum()
+    count = selected.sum() * (change[0].numel() // selected.numel())  # selected broadcasts over heads
+    return torch.where(count > 0, total / count.clamp_min(1), 0.0) * (h * w)
 
 
 def edge_regularised_plan(
@@ -316,24 +342,30 @@ def edge_regularised_plan(
     b: torch.Tensor,
     weights: GridWeights,
     lambda_edge: float,
-    eps: float = 0.05,
-    max_iter: int = 50,
-    tol: float = 1e-6,
+    eps: float = DEFAULT_EPS,
+    max_iter: int = DEFAULT_MAX_ITER,
+    tol: float = DEFAULT_TOL,
     **kw: Any,
 ) -> tuple[SinkhornResult, SinkhornResult]:
-    r"""Two-pass Sinkhorn with the contextual edge term of ot_router.md.
+    r"""Two-pass solve with the contextual edge term of ot_router.md.
 
     Solves with :math:`\mathbf{C}` for :math:`\pi^0`, smooths it with
     :func:`smooth_plan` into :math:`\mathbf{S}`, and solves again with
-    :math:`\mathbf{C}^1 = \mathbf{C} - \lambda_{edge} P \mathbf{S}`. The factor P makes
-    :math:`P \mathbf{S}` of order 1/K whatever the grid size, so ``lambda_edge`` has
-    one meaning for every P. With ``differentiable=True`` in ``kw``, gradients also
-    flow through :math:`\mathbf{S}` into the first solve.
+    :math:`\mathbf{C}^1 = \mathbf{C} - \lambda_{edge} P \mathbf{S}`. The factor P (the h * w
+    grid cells) makes :math:`P \mathbf{S}` of order 1/K whatever the grid size, so
+    ``lambda_edge`` has one meaning for every P. Columns after the first h * w (the
+    router's virtual patch) are not on the grid: they get no edge term.
+
+    The second solve starts from the first one's row potential :math:`f^0` (a warm
+    start: the edge term moves the potentials much less than a cold start is away from
+    them), so it skips the Sinkhorn warm-up and takes only Newton steps. With
+    ``differentiable=True`` in ``kw``, gradients also flow through :math:`\mathbf{S}`
+    into the first solve (the warm start carries none: the solution does not depend on it).
 
     Parameters
     ----------
     cost : torch.Tensor, shape [B, ..., K, P]
-        Base cost; P = h * w of ``weights.grid``.
+        Base cost; its first h * w columns are the cells of ``weights.grid``.
     a : torch.Tensor, shape [B, ..., K]
         Part marginals (see :func:`~pact_ray.ot.sinkhorn.sinkhorn_log`).
     b : torch.Tensor, shape [B, ..., P]
@@ -341,12 +373,12 @@ def edge_regularised_plan(
     weights : GridWeights
         Neighbour weights for B images (or 1, broadcast).
     lambda_edge : float
-        Strength of the edge term; 0 gives :math:`\pi = \pi^0`.
+        Strength of the edge term; 0 gives :math:`\pi = \pi^0` (one solve, returned twice).
     eps, max_iter, tol : float, int, float
         Passed to :func:`~pact_ray.ot.sinkhorn.sinkhorn_log` for both solves.
     **kw
         Further keyword arguments of :func:`~pact_ray.ot.sinkhorn.sinkhorn_log`
-        (``check_every``, ``differentiable``, ``warn``).
+        (``differentiable``, ``early_stop``, ``warn``).
 
     Returns
     -------
@@ -354,7 +386,12 @@ def edge_regularised_plan(
         The first solve (:math:`\pi^0`) and the edge-regularised solve (:math:`\pi`).
     """
     first = sinkhorn_log(cost, a, b, eps=eps, max_iter=max_iter, tol=tol, **kw)
-    smoothed = smooth_plan(first.plan, weights)
-    edge_cost = cost - lambda_edge * cost.shape[-1] * smoothed
-    second = sinkhorn_log(edge_cost, a, b, eps=eps, max_iter=max_iter, tol=tol, **kw)
+    if lambda_edge == 0:
+        return first, first
+    cells = weights.grid[0] * weights.grid[1]
+    smoothed = smooth_plan(first.plan[..., :cells], weights)
+    if cost.shape[-1] > cells:
+        smoothed = F.pad(smoothed, (0, cost.shape[-1] - cells))
+    edge_cost = cost - (lambda_edge * cells) * smoothed
+    second = sinkhorn_log(edge_cost, a, b, eps=eps, max_iter=max_iter, tol=tol, f_init=first.f, **kw)
     return first, second

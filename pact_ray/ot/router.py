@@ -22,6 +22,7 @@ one learnable key/value token appended per patched block, taking plan mass ``m_v
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass, fields
@@ -31,7 +32,8 @@ from torch import nn
 
 from pact_ray.errors import ConfigError
 from pact_ray.metrics import names as M
-from pact_ray.ot.edges import GridWeights, edge_delta, mask_edge_map, neighbour_weights, smooth_plan, sobel_edge_map
+from pact_ray.ot import sinkhorn
+from pact_ray.ot.edges import GridWeights, edge_delta, edge_regularised_plan, mask_edge_map, neighbour_weights, sobel_edge_map
 from pact_ray.ot.sinkhorn import plan_entropy, sinkhorn_log
 
 EDGE_KINDS = ("none", "rgb", "mask")
@@ -75,9 +77,10 @@ class RouterConfig:
     """Knobs of the OT router; every field is a searchable, loggable parameter."""
 
     blocks: str = "first"  # "first", "first_third", "all" or "0,2,5"
-    eps: float = 0.05  # entropic regularisation (costs are standardised, so this is unit-free)
-    iterations: int = 50  # Sinkhorn iterations at most
-    tol: float = 1e-6  # stop once the marginal error is below this
+    # Solver defaults: pact_ray.ot.sinkhorn holds them (the solver's own defaults), see there.
+    eps: float = sinkhorn.DEFAULT_EPS  # entropic regularisation (costs are standardised, so this is unit-free)
+    iterations: int = sinkhorn.DEFAULT_MAX_ITER  # solver iterations at most (Sinkhorn warm-up and Newton steps)
+    tol: float = sinkhorn.DEFAULT_TOL  # stop once every plan's L1 row-marginal error is below this
     strength: float = 1.0  # gate exponent; 0 reproduces the ungated block bit for bit
     mask_prior: bool = False  # part mask as a soft OT cost prior instead of a hard condition
     lambda_mask: float = 1.0  # cost added to patches outside part k's mask region
@@ -135,7 +138,7 @@ class RouteContext:
 
     def __init__(self, **kw):
         self.__dict__.update(kw)
-        self.records: list[dict[str, torch.Tensor]] = []
+        self.records: list[_Record] = []
 
     def close(self) -> None:
         # After the forward pass no more diagnostics are collected (a checkpointed block
@@ -154,7 +157,8 @@ class OTRouter(nn.Module):
         self.head_dim = channels // num_heads
         if config.virtual_patch:
             self.virtual_kv = nn.ParameterDict({str(i): nn.Parameter(torch.zeros(2, channels)) for i in self.block_ids})
-        self._last_records: list[dict[str, torch.Tensor]] = []
+        self._last_records: list[_Record] = []
+        self._last_diagnostics: dict[str, torch.Tensor] | None = None
 
     @property
     def active(self) -> bool:
@@ -215,9 +219,18 @@ class OTRouter(nn.Module):
 
         tn = t.float() / T_SCALE
         active = ((tn >= cfg.t_min) & (tn <= cfg.t_max)).float()  # [N]
+        # What every patched block's solve shares, in the solver's layout [B, H, K, Pc]
+        # (Pc = P + 1 with a virtual patch, whose column gets no mask prior).
+        cols = b.shape[0]
+        valid = part_valid[:, None, :, None].float()  # [B, 1, K, 1]
+        ab = a[:, None, :, None] * b  # [B, 1, K, Pc]
         return RouteContext(
-            row_obj=layout.row_obj, slot=slot, k_max=k_max, part_valid=part_valid, a=a, b=b, prior=prior,
+            row_obj=layout.row_obj, slot=slot, k_max=k_max, part_valid=part_valid, a=a, b=b,
+            prior=None if prior is None else torch.nn.functional.pad(prior, (0, cols - n_patch))[:, None],
             weights=weights, active=active, n_patch=n_patch, grid=(h, w), collect=True,
+            valid=valid, valid_count=valid.sum(-2, keepdim=True), a_solve=a[:, None, :], b_solve=b[None, None, :],
+            head_eye=torch.eye(self.num_heads, device=device),
+            inv_ab=torch.where(ab > 0, 1.0 / ab.clamp_min(torch.finfo(ab.dtype).tiny), 0.0),
         )
 
     # -------------------------------------------------------------------- route
@@ -236,117 +249,147 @@ class OTRouter(nn.Module):
             k = torch.cat([k, kv[0].expand(n_rows, 1, heads, dim)], dim=1)
             v = torch.cat([v, kv[1].expand(n_rows, 1, heads, dim)], dim=1)
         n_prefix = k.shape[1] - n_patch - int(cfg.virtual_patch)
-        timer = _Timer(q.device) if ctx.collect else None
+        start = time.perf_counter() if ctx.collect and q.device.type != "cuda" else None
+        timer = _CudaTimer() if ctx.collect and q.device.type == "cuda" else None
 
         grad = torch.enable_grad() if cfg.differentiable_plan else torch.no_grad()
         with grad:
+            # -<q_k, key_p> per head as one bmm over the keys' own layout [N, M, H*D] (a view
+            # of the projection's output): the part queries go into a block-diagonal
+            # [N, H*D, H] matrix. An einsum would first copy the keys to [N, H, D, M].
             q_part = q.float().mean(1)  # [N, H, D]
-            k_cols = k[:, n_prefix:].float()  # [N, Pc, H, D]
-            cost_rows = -torch.einsum("nhd,nphd->nhp", q_part, k_cols) / math.sqrt(dim)
-            cost = cost_rows.new_zeros(n_obj, ctx.k_max, heads, cost_rows.shape[-1])
-            cost = cost.index_put((ctx.row_obj, ctx.slot), cost_rows).transpose(1, 2)  # [B, H, K, Pc]
-            valid = ctx.part_valid[:, None, :, None].float()
-            count = valid.sum((-2, -1), keepdim=True) * cost.shape[-1]
-            mean = (cost * valid).sum((-2, -1), keepdim=True) / count
-            std = (((cost - mean) * valid) ** 2).sum((-2, -1), keepdim=True).div(count).sqrt()
-            cost = (cost - mean) / (std + 1e-6) * valid
+            blocks = (q_part.unsqueeze(-1) * ctx.head_eye[:heads, None, :heads]).flatten(1, 2)
+            cost_rows = torch.bmm(k[:, n_prefix:].float().flatten(2), blocks).mul_(-1.0 / math.sqrt(dim))  # [N, Pc, H]
+            cost = cost_rows.new_zeros(n_obj, heads, ctx.k_max, cost_rows.shape[1])  # [B, H, K, Pc]
+            cost.transpose(1, 2).index_put_((ctx.row_obj, ctx.slot), cost_rows.transpose(1, 2))
+            # Standardise per (object, head) over the valid rows (padded rows are 0).
+            count = ctx.valid_count * cost.shape[-1]  # [B, 1, 1, 1]
+            centred = (cost - cost.sum((-2, -1), keepdim=True) / count) * ctx.valid
+            std = centred.square().sum((-2, -1), keepdim=True).div_(count).sqrt_()
+            cost = centred / (std + 1e-6)
             if ctx.prior is not None:
-                cost = cost + _pad_cols(ctx.prior[:, None], cost.shape[-1])
-            a = ctx.a[:, None, :]  # [B, 1, K]
-            b = ctx.b[None, None, :]  # [1, 1, Pc]
+                cost = cost + ctx.prior
             solve = dict(eps=cfg.eps, max_iter=int(cfg.iterations), tol=cfg.tol, differentiable=cfg.differentiable_plan)
-            res0 = sinkhorn_log(cost, a, b, **solve)
-            res = res0
             if ctx.weights is not None and cfg.lambda_edge > 0:
-                smooth = _pad_cols(smooth_plan(res0.plan[..., :n_patch], ctx.weights), cost.shape[-1])
-                res = sinkhorn_log(cost - cfg.lambda_edge * n_patch * smooth, a, b, **solve)
-            ab = a[..., :, None] * b[..., None, :]
-            gate = torch.where(ab > 0, res.plan / ab.clamp_min(1e-30), torch.ones_like(res.plan))
-            bias_obj = cfg.strength * torch.log(gate + 1e-6)  # [B, H, K, Pc]
+                res0, res = edge_regularised_plan(cost, ctx.a_solve, ctx.b_solve, ctx.weights, cfg.lambda_edge, **solve)
+            else:
+                res0 = res = sinkhorn_log(cost, ctx.a_solve, ctx.b_solve, **solve)
+            # bias = strength log(g + 1e-6) with g = pi / (a b^T); padded rows (a = 0) are
+            # never read below, so 1 / (a b^T) is precomputed with 0 there.
+            bias_obj = torch.log(res.plan * ctx.inv_ab + 1e-6).mul_(cfg.strength)  # [B, H, K, Pc]
             bias_rows = bias_obj.transpose(1, 2)[ctx.row_obj, ctx.slot]  # [N, H, Pc]
             bias_rows = bias_rows * ctx.active[:, None, None]
-            bias = torch.cat([bias_rows.new_zeros(n_rows, heads, n_prefix), bias_rows], dim=-1)[:, :, None, :]
+            bias = torch.nn.functional.pad(bias_rows, (n_prefix, 0))[:, :, None, :]
 
         if ctx.collect:
-            ctx.records.append(self._diagnostics(q, k, bias, res0, res, ctx, timer))
+            elapsed = _ElapsedMs(start=start) if timer is None else timer.stop()
+            ctx.records.append(_Record(q=q.detach(), k=k.detach(), bias=bias.detach(), first=res0, final=res,
+                                       ctx=ctx, diag_tokens=cfg.diag_tokens, virtual=cfg.virtual_patch, elapsed=elapsed))
         return k, v, bias
 
     # -------------------------------------------------------------- diagnostics
-    @torch.no_grad()
-    def _diagnostics(self, q, k, bias, res0, res, ctx: RouteContext, timer: "_Timer") -> dict[str, torch.Tensor]:
-        cfg = self.config
-        n_patch = ctx.n_patch
-        elapsed = timer.stop()
-        lq = q.shape[1]
-        idx = torch.linspace(0, lq - 1, min(cfg.diag_tokens, lq), device=q.device).round().long()
-        scores = torch.einsum("nlhd,nmhd->nhlm", q[:, idx].float(), k.float()) / math.sqrt(q.shape[-1])
-        log_a = torch.log_softmax(scores, -1)
-        log_ag = torch.log_softmax(scores + bias.float(), -1)
-        gate = (log_a.exp() * (log_ag - log_a)).sum(-1).mean()
-        valid = ctx.part_valid[:, None, :]  # [B, 1, K]
-        d = {
-            M.GATE: gate,
-            M.PLAN_ENTROPY: plan_entropy(res.plan).mean(),
-            M.MARGINAL_ERROR: res.marginal_error.float().mean(),
-            M.SINKHORN_ITERS: torch.tensor(float(res.iterations + (res0.iterations if res is not res0 else 0))),
-            M.VIRTUAL_MASS: (res.plan[..., n_patch] * valid).sum(-1).mean() if cfg.virtual_patch else torch.zeros(()),
-            M.EDGE_DELTA: (
-                edge_delta(res0.plan[..., :n_patch], res.plan[..., :n_patch], ctx.weights, part_valid=ctx.part_valid[:, None, :])
-                if res is not res0 else torch.zeros(())
-            ),
-        }
-        d[M.OT_TIME_MS] = elapsed
-        return d
-
-    def finish(self, ctx: RouteContext) -> None:
-        """End of a forward pass: stop recording and keep the records for :meth:`diagnostics`."""
-        ctx.close()
-        self._last_records = ctx.records
+    def finish(self, ctx: RouteContext | None) -> None:
+        """End of a forward pass: stop recording and keep its records for :meth:`diagnostics`
+        (None: a forward pass without routing, which has none)."""
+        if ctx is not None:
+            ctx.close()
+        self._last_records = [] if ctx is None else ctx.records
+        self._last_diagnostics: dict[str, torch.Tensor] | None = None
 
     def diagnostics(self) -> dict[str, torch.Tensor]:
         """Per-block diagnostics of the last forward pass, averaged over the patched blocks
-        (OT time summed), as 0-dim CPU tensors. Reading them is the step's one host sync."""
-        records = getattr(self, "_last_records", None)
-        if not records:
-            return {}
-        out = {}
-        for key in records[0]:
-            vals = torch.stack([torch.as_tensor(float(r[key]) if isinstance(r[key], _LazyCudaTime) else r[key]).float().cpu() for r in records])
-            out[key] = vals.sum() if key == M.OT_TIME_MS else vals.mean()
-        return out
+        (OT time summed, the marginal error's maximum the largest), as 0-dim CPU tensors.
+
+        They are computed on the first call after a forward pass, from the tensors it kept
+        (no work and no host sync on the hot path; reading them is the step's one host
+        sync), and then cached: the records, which hold the blocks' queries and keys, are
+        dropped, so that nothing outlives the step that the backward pass would free."""
+        if getattr(self, "_last_diagnostics", None) is None:
+            records = getattr(self, "_last_records", None)
+            if not records:
+                return {}
+            with torch.no_grad():
+                per_block = torch.stack([record.compute() for record in records])  # [blocks, keys]
+                keys = M.ROUTER_DIAGNOSTICS
+                summed = torch.tensor([key == M.OT_TIME_MS for key in keys], device=per_block.device)
+                largest = torch.tensor([key == M.MARGINAL_ERROR_MAX for key in keys], device=per_block.device)
+                values = torch.where(summed, per_block.sum(0), torch.where(largest, per_block.amax(0), per_block.mean(0)))
+            self._last_diagnostics = dict(zip(keys, values.cpu().unbind()))
+            self._last_records = []
+        return dict(self._last_diagnostics)
 
 
-def _pad_cols(x: torch.Tensor, cols: int) -> torch.Tensor:
-    """Zero-pad the last dim of x to ``cols`` (the virtual column gets no prior/edge term)."""
-    extra = cols - x.shape[-1]
-    return x if extra == 0 else torch.nn.functional.pad(x, (0, extra))
+class _Record:
+    """What one patched block's forward pass keeps for its diagnostics, computed on read."""
+
+    def __init__(self, q, k, bias, first, final, ctx, diag_tokens, virtual, elapsed):
+        self.q, self.k, self.bias = q, k, bias  # [N, Lq, H, D], [N, M, H, D], [N, H, 1, M]
+        self.first, self.final = first, final  # SinkhornResult: pi0 (before the edge term) and pi
+        self.ctx, self.diag_tokens, self.virtual, self.elapsed = ctx, diag_tokens, virtual, elapsed
+
+    def compute(self) -> torch.Tensor:
+        """The block's diagnostics, in the order of ``M.ROUTER_DIAGNOSTICS``: [keys] float32."""
+        ctx, first, final = self.ctx, self.first, self.final
+        n_patch = ctx.n_patch
+        two_solves = final is not first
+        q_sub = self.q[:, _sampled_tokens(self.q.shape[1], self.diag_tokens, self.q.device)]
+        q_sub = q_sub.float().transpose(1, 2)  # [N, H, L, D]
+        keys = self.k.float().transpose(1, 2).contiguous()  # [N, H, M, D]: a matmul on the strided view is 4x slower
+        attention = torch.softmax((q_sub @ keys.mT).mul_(1.0 / math.sqrt(q_sub.shape[-1])), dim=-1)  # [N, H, L, M]
+        bias = self.bias.float()  # [N, H, 1, M]
+        # -KL(A || A^g) with A^g = A e^bias / Z is E_A[bias] - log E_A[e^bias] <= 0 (Jensen).
+        # Both expectations in one product with [bias, e^(bias - max bias)]: [N, H, L, 2].
+        top = bias.amax(-1, keepdim=True)
+        moments = attention @ torch.cat([bias, (bias - top).exp()], dim=-2).mT
+        gate = (moments[..., 0] - torch.log(moments[..., 1]) - top[..., 0]).mean()
+        zero = torch.zeros((), device=self.q.device)
+        values = {
+            M.GATE: gate,
+            M.EDGE_DELTA: (
+                edge_delta(first.plan[..., :n_patch], final.plan[..., :n_patch], ctx.weights,
+                           part_valid=ctx.part_valid[:, None, :])
+                if two_solves else zero
+            ),
+            M.VIRTUAL_MASS: (final.plan[..., n_patch] * ctx.part_valid[:, None, :]).sum(-1).mean() if self.virtual else zero,
+            M.PLAN_ENTROPY: plan_entropy(final.plan).mean(),
+            M.MARGINAL_ERROR: final.marginal_error.mean(),
+            M.MARGINAL_ERROR_MAX: torch.maximum(first.marginal_error.amax(), final.marginal_error.amax()),
+            M.SINKHORN_ITERS: first.iterations + final.iterations if two_solves else first.iterations,
+            M.EDGE_SOLVE_ITERS: final.iterations if two_solves else zero,
+            M.OT_TIME_MS: torch.tensor(float(self.elapsed), device=self.q.device),
+        }
+        return torch.stack([values[key].float() for key in M.ROUTER_DIAGNOSTICS])
 
 
-class _Timer:
-    """Wall time of the OT work; CUDA events on GPU so the hot path has no host sync."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            self.start_ev = torch.cuda.Event(enable_timing=True)
-            self.end_ev = torch.cuda.Event(enable_timing=True)
-            self.start_ev.record()
-        else:
-            self.t0 = time.perf_counter()
-
-    def stop(self):
-        if self.cuda:
-            self.end_ev.record()
-            return _LazyCudaTime(self.start_ev, self.end_ev)
-        return torch.tensor((time.perf_counter() - self.t0) * 1000.0)
+@functools.lru_cache(maxsize=16)
+def _sampled_tokens(tokens: int, count: int, device: torch.device) -> torch.Tensor:
+    """The fixed, evenly spaced subsample of a row's query tokens for the gate diagnostic."""
+    return torch.linspace(0, tokens - 1, min(count, tokens), device=device).round().long()
 
 
-class _LazyCudaTime:
-    """Elapsed milliseconds between two CUDA events, read only when the diagnostics are read."""
+class _ElapsedMs:
+    """Wall time of the OT work on CPU (no sync needed there), in ms."""
 
-    def __init__(self, start, end):
-        self.start, self.end = start, end
+    def __init__(self, start: float):
+        self.ms = (time.perf_counter() - start) * 1000.0
 
     def __float__(self) -> float:
-        self.end.synchronize()
-        return float(self.start.elapsed_time(self.end))
+        return self.ms
+
+
+class _CudaTimer:
+    """Wall time of the OT work on CUDA, from events: no host sync on the hot path; the
+    elapsed time is read (a sync) only when the diagnostics are."""
+
+    def __init__(self):
+        self.start_ev = torch.cuda.Event(enable_timing=True)
+        self.end_ev = torch.cuda.Event(enable_timing=True)
+        self.start_ev.record()
+
+    def stop(self) -> "_CudaTimer":
+        self.end_ev.record()
+        return self
+
+    def __float__(self) -> float:
+        self.end_ev.synchronize()
+        return float(self.start_ev.elapsed_time(self.end_ev))

@@ -1,4 +1,4 @@
-r"""Batched entropic optimal transport in the log domain (Sinkhorn).
+r"""Batched entropic optimal transport in the log domain: Sinkhorn, then Newton.
 
 The OT router solves one small transport problem per (object, head): the K parts of
 an object against the P image patches of its condition. This module holds the solver
@@ -13,16 +13,91 @@ The problem, for every leading batch index, is
 
 with :math:`H(\pi) = -\sum_{kp} \pi_{kp} \log \pi_{kp}` (see :func:`plan_entropy`).
 Its solution is :math:`\pi_{kp} = \exp((f_k + g_p - C_{kp}) / \varepsilon)` for the
-dual potentials :math:`\mathbf{f}, \mathbf{g}` that Sinkhorn's alternating projections
-find [Cuturi 2013]. In the log domain [Peyré & Cuturi 2019, Section 4.4;
-Schmitzer 2019] each half-step is an exact log-sum-exp, so small
-:math:`\varepsilon` or large costs never under- or overflow :math:`\exp(-C/\varepsilon)`:
+dual potentials :math:`\mathbf{f}, \mathbf{g}` [Cuturi 2013]. We work with scaled
+potentials :math:`u = f/\varepsilon`, :math:`v = g/\varepsilon` and the log kernel
+:math:`\ell = -\mathbf{C}/\varepsilon`.
+
+**Semi-dual.** For a given u the best v is the exact column projection
+:math:`v_p = \log b_p - \operatorname{LSE}_k(\ell_{kp} + u_k)`, and the plan it gives is
+:math:`\pi(u) = \operatorname{softmax}_k(\ell + u)\, \operatorname{diag}(\mathbf{b})`: its
+column marginals hold by construction and only the K row marginals
+:math:`r(u) = \pi(u) \mathbf{1}` remain to be fixed. Solving :math:`r(u) = a` is
+maximising the concave semi-dual :math:`F(u) = \langle a, u \rangle + \langle b, v(u)
+\rangle` [Cuturi & Peyré 2018], whose Hessian is the K x K matrix
 
 .. math::
-    f_k &\leftarrow \varepsilon \log a_k
-        - \varepsilon \operatorname{LSE}_p\big((g_p - C_{kp}) / \varepsilon\big) \\
-    g_p &\leftarrow \varepsilon \log b_p
-        - \varepsilon \operatorname{LSE}_k\big((f_k - C_{kp}) / \varepsilon\big)
+    J(u) = \frac{\partial r}{\partial u} = \operatorname{diag}(r) -
+        \pi \operatorname{diag}(\mathbf{b})^{-1} \pi^T ,
+
+positive semi-definite with the constants as its null space (adding one constant to
+every :math:`u_k` moves it into v and leaves the plan unchanged).
+
+**Algorithm** (``method="newton"``, the default):
+
+1. ``warmup`` (2) log-domain Sinkhorn iterations from :math:`v = 0` [Cuturi 2013;
+   Peyré & Cuturi 2019, §4.4]: :math:`u \leftarrow u + \log a - \log r(u)` is exactly
+   the row update :math:`u = \log a - \operatorname{LSE}_p(\ell + v)` after a column update.
+   Alone, Sinkhorn converges only linearly, at a rate that is poor when eps is small
+   next to the spread of the costs: on the router's real costs at eps 0.05 it needs
+   85-250 iterations for an L1 error of 1e-4 (bench/bench_ot_convergence.py).
+2. Newton steps on the semi-dual [Brauer, Clason, Lorenz & Wirth 2017; Tang et al.
+   2024]: :math:`(J + \mu \operatorname{diag}(r) + \mathbf{1}\mathbf{1}^T / K^2) \delta =
+   a - r`. The rank-one term fixes the free constant; the Levenberg-Marquardt shift
+   :math:`\mu = 10^{-4}` keeps the factorisation defined when parts share almost no patch
+   (see :meth:`_Solver.jacobian`). K (the parts of one object) is small, so this is a tiny
+   dense system: a batched Cholesky solve costs less than one pass over the [K, P] plan.
+   Newton converges quadratically near the solution. Away from it a full step may
+   overshoot, so each iteration evaluates the gain in F of the candidates
+   :math:`u + t \delta`, :math:`t \in \{2, 1.4, 1, 0.7, 0.5, 0.35, 0.25, 2^{-3}, 2^{-4},
+   2^{-5}\}`, in one batched pass (fixed shapes, no host sync), and keeps the candidate
+   that gains most. The set holds the backtracking sequence :math:`1, 1/2, \dots`, so the
+   step gains at least what Armijo's backtracking would [Nocedal & Wright 2006, §3.1];
+   the gain is computed from the current softmax, :math:`F(u + d) - F(u) = \langle a, d
+   \rangle - \sum_p b_p \log \sum_k \operatorname{softmax}_k(\ell + u)_{kp} e^{d_k}`, so it
+   does not cancel between large values of F. If no candidate gains (or the
+   factorisation failed: NaN), the iteration is a Sinkhorn step, which never lowers F.
+   So this iteration never lowers F (tested, on the sync-free loop). Where reading the
+   error is free (CPU), once every row error is below 0.3 the full step is tried first
+   and kept where it lowers the row error (or meets ``tol``): near the solution that is
+   the step the line search would pick, for half its operations; elsewhere the damped
+   step is taken.
+
+``method="sinkhorn"`` runs plain log-domain Sinkhorn only: the same updates, in the same
+order (f then g, from g = 0), as POT's ``sinkhorn_log`` and ``solve_batch``; it is kept as
+the iterate-for-iterate reference and for the benchmark.
+
+Warm start: ``f_init`` (for instance the potential of a solve of a nearby cost, as the
+router's edge-regularised second solve does) replaces the warm-up.
+
+Why not only accelerate Sinkhorn: on the quick matrix's real costs plain Sinkhorn needs
+85-250 iterations for an L1 error of 1e-4 and over-relaxed Sinkhorn (:math:`\omega = 1.75`,
+[Thibault et al. 2021]) 33-36, at about 16 small kernels each (epsilon scaling did not
+shorten either in our trials); the Newton solve needs 6-10 iterations from a cold start and
+3-4 warm-started (bench/bench_ot_convergence.py).
+
+**Accuracy.** The stopping criterion is the L1 error of the row marginals of the
+current plan (the columns hold to rounding). In float32 the potentials, of size up to
+:math:`\max|C| / \varepsilon`, carry relative rounding of about 6e-8, which leaves a
+floor of about 1e-6 on that error for standardised costs at eps 0.05: the default
+``tol`` of 1e-4 sits two orders above it, so it is reached by every problem, and one
+more Newton step (quadratic convergence) usually lands at the floor. Entries of the
+softmax below :math:`2^8 \sqrt{\text{tiny}}` (2.8e-17 in float32) are raised to it,
+except in padded rows: subnormal numbers make x86 arithmetic 10-50x slower, and a row
+sum moves by at most P times that floor.
+
+**Sync-free loop.** Reading the error on the host is a device-to-host sync. On CPU it
+costs nothing, and the loop stops at the first iteration below ``tol``. On CUDA
+(``early_stop=None``) the loop runs all ``max_iter`` iterations with fixed shapes and no
+host read, so that a CUDA graph or ``torch.compile`` can capture it. A Newton step at
+the floor leaves the plan unchanged to rounding. The iterations it took are counted on
+the device.
+
+**Gradients** (``differentiable=True``): implicit differentiation of the optimality
+conditions [Luise et al. 2018; Eisenberger et al. 2022], not an unrolled loop. The
+backward pass solves one (K + P)-dimensional linear system per problem, reduced to
+the same K x K Schur complement J, so the memory of a differentiable plan is that of
+the plan itself, whatever the iteration count. The result is the gradient at the exact
+optimum, computed at the returned plan: exact to the plan's marginal error.
 
 References
 ----------
@@ -30,24 +105,62 @@ References
    NeurIPS 2013.
 .. [2] G. Peyré and M. Cuturi, "Computational Optimal Transport", Foundations and
    Trends in Machine Learning 11(5-6), 2019, Section 4.4 (log-domain stabilisation).
-.. [3] B. Schmitzer, "Stabilized Sparse Scaling Algorithms for Entropy Regularized
-   Transport Problems", SIAM J. Sci. Comput. 41(3), 2019.
+.. [3] M. Cuturi and G. Peyré, "Semidual Regularized Optimal Transport", SIAM Review
+   60(4), 2018.
+.. [4] C. Brauer, C. Clason, D. Lorenz and B. Wirth, "A Sinkhorn-Newton method for
+   entropic optimal transport", arXiv:1710.06635, 2017.
+.. [5] X. Tang, M. Shavlovsky, H. Rahmanian, E. Tardini, K. K. Thekumparampil,
+   T. Xiao and L. Ying, "Accelerating Sinkhorn algorithm with sparse Newton
+   iterations", ICLR 2024.
+.. [6] J. Nocedal and S. J. Wright, "Numerical Optimization", 2nd ed., Springer 2006.
+.. [7] G. Luise, A. Rudi, M. Pontil and C. Ciliberto, "Differential Properties of
+   Sinkhorn Approximation for Learning with Wasserstein Distance", NeurIPS 2018.
+.. [8] M. Eisenberger, A. Toker, L. Leal-Taixé, F. Bernard and D. Cremers, "A Unified
+   Framework for Implicit Sinkhorn Differentiation", CVPR 2022.
+.. [9] A. Thibault, L. Chizat, C. Dossal and N. Papadakis, "Overrelaxed Sinkhorn-Knopp
+   Algorithm for Regularized Optimal Transport", Algorithms 14(5), 2021.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Callable
 
 import torch
 
-__all__ = ["SinkhornNotConverged", "SinkhornResult", "plan_entropy", "sinkhorn_log"]
+__all__ = [
+    "DEFAULT_EPS",
+    "DEFAULT_MAX_ITER",
+    "DEFAULT_TOL",
+    "METHODS",
+    "WARMUP_ITERS",
+    "SinkhornNotConverged",
+    "SinkhornResult",
+    "plan_entropy",
+    "sinkhorn_log",
+]
+
+# The solver's defaults, and through RouterConfig the router's: the one place they are set.
+DEFAULT_EPS = 0.05  # entropic regularisation, in units of the (standardised) cost
+DEFAULT_TOL = 1e-4  # L1 row-marginal error; float32 reaches about 1e-6 (module docstring)
+# Iterations at most (Sinkhorn warm-up and Newton steps together). On the quick matrix's
+# real costs the solves stop after 6-10 (bench/bench_ot_convergence.py), on router-like
+# costs with a mask prior of 4 (the top of its search range) after up to 17; 20 leaves room.
+DEFAULT_MAX_ITER = 20
+WARMUP_ITERS = 2  # Sinkhorn iterations before the first Newton step (cold starts only)
+METHODS = ("newton", "sinkhorn")
+# Step lengths of the parallel line search, longest first (ties go to the longer step).
+LINE_SEARCH_STEPS = (2.0, 1.4, 1.0, 0.7, 0.5, 0.35, 0.25, 0.125, 0.0625, 0.03125)
+LOCAL_ERROR = 0.3  # below this largest row error, a full Newton step is tried first (CPU)
+LEVENBERG_MARQUARDT = 1e-4  # relative diagonal shift of J (see _Solver.jacobian)
+MAX_STEP = 25.0  # bound on a Newton step of u = f / eps (see _Solver.newton_direction)
 
 
 class SinkhornNotConverged(RuntimeWarning):
-    """Sinkhorn reached ``max_iter`` with a marginal error still above ``tol``."""
+    """The solver reached ``max_iter`` with a marginal error still above ``tol``."""
 
 
 @dataclass(frozen=True)
@@ -56,24 +169,39 @@ class SinkhornResult:
 
     plan: torch.Tensor  # [..., K, P] transport plan, float32 or wider
     f: torch.Tensor  # [..., K] row potential in cost units; -inf where a_k = 0
-    g: torch.Tensor  # [..., P] column potential in cost units; -inf where b_p = 0
-    iterations: int  # Sinkhorn iterations run (one iteration = an f and a g update)
+    iterations: torch.Tensor  # [] int64: iterations until the whole batch met tol (max_iter if never)
     marginal_error: torch.Tensor  # [...] ||plan 1 - a||_1 + ||plan^T 1 - b||_1
-    converged: bool  # max over the batch of the row-marginal L1 error < tol
+    tol: float  # the tolerance the solve was run with
+    column_potential: Callable[[], torch.Tensor] = field(repr=False, compare=False)
+
+    @cached_property
+    def g(self) -> torch.Tensor:
+        """[..., P] column potential in cost units; -inf where b_p = 0. Computed on first
+        access (one log-sum-exp over the plan): the router never reads it."""
+        return self.column_potential()
+
+    @property
+    def converged(self) -> bool:
+        """Every problem's marginal error is below ``tol``. Reading it syncs with the device."""
+        return bool((self.marginal_error < self.tol).all())
 
 
 def sinkhorn_log(
     cost: torch.Tensor,
     a: torch.Tensor,
     b: torch.Tensor,
-    eps: float = 0.05,
-    max_iter: int = 50,
-    tol: float = 1e-6,
-    check_every: int = 5,
+    eps: float = DEFAULT_EPS,
+    max_iter: int = DEFAULT_MAX_ITER,
+    tol: float = DEFAULT_TOL,
+    *,
+    method: str = "newton",
+    warmup: int = WARMUP_ITERS,
+    f_init: torch.Tensor | None = None,
+    early_stop: bool | None = None,
     differentiable: bool = False,
     warn: bool = False,
 ) -> SinkhornResult:
-    r"""Solve a batch of entropic OT problems with log-domain Sinkhorn iterations.
+    r"""Solve a batch of entropic OT problems: log-domain Sinkhorn, then Newton steps.
 
     For every batch index, solves
 
@@ -81,24 +209,15 @@ def sinkhorn_log(
         \min_{\pi \geq 0} \ \langle \pi, \mathbf{C} \rangle_F - \varepsilon H(\pi)
         \quad \text{s.t.} \quad \pi \mathbf{1} = \mathbf{a}, \ \pi^T \mathbf{1} = \mathbf{b}
 
-    by alternating the exact log-domain projections on the two marginal constraints
-    (module docstring, [1]_ [2]_ [3]_), starting from :math:`\mathbf{g} = 0`. Each
-    iteration updates :math:`\mathbf{f}` (rows) and then :math:`\mathbf{g}` (columns),
-    so after it the column marginal holds up to rounding and the row marginal
-    :math:`\pi \mathbf{1} = \mathbf{a}` is the one still violated. The solver stops as
-    soon as the largest row-marginal L1 error in the batch is below ``tol``. Reading
-    that error needs a device-to-host sync, so it is checked only every
-    ``check_every`` iterations (and at ``max_iter``). It costs no extra pass over the
-    cost matrix: the log-sum-exp of the next f update gives the row sums,
-    :math:`(\pi \mathbf{1})_k = \exp\big((f_k + \varepsilon \operatorname{LSE}_p((g_p -
-    C_{kp})/\varepsilon)) / \varepsilon\big)`.
+    with the algorithm of the module docstring ([1]_ [3]_ [4]_). One iteration is one
+    Sinkhorn iteration (a row and a column update) or one Newton step (with its line
+    search and column update); after each, the column marginals hold to rounding and
+    the L1 error of the row marginals is the one measured against ``tol``.
 
     Padding: a zero weight (:math:`a_k = 0` or :math:`b_p = 0`) gives a potential of
-    :math:`-\infty` and therefore exactly zero plan mass in that row or column; the
-    other entries are those of the problem with the padded rows/columns removed.
-    Gradients stay finite: :math:`-\infty` entries get exactly zero weight and zero
-    gradient in every log-sum-exp. Each problem must still have some positive mass in ``a``
-    and ``b`` (both sum to 1).
+    :math:`-\infty` and exactly zero plan mass in that row or column; the other entries
+    are those of the problem with the padded rows/columns removed. Each problem must
+    still have some positive mass in ``a`` and ``b`` (both sum to 1).
 
     Parameters
     ----------
@@ -114,36 +233,47 @@ def sinkhorn_log(
         Entropic regularisation :math:`\varepsilon > 0`, in cost units. Smaller is
         closer to unregularised OT and needs more iterations.
     max_iter : int, optional
-        Maximum number of Sinkhorn iterations (each one an f and a g update).
+        Maximum number of iterations (Sinkhorn iterations and Newton steps together).
     tol : float, optional
-        Stop when the maximum over the batch of :math:`\|\pi \mathbf{1} - \mathbf{a}\|_1`
-        is below ``tol``. In float32 the potentials, of size up to
-        :math:`\max|C| / \varepsilon`, are rounded to about 1e-7 of that, which
-        bounds the reachable error: near 1e-6 for standardised costs at
-        ``eps=0.05``. Pass float64 inputs for tighter tolerances.
-    check_every : int, optional
-        Check the stopping criterion every ``check_every`` iterations; larger values
-        sync less often but may run up to ``check_every - 1`` iterations too many.
+        Stop when the largest L1 row-marginal error in the batch is below ``tol``.
+        float32 reaches about 1e-6 on standardised costs at eps 0.05 (module
+        docstring); pass float64 inputs for tighter tolerances.
+    method : {"newton", "sinkhorn"}, optional
+        "newton": ``warmup`` Sinkhorn iterations, then Newton steps on the semi-dual.
+        "sinkhorn": plain Sinkhorn for all iterations (POT's updates, iterate for
+        iterate).
+    warmup : int, optional
+        Sinkhorn iterations before the first Newton step when starting cold.
+    f_init : torch.Tensor, shape [..., K], optional
+        Warm start: a row potential in cost units (for instance ``f`` of a solve of a
+        nearby cost). It replaces the warm-up; it carries no gradient.
+    early_stop : bool, optional
+        Stop at the first iteration whose error is below ``tol``. That reads a
+        value on the host: a sync on CUDA. None (default): on CPU only; elsewhere the
+        loop runs ``max_iter`` iterations with fixed shapes and no host sync.
     differentiable : bool, optional
-        If False (default), run under :func:`torch.no_grad` and return a detached plan.
-        If True, keep the autograd graph of every iteration, so that gradients flow
-        from the plan to ``cost`` (and to ``a``, ``b`` where they are positive).
-        Memory grows linearly with the iterations run.
+        If False (default), return a detached plan. If True, the plan carries an
+        implicit-differentiation backward (module docstring [7]_ [8]_) to ``cost``,
+        ``a`` and ``b``. Those two are defined up to adding a constant to every entry
+        (only directions along the sum-to-one constraints matter); ``a``'s returned
+        gradient sums to zero. Its memory is one plan, whatever the iteration count.
+        ``f``, ``g`` and ``marginal_error`` stay detached.
     warn : bool, optional
         If True, emit one :class:`SinkhornNotConverged` warning when ``max_iter`` is
-        reached before ``tol``. Off by default: the router calls this every step and
-        logs ``marginal_error`` instead.
+        reached before ``tol`` (a host sync). Off by default: the router calls this
+        every step and logs ``marginal_error`` instead.
 
     Returns
     -------
     SinkhornResult
         ``plan`` [..., K, P], potentials ``f`` [..., K] and ``g`` [..., P] (cost
-        units, :math:`\pi = \exp((f \oplus g - C)/\varepsilon)`), ``iterations``,
-        per-problem ``marginal_error`` [...] (L1 error of both marginals, computed
-        on the returned plan) and ``converged``. Everything is computed and
-        returned in ``float32``, or in the widest dtype of the inputs if that is
-        wider: float16/bfloat16 inputs are upcast and the plan is *not* cast back,
-        because a plan with entries around 1/(K P) loses most of its marginal
+        units, :math:`\pi = \exp((f \oplus g - C)/\varepsilon)`), ``iterations`` (a
+        0-dim tensor: iterations until every problem met ``tol``), per-problem
+        ``marginal_error`` [...] (L1 error of both marginals, computed on the
+        returned plan), ``tol`` and the ``converged`` property. Everything is
+        computed and returned in ``float32``, or in the widest dtype of the inputs if
+        that is wider: float16/bfloat16 inputs are upcast and the plan is *not* cast
+        back, because a plan with entries around 1/(K P) loses most of its marginal
         accuracy in half precision. The outputs are on ``cost.device``.
 
     Raises
@@ -155,7 +285,7 @@ def sinkhorn_log(
     --------
     >>> cost = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
     >>> half = torch.tensor([0.5, 0.5])
-    >>> sinkhorn_log(cost, half, half, eps=1.0, max_iter=100).plan
+    >>> sinkhorn_log(cost, half, half, eps=1.0).plan
     tensor([[0.3655, 0.1345],
             [0.1345, 0.3655]])
     """
@@ -167,124 +297,325 @@ def sinkhorn_log(
             f"marginals must be a [..., {n_rows}] and b [..., {n_cols}] for cost "
             f"{tuple(cost.shape)}, got a {tuple(a.shape)} and b {tuple(b.shape)}"
         )
+    if f_init is not None and f_init.shape[-1:] != (n_rows,):
+        raise ValueError(f"f_init must be [..., {n_rows}], got {tuple(f_init.shape)}")
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    if max_iter < 1 or check_every < 1:
-        raise ValueError(
-            f"max_iter and check_every must be >= 1, got {max_iter} and {check_every}"
-        )
+    if max_iter < 1 or warmup < 0:
+        raise ValueError(f"max_iter must be >= 1 and warmup >= 0, got {max_iter} and {warmup}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
     dtype = torch.promote_types(
         torch.promote_types(cost.dtype, a.dtype),
         torch.promote_types(b.dtype, torch.float32),
     )
-    batch_shape = torch.broadcast_shapes(cost.shape[:-2], a.shape[:-1], b.shape[:-1])
-    grad_context = contextlib.nullcontext() if differentiable else torch.no_grad()
+    if early_stop is None:
+        early_stop = cost.device.type == "cpu"
+    with torch.no_grad():
+        log_kernel = _as(cost, dtype, cost.device) / -eps  # [..., K, P]
+        a_col = _as(a, dtype, cost.device).unsqueeze(-1)  # [..., K, 1]
+        b_row = _as(b, dtype, cost.device).unsqueeze(-2)  # [..., 1, P]
+        batch_shape = torch.broadcast_shapes(log_kernel.shape[:-2], a_col.shape[:-2], b_row.shape[:-2])
+        u_init = None if f_init is None else (_as(f_init, dtype, cost.device) / eps).unsqueeze(-1)
+        solver = _Solver(log_kernel, a_col, b_row, batch_shape)
+        state = solver.run(u_init, max_iter, tol, method == "newton", warmup, early_stop)
 
-    with grad_context:
-        cost = cost.to(dtype)
-        # Work with potentials scaled by 1/eps, u = f/eps as [..., K, 1] and
-        # v = g/eps as [..., 1, P], and with the log of the Gibbs kernel,
-        # log K = -C/eps: each half-step is then a single LSE over one axis.
-        log_kernel = cost / -eps
-        a = a.to(device=cost.device, dtype=dtype).unsqueeze(-1)  # [..., K, 1]
-        b = b.to(device=cost.device, dtype=dtype).unsqueeze(-2)  # [..., 1, P]
-        log_a, log_b = _log_weights(a), _log_weights(b)
-        # Without autograd, every LSE reuses one [..., K, P] buffer in place: fresh
-        # temporaries of that size cost more than the arithmetic on CPU.
-        workspace = None if torch.is_grad_enabled() else torch.empty(
-            batch_shape + (n_rows, n_cols), dtype=dtype, device=cost.device
-        )
-
-        # Start from g = 0 on the real columns; padded ones are out from the start.
-        v = torch.where(b > 0, 0.0, log_b).expand(batch_shape + (1, n_cols))
-        row_lse = _logsumexp(log_kernel, v, -1, workspace)
-        converged = False
-        for iteration in range(1, max_iter + 1):
-            u = log_a - row_lse
-            v = log_b - _logsumexp(log_kernel, u, -2, workspace)
-            # LSE of the next u update; it also gives this plan's row sums.
-            row_lse = _logsumexp(log_kernel, v, -1, workspace)
-            if iteration % check_every == 0 or iteration == max_iter:
-                with torch.no_grad():
-                    row_error = (torch.exp(u + row_lse) - a).abs().sum(dim=(-2, -1))
-                    converged = bool((row_error < tol).all())
-                if converged:
-                    break
-
-        plan = torch.exp(log_kernel + u + v)
-        with torch.no_grad():
-            row_error = (plan.sum(dim=-1, keepdim=True) - a).abs().sum(dim=(-2, -1))
-            col_error = (plan.sum(dim=-2, keepdim=True) - b).abs().sum(dim=(-2, -1))
-            marginal_error = row_error + col_error
-
-    if warn and not converged:
+    plan = state.plan
+    if differentiable:
+        plan = _ImplicitPlan.apply(cost, a, b, plan.detach(), eps)
+    if warn and not bool((state.marginal_error < tol).all()):
         warnings.warn(
             f"Sinkhorn did not converge in {max_iter} iterations (max marginal error "
-            f"{marginal_error.max().item():.3e} >= tol {tol:.1e}); increase max_iter "
+            f"{state.marginal_error.max().item():.3e} >= tol {tol:.1e}); increase max_iter "
             "or eps.",
             SinkhornNotConverged,
             stacklevel=2,
         )
     return SinkhornResult(
         plan=plan,
-        f=eps * u.squeeze(-1),
-        g=eps * v.squeeze(-2),
-        iterations=iteration,
-        marginal_error=marginal_error,
-        converged=converged,
+        f=eps * state.u.squeeze(-1),
+        iterations=state.iterations,
+        marginal_error=state.marginal_error,
+        tol=tol,
+        column_potential=lambda: eps * solver.column_potential(state.u).squeeze(-2),
     )
 
 
-def _log_weights(weights: torch.Tensor) -> torch.Tensor:
-    """``log(weights)`` with -inf at zeros and a zero (not infinite) gradient there."""
-    positive = weights > 0
-    safe = torch.where(positive, weights, torch.ones_like(weights))
-    return torch.where(positive, safe.log(), -math.inf)
+def _as(x: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``x`` in that dtype and on that device, without a call when it already is (these
+    tiny solves are dispatch-bound: every operation saved counts)."""
+    return x if x.dtype == dtype and x.device == device else x.to(device=device, dtype=dtype)
 
 
-def _logsumexp(
-    log_kernel: torch.Tensor,
-    potential: torch.Tensor,
-    dim: int,
-    workspace: torch.Tensor | None,
-) -> torch.Tensor:
-    r"""Stabilised :math:`\operatorname{LSE}` over ``dim`` of ``log_kernel + potential``.
+_STEPS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
-    The usual max shift makes every term at most :math:`e^0 = 1`. Shifted exponents
-    are then clamped below at :math:`\log(\text{tiny}) + 1` of the dtype: a term that
-    small (about 3e-38 in float32) is far below the rounding of a sum that is at
-    least 1, so the value does not change, but the vectorised CPU ``exp`` takes a
-    slow path (5-10x) for results that underflow to subnormals or zero, and with
-    costs spread over many multiples of eps most of a row underflows. Terms of
-    :math:`-\infty` (padding) get a zero gradient through the clamp.
 
-    Parameters
-    ----------
-    log_kernel : torch.Tensor, shape [..., K, P]
-        :math:`-\mathbf{C} / \varepsilon`.
-    potential : torch.Tensor, shape [..., 1, P] or [..., K, 1]
-        Scaled potential v or u, broadcast against ``log_kernel``.
-    dim : int
-        -1 (reduce over P, the f update) or -2 (reduce over K, the g update).
-    workspace : torch.Tensor or None, shape [..., K, P]
-        Buffer overwritten in place when autograd is off; None to build a graph.
+def _line_search_steps(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """LINE_SEARCH_STEPS as a tensor, made once per dtype and device."""
+    key = (dtype, device)
+    if key not in _STEPS:
+        _STEPS[key] = torch.tensor(LINE_SEARCH_STEPS, dtype=dtype, device=device)
+    return _STEPS[key]
 
-    Returns
-    -------
-    torch.Tensor, shape [..., K, 1] (dim=-1) or [..., 1, P] (dim=-2)
-        The LSE, keeping ``dim`` as a singleton.
+
+def _logsumexp(scores: torch.Tensor, dim: int) -> torch.Tensor:
+    r"""Stabilised :math:`\operatorname{LSE}` over ``dim``, keeping ``dim`` as a singleton.
+
+    The usual max shift makes every term at most :math:`e^0 = 1`. Shifted exponents are
+    then clamped below at :math:`\log(\text{tiny}) + 1` of the dtype: a term that small
+    (about 3e-38 in float32) is far below the rounding of a sum that is at least 1, so
+    the value does not change, but the vectorised CPU ``exp`` takes a slow path (5-10x)
+    for results that underflow to subnormals or zero, and with costs spread over many
+    multiples of eps most of a row underflows (``torch.logsumexp`` has no such guard).
+    Every slice must hold a finite value.
     """
-    floor = math.log(torch.finfo(log_kernel.dtype).tiny) + 1.0
-    if workspace is None:
-        scores = log_kernel + potential
-        shift = scores.detach().amax(dim=dim, keepdim=True)
-        terms = (scores - shift).clamp_min(floor).exp()
-        return terms.sum(dim=dim, keepdim=True).log() + shift
-    scores = torch.add(log_kernel, potential, out=workspace)
+    floor = math.log(torch.finfo(scores.dtype).tiny) + 1.0
     shift = scores.amax(dim=dim, keepdim=True)
-    terms = scores.sub_(shift).clamp_min_(floor).exp_()
+    terms = (scores - shift).clamp_min_(floor).exp_()
     return terms.sum(dim=dim, keepdim=True).log_().add_(shift)
+
+
+def _batched(x: torch.Tensor) -> torch.Tensor:
+    """[..., m, n] -> [batch, m, n] (a view of a contiguous tensor) for ``torch.bmm``,
+    which, unlike ``@`` on 4-d operands, takes a transposed view without copying it."""
+    return x.reshape(-1, *x.shape[-2:])
+
+
+class _Solver:
+    """The iteration of :func:`sinkhorn_log`, without autograd.
+
+    State: the scaled row potential u [..., K, 1]; the column-normalised kernel
+    ``soft = softmax_k(log_kernel + u)`` [..., K, P] (so that the plan is ``soft * b``,
+    with exact column marginals), its row sums r [..., K, 1] and row error [..., 1, 1].
+    """
+
+    def __init__(self, log_kernel, a, b, batch_shape):
+        self.log_kernel, self.a, self.b = log_kernel, a, b
+        self.log_a = a.log()  # -inf where a_k = 0 (no autograd here: no 0 * inf gradient)
+        self.batch_shape = batch_shape
+        finfo = torch.finfo(log_kernel.dtype)
+        # u + log a - log r is the Sinkhorn row update; r is floored at the smallest
+        # normal number so that a row whose mass underflowed gets a large finite step.
+        self.tiny = finfo.tiny
+        # Entries of the column-normalised kernel are floored at 2^8 sqrt(tiny) of the
+        # dtype (2.8e-17 in float32), except in padded rows, which stay exactly 0. Left
+        # alone, the tiny ones and their products become subnormal numbers, and x86
+        # arithmetic on subnormals is 10-50x slower (one bmm of this solver took 90 us
+        # instead of 5); floored, a product of two entries and a column weight b_p stays
+        # normal for P up to 6e4. The floor adds at most P * 2.8e-17 to a row sum, far
+        # under its rounding, and it can only raise the sums of the line search below,
+        # which keeps that test conservative.
+        floor = 2.0**8 * math.sqrt(finfo.tiny)
+        self.row_floor = torch.where(a > 0, floor, 0.0)  # [..., K, 1]
+        self.steps = _line_search_steps(log_kernel.dtype, log_kernel.device)
+        self.j_const = None
+
+    def evaluate(self, u):
+        """soft and the plan [..., K, P], its row sums r [..., K, 1] and row error [..., 1, 1] at u."""
+        soft = torch.maximum(torch.softmax(self.log_kernel + u, dim=-2), self.row_floor)
+        plan = soft * self.b
+        r = plan.sum(dim=-1, keepdim=True)
+        error = torch.linalg.vector_norm(r - self.a, ord=1, dim=(-2, -1), keepdim=True)
+        return soft, plan, r, error
+
+    def sinkhorn_step(self, u, r):
+        return u + (self.log_a - r.clamp_min(self.tiny).log())
+
+    def jacobian(self, soft, plan, r):
+        """J + mu diag(r) + 1 1^T / K^2 (+ 1 on the diagonal of padded rows): [..., K, K].
+
+        The 1 1^T / K^2 term fixes the potential's free constant (the gauge) and gives it
+        the eigenvalue 1/K, of the order of J's others (at most max r); a padded row
+        (r = 0) gets a 1 on the diagonal so that its step is finite. The Levenberg-Marquardt
+        shift mu diag(r), mu = 1e-4 [Nocedal & Wright 2006, §10.3]: parts that share almost
+        no patch (a strong mask prior) make J nearly singular, and float32 rounding can then
+        make it indefinite, failing the Cholesky factorisation; the shift changes the step
+        only along directions whose curvature is below 1e-4 of the row masses.
+        """
+        if self.j_const is None:
+            padded = (self.a.squeeze(-1) == 0).to(soft.dtype).expand(soft.shape[:-1])
+            self.j_const = torch.diag_embed(padded) + 1.0 / soft.shape[-2] ** 2
+        jac = self.j_const - torch.bmm(_batched(soft), _batched(plan).mT).view(self.j_const.shape)
+        jac.diagonal(dim1=-2, dim2=-1).add_(r.squeeze(-1), alpha=1.0 + LEVENBERG_MARQUARDT)
+        return jac
+
+    def newton_direction(self, soft, plan, r):
+        """delta [..., K, 1] solving (J + 1 1^T / K^2) delta = a - r, clamped to +-MAX_STEP.
+
+        The clamp keeps exp(delta) finite and normal in float32 (e^±50 is 5e21 and 2e-22):
+        a near-singular J's step is then shortened by the line search. A failed
+        factorisation leaves NaN, which the line search never accepts.
+        """
+        factor, _ = torch.linalg.cholesky_ex(self.jacobian(soft, plan, r))
+        return torch.cholesky_solve(self.a - r, factor).clamp_(-MAX_STEP, MAX_STEP)
+
+    def newton_step(self, u, soft, r, delta, host_check: bool = False):
+        """The next u: a damped Newton step on the semi-dual F, or a Sinkhorn step.
+
+        F(u) = <a, u> + <b, v(u)>. Its gain along a step d is measured from the current
+        soft = softmax_k(log_kernel + u), with no cancellation between large values of F:
+        F(u + d) - F(u) = <a, d> - sum_p b_p log(sum_k soft_kp exp(d_k)).
+        ``host_check``: whether reading a value on the host is free (CPU), which lets the
+        step skip computing the Sinkhorn fallback when no problem needs it.
+        """
+        step = delta * self.steps  # [..., K, T]: the candidate steps t delta
+        # sum_k soft_kp exp(t delta_k) is at least min_k exp(t delta_k) >= e^-50 (soft
+        # sums to at least 1 over k), a normal float32: its log needs no guard.
+        mixed = torch.bmm(_batched(step.exp()).mT, _batched(soft))  # [..., T, P]
+        spread = (mixed.log_().view(step.shape[:-2] + mixed.shape[-2:]) * self.b).sum(dim=-1, keepdim=True)
+        gain = (self.a * step).sum(dim=-2, keepdim=True).mT - spread  # [..., T, 1]
+        # The candidate that gains most; if none gains (or delta is NaN), the Sinkhorn step.
+        best_gain, best = gain.max(dim=-2, keepdim=True)  # [..., 1, 1]
+        newton = torch.addcmul(u, self.steps[best], delta)
+        gains = best_gain > 0
+        if host_check and bool(gains.all()):  # on CPU: skip the Sinkhorn steps nobody takes
+            return newton
+        return torch.where(gains, newton, self.sinkhorn_step(u, r))
+
+    def run(self, u, max_iter, tol, newton, warmup, early_stop) -> "_State":
+        if u is None:
+            # First row update from g = 0 (as POT): u = log a - LSE_p(log_kernel).
+            u = self.log_a - _logsumexp(self.log_kernel, dim=-1)
+            n_sinkhorn = max_iter if not newton else min(warmup, max_iter)
+            n_steps = 1  # that update is the first Sinkhorn iteration
+        else:
+            u = torch.where(self.a > 0, u, self.log_a)
+            n_sinkhorn = 0 if newton else max_iter
+            n_steps = 0
+        u = u.expand(self.batch_shape + u.shape[-2:])
+        soft, plan, r, error = self.evaluate(u)
+        if early_stop:  # reading the error on the host: free on CPU, a sync elsewhere
+            worst = float(error.amax())
+            done = worst < tol
+        else:  # iterations until the batch met tol, counted on the device
+            done = error.amax() < tol
+            iterations = torch.full((), n_steps, dtype=torch.long, device=u.device)
+        while n_steps < max_iter and not (early_stop and done):
+            n_steps += 1
+            if n_steps <= n_sinkhorn:
+                u = self.sinkhorn_step(u, r)
+            else:
+                delta = self.newton_direction(soft, plan, r)
+                if early_stop and worst < LOCAL_ERROR:
+                    # Near the solution (every row error below LOCAL_ERROR) the full Newton
+                    # step is tried first, where reading the error on the host is free
+                    # (CPU): it is kept where it lowers the row error, which costs less
+                    # than the line search; the other problems take the damped step.
+                    trial_u = u + delta
+                    trial = self.evaluate(trial_u)
+                    # Kept where it lowers the error or meets tol (at the float32 floor a
+                    # step can move the error either way by rounding).
+                    take = (trial[3] < error) | (trial[3] < tol)
+                    if bool(take.all()):
+                        u = trial_u
+                        soft, plan, r, error = trial
+                        worst = float(error.amax())
+                        done = worst < tol
+                        continue
+                    u = torch.where(take, trial_u, self.newton_step(u, soft, r, delta, early_stop))
+                else:
+                    u = self.newton_step(u, soft, r, delta, early_stop)
+            soft, plan, r, error = self.evaluate(u)
+            if early_stop:
+                worst = float(error.amax())
+                done = worst < tol
+            else:
+                iterations = iterations + (~done).long()
+                done = done | (error.amax() < tol)
+        if early_stop:
+            iterations = torch.full((), n_steps, dtype=torch.long, device=u.device)
+        col_error = torch.linalg.vector_norm(plan.sum(dim=-2, keepdim=True) - self.b, ord=1, dim=(-2, -1))
+        return _State(plan, u, iterations, error.view(error.shape[:-2]) + col_error)
+
+    def column_potential(self, u):
+        """v = log b - LSE_k(log_kernel + u), [..., 1, P]; -inf where b_p = 0."""
+        return torch.log(self.b) - _logsumexp(self.log_kernel + u, dim=-2)
+
+
+@dataclass(frozen=True)
+class _State:
+    plan: torch.Tensor
+    u: torch.Tensor
+    iterations: torch.Tensor
+    marginal_error: torch.Tensor
+
+
+class _ImplicitPlan(torch.autograd.Function):
+    r"""The optimal plan as a function of (cost, a, b), differentiated implicitly.
+
+    Differentiating the optimality conditions :math:`\pi = \exp((f \oplus g - C)/\varepsilon)`,
+    :math:`\pi 1 = a`, :math:`\pi^T 1 = b` gives, for an upstream gradient G and
+    :math:`\hat G = G \odot \pi`, the adjoint system
+
+    .. math::
+        \begin{pmatrix} \operatorname{diag}(r) & \pi \\ \pi^T & \operatorname{diag}(c) \end{pmatrix}
+        \begin{pmatrix} x \\ y \end{pmatrix} =
+        \frac{1}{\varepsilon} \begin{pmatrix} \hat G 1 \\ \hat G^T 1 \end{pmatrix}
+
+    (r, c the plan's row and column sums; the matrix is the dual Hessian, singular
+    along (1, -1), which the right-hand side is orthogonal to), and then
+    :math:`\partial L / \partial C = \pi \odot (x \oplus y) - \hat G / \varepsilon`,
+    :math:`\partial L / \partial a = \varepsilon x`, :math:`\partial L / \partial b =
+    \varepsilon y` [7]_ [8]_. Eliminating y leaves the K x K Schur complement
+    :math:`J = \operatorname{diag}(r) - \pi \operatorname{diag}(c)^{-1} \pi^T` of the
+    Newton steps. It is solved with its pseudo-inverse (an eigendecomposition of the
+    symmetric K x K matrix), which picks the solution with :math:`\sum_k x_k = 0`: when the
+    plan is (numerically) a union of independent blocks, as at a tiny eps, J has one null
+    vector per block, and every solution gives the same gradient of the cost.
+
+    Memory: the plan, saved once (it is the output), whatever the iteration count.
+    """
+
+    @staticmethod
+    def forward(ctx, cost, a, b, plan, eps):
+        out = plan.clone()
+        ctx.save_for_backward(out)
+        ctx.eps = eps
+        ctx.shapes = (cost.shape, a.shape, b.shape)
+        ctx.dtypes = (cost.dtype, a.dtype, b.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_plan):
+        (plan,) = ctx.saved_tensors
+        eps = ctx.eps
+        weighted = grad_plan * plan  # G ⊙ π
+        rows = plan.sum(dim=-1, keepdim=True)  # [..., K, 1]
+        cols = plan.sum(dim=-2, keepdim=True)  # [..., 1, P]
+        live_cols = cols > 0
+        safe_cols = torch.where(live_cols, cols, torch.ones_like(cols))
+        soft = plan / safe_cols  # π diag(c)^-1
+        rhs_rows = weighted.sum(dim=-1, keepdim=True) / eps
+        rhs_cols = weighted.sum(dim=-2, keepdim=True) / eps
+        jac = torch.diag_embed(rows.squeeze(-1)) - soft @ plan.mT
+        x = _psd_solve(jac, rhs_rows - soft @ rhs_cols.mT)  # [..., K, 1]
+        y = torch.where(live_cols, (rhs_cols - x.mT @ plan) / safe_cols, 0.0)  # [..., 1, P]
+        grads = []
+        shapes, dtypes = ctx.shapes, ctx.dtypes
+        if ctx.needs_input_grad[0]:
+            grad_cost = plan * (x + y) - weighted / eps
+            grads.append(grad_cost.sum_to_size(shapes[0]).to(dtypes[0]))
+        else:
+            grads.append(None)
+        if ctx.needs_input_grad[1]:
+            grads.append((eps * x.squeeze(-1)).sum_to_size(shapes[1]).to(dtypes[1]))
+        else:
+            grads.append(None)
+        if ctx.needs_input_grad[2]:
+            grads.append((eps * y.squeeze(-2)).sum_to_size(shapes[2]).to(dtypes[2]))
+        else:
+            grads.append(None)
+        return (*grads, None, None)
+
+
+def _psd_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Minimum-norm solution of ``matrix x = rhs`` for symmetric positive semi-definite
+    [..., K, K] matrices: eigenvalues below K eps of the largest count as zero."""
+    values, vectors = torch.linalg.eigh(matrix)
+    cutoff = values.amax(dim=-1, keepdim=True) * (matrix.shape[-1] * torch.finfo(matrix.dtype).eps)
+    inverse = torch.where(values > cutoff, 1.0 / values, 0.0)
+    return vectors @ (inverse.unsqueeze(-1) * (vectors.mT @ rhs))
 
 
 def plan_entropy(plan: torch.Tensor) -> torch.Tensor:
