@@ -4,9 +4,11 @@ typed flag values, and the guard that turns a user's error into that one line.""
 from __future__ import annotations
 
 import argparse
+import logging
 import math
+import os
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 from pact_ray.errors import first_line
 
@@ -80,3 +82,17 @@ def nonneg_float(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
+
+
+def exit_now(code: int) -> NoReturn:
+    """End a finished command at once: streams and log handlers are flushed, then the process
+    exits without the interpreter's teardown of torch, Ray and MLflow (about 2 s on 2 cores,
+    measured after a sweep). Only for a command's own process, once everything it wrote is
+    closed; never for code that runs inside someone else's (tests, notebooks)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing left to say on it
+            pass
+    os._exit(code)

@@ -12,11 +12,11 @@ Run with --help for every flag; then `python analysis/eval_report.py --run RUN_I
 import sys
 
 from pact_ray.runs.kinds import WORLD_MODEL
-from pact_ray.tune.sweep import run_sweep
+from pact_ray.tune.sweep import sweep_command
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_sweep(WORLD_MODEL, argv, description=__doc__)
+    return sweep_command(WORLD_MODEL, argv, description=__doc__)
 
 
 if __name__ == "__main__":

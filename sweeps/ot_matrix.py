@@ -17,11 +17,11 @@ cells of that stage only. Run with --help for every flag.
 import sys
 
 from pact_ray.runs.kinds import MATRIX
-from pact_ray.tune.sweep import run_sweep
+from pact_ray.tune.sweep import sweep_command
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_sweep(MATRIX, argv, description=__doc__)
+    return sweep_command(MATRIX, argv, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ Run with --help for every flag.
 import sys
 
 from pact_ray.runs.kinds import STAGE1
-from pact_ray.tune.sweep import run_sweep
+from pact_ray.tune.sweep import sweep_command
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_sweep(STAGE1, argv, description=__doc__)
+    return sweep_command(STAGE1, argv, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -307,3 +307,24 @@ def test_the_server_wrapper_stops_its_workers_on_sigterm(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_store_prepared_while_ray_starts_is_removed_when_the_sweep_is_refused(tmp_path):
+    """The SQLite schema is created in a thread while a local Ray starts (the trials fit this
+    machine by os's count); if Ray's own resource check then refuses the sweep, the files that
+    preparation created are removed, so a refused sweep leaves nothing behind."""
+    from types import SimpleNamespace
+
+    from pact_ray.tune.sweep import _StorePreparation
+
+    db = tmp_path / "mlflow.db"
+    early = _StorePreparation(SimpleNamespace(tracking_uri=f"sqlite:///{db}"), early=True)
+    early.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    kept = _StorePreparation(SimpleNamespace(tracking_uri=f"sqlite:///{db}"), early=True)
+    kept.wait()
+    tables = sqlite3.connect(db).execute("select name from sqlite_master where type = 'table'").fetchall()
+    assert ("runs",) in tables and ("experiments",) in tables
+    existing = _StorePreparation(SimpleNamespace(tracking_uri=f"sqlite:///{db}"), early=True)
+    existing.undo()  # a store that was there before is never removed
+    assert db.exists()

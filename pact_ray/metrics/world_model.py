@@ -44,7 +44,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from pact_ray.data.arm.dataset import SampleSet
 from pact_ray.data.arm.strip import ACTIONS, JOINT_LABELS, PAN, MotorStrip
@@ -122,6 +121,8 @@ def _mse(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _psnr(target: np.ndarray, pred: np.ndarray) -> float:
+    from skimage.metrics import peak_signal_noise_ratio  # imported here: skimage pulls in scipy.stats (0.6 s) for every trial kind
+
     if np.array_equal(target, pred):
         return PSNR_CAP
     return min(PSNR_CAP, float(peak_signal_noise_ratio(target, pred, data_range=1.0)))
@@ -133,6 +134,8 @@ def _signs(v: np.ndarray) -> np.ndarray:
 
 def compute_metrics(ev: Evaluation, strip: MotorStrip) -> Metrics:
     """Every metric of the module docstring (per-joint values as a list, in joint order)."""
+    from skimage.metrics import structural_similarity  # see _psnr
+
     pred, target = ev.prediction, ev.target
     rows = strip.rows
     out: Metrics = {

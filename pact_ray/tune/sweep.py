@@ -11,6 +11,7 @@ with exit status 2; nothing is created before the checks pass.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import functools
 import os
@@ -351,6 +352,17 @@ def init_ray(address: str | None, verbose: bool = False) -> bool:
 RESUME_OWN_FLAGS = ("address", "quiet", "verbose")
 
 
+def sweep_command(kind: RunKind | str, argv: list[str] | None, description: str) -> int:
+    """A sweep script's ``main``: :func:`run_sweep`; run as a command (``argv`` None, the
+    process is the script's own), the process then exits at once (:func:`pact_ray.cli.exit_now`)."""
+    code = run_sweep(kind, argv, description)
+    if argv is None:
+        from pact_ray.cli import exit_now
+
+        exit_now(code)
+    return code
+
+
 def run_sweep(kind: RunKind | str, argv: list[str] | None = None, description: str = "") -> int:
     """Entry point of every sweep script. Returns the process exit status."""
     kind = get_kind(kind) if isinstance(kind, str) else kind
@@ -418,17 +430,20 @@ def _run(kind: RunKind, args: argparse.Namespace) -> int:
     validate_inputs(plan)
     datasets = describe_datasets(plan)
     env_fast_fail()
+    store = _prepare_store_while_ray_starts(plan)
     started_ray = connect_ray(args.address, verbose=args.verbose)
     parent_id = None
     client = None
     try:
-        check_resources(plan)
+        try:
+            check_resources(plan)
+        except SweepError:
+            store.undo()
+            raise
         check_cluster_paths(plan)
         from mlflow.tracking import MlflowClient
 
-        from pact_ray.tracking.store import prepare_store
-
-        prepare_store(plan.tracking_uri)
+        store.wait()
         client = MlflowClient(plan.tracking_uri)
         experiment_id, parent_id = _open_sweep(plan, client, manifest)
         return _train_and_report(plan, client, experiment_id, parent_id, datasets, started_ray)
@@ -440,6 +455,53 @@ def _run(kind: RunKind, args: argparse.Namespace) -> int:
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()  # nothing of Ray's is printed after the summary
+
+
+class _StorePreparation:
+    """MLflow's schema creation on a new SQLite store (1.5 s of alembic) run in a thread while
+    Ray starts, where the sweep starts its own Ray and the trials fit this machine; otherwise
+    run in place, after Ray's resource check, by ``wait``."""
+
+    def __init__(self, plan: SweepPlan, early: bool):
+        from pact_ray.tracking.store import prepare_store, sqlite_path
+
+        self.uri = plan.tracking_uri
+        self._prepare = prepare_store
+        sqlite = sqlite_path(self.uri) if self.uri.startswith("sqlite:///") else None
+        self._new = [p for p in (sqlite, sqlite and sqlite.with_name(sqlite.name + ".lock")) if p is not None and not p.exists()]
+        self._future = None
+        if early:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(1, thread_name_prefix="pact-ray-store")
+            self._future = pool.submit(prepare_store, self.uri)
+            pool.shutdown(wait=False)
+
+    def wait(self) -> None:
+        if self._future is None:
+            self._prepare(self.uri)
+        else:
+            self._future.result()
+
+    def undo(self) -> None:
+        """Remove what an early preparation created: the sweep is refused after all."""
+        if self._future is None:
+            return
+        with contextlib.suppress(Exception):
+            self._future.result()
+        for path in self._new:
+            path.unlink(missing_ok=True)
+
+
+def _prepare_store_while_ray_starts(plan: SweepPlan) -> _StorePreparation:
+    import ray
+
+    args = plan.args
+    starts_ray = args.address in (None, "local") and not ray.is_initialized()
+    # The authoritative check is check_resources, on Ray's own view of the machine; this one
+    # only decides whether the store may be created before it (undone if Ray disagrees).
+    fits = args.cpus_per_trial <= len(os.sched_getaffinity(0)) and args.gpus_per_trial == 0
+    return _StorePreparation(plan, early=starts_ray and fits)
 
 
 def _open_sweep(plan: SweepPlan, client, manifest: dict[str, Any] | None) -> tuple[str, str]:
@@ -597,50 +659,74 @@ def _train_and_report(plan: SweepPlan, client, experiment_id: str, parent_id: st
     finally:
         unsent = _flush_tracking(plan)
     interrupted = interrupts.requested
-    if started_ray:
-        ray.shutdown()  # nothing of Ray's is printed after the summary
-    if unsent:  # the summary reads the tracking store, which is not answering: --resume makes it
-        errored = sum(r.error is not None for r in results)
-        print(f"\nSweep {plan.name}: {len(results) - errored}/{len(results)} trials ended without error, {time.time() - t0:.0f} s; "
-              f"the summary waits for the tracking store.")
-        print(f"Ray results:  {plan.exp_dir}")
-        print(f"{unsent} tracking write(s) did not reach {plan.tracking_uri}; Ray's result files keep them. Once the store "
-              f"answers, run: {resume_command(plan)} (nothing trains again)")
-        return EXIT_UNSENT
+    # Stopping a local Ray takes 1.5 s of waiting on its processes; the summary, which reads
+    # only MLflow, is written meanwhile, and nothing is printed before it is done (so nothing
+    # of Ray's is printed after the summary).
+    with _in_background(ray.shutdown if started_ray else None) as ray_stopped:
+        if unsent:  # the summary reads the tracking store, which is not answering: --resume makes it
+            ray_stopped()
+            errored = sum(r.error is not None for r in results)
+            print(f"\nSweep {plan.name}: {len(results) - errored}/{len(results)} trials ended without error, {time.time() - t0:.0f} s; "
+                  f"the summary waits for the tracking store.")
+            print(f"Ray results:  {plan.exp_dir}")
+            print(f"{unsent} tracking write(s) did not reach {plan.tracking_uri}; Ray's result files keep them. Once the store "
+                  f"answers, run: {resume_command(plan)} (nothing trains again)")
+            return EXIT_UNSENT
 
-    if kind.name == WORLD_MODEL.name:
-        from pact_ray.report.world_model_sweep import (
-            collect_world_model_sweep,
-            print_world_model_summary,
-            summary_lines,
-            write_world_model_summary,
-        )
+        if kind.name == WORLD_MODEL.name:
+            from pact_ray.report.world_model_sweep import (
+                collect_world_model_sweep,
+                print_world_model_summary,
+                summary_lines,
+                write_world_model_summary,
+            )
 
-        wm = collect_world_model_sweep(plan.tracking_uri, experiment_id, parent_id, storage=plan.storage)
-        files = write_summary(plan, client, parent_id, lambda out: write_world_model_summary(wm, out))
-        _print_header(plan, results, wm.rows, time.time() - t0)
-        print_world_model_summary(wm)
-        description = "\n".join(summary_lines(wm)[:-2])
-        headline = {"trials_finished": sum(r["status"] == "finished" for r in wm.rows),
-                    "trials_errored": sum(r["status"] == "errored" for r in wm.rows),
-                    **{f"val_mse.{m['variant']}": m["val_mse"].mean for m in wm.means if m["val_mse"] is not None}}
-    else:
-        data = collect_sweep(plan.tracking_uri, experiment_id, parent_id)
-        files = write_summary(plan, client, parent_id,
-                              lambda out: write_report(data, out, plan.tracking_uri, optuna=optuna_dashboard_command(plan)))
-        entries = route_status(data)
-        _print_header(plan, results, data.rows, time.time() - t0)
-        print_verdicts(entries)
-        if args.search == "optuna":
-            _print_best_knobs(plan, data.rows, data.params)
-        description, headline = verdict_table(entries), ablation_headline(data.rows, entries)
-    status = "KILLED" if interrupted else "FINISHED"
-    finish_parent(client, parent_id, description=description, metrics=headline, status=status)
-    _print_footer(plan, files, ui_command(plan.tracking_uri, experiment_id))
-    if interrupted:
-        print(f"Interrupted: the unfinished trials saved a checkpoint. Continue with: {resume_command(plan)}")
-        return EXIT_INTERRUPTED
-    return 0 if results.num_errors == 0 else 1
+            wm = collect_world_model_sweep(plan.tracking_uri, experiment_id, parent_id, storage=plan.storage)
+            files = write_summary(plan, client, parent_id, lambda out: write_world_model_summary(wm, out))
+            ray_stopped()
+            _print_header(plan, results, wm.rows, time.time() - t0)
+            print_world_model_summary(wm)
+            description = "\n".join(summary_lines(wm)[:-2])
+            headline = {"trials_finished": sum(r["status"] == "finished" for r in wm.rows),
+                        "trials_errored": sum(r["status"] == "errored" for r in wm.rows),
+                        **{f"val_mse.{m['variant']}": m["val_mse"].mean for m in wm.means if m["val_mse"] is not None}}
+        else:
+            data = collect_sweep(plan.tracking_uri, experiment_id, parent_id)
+            files = write_summary(plan, client, parent_id,
+                                  lambda out: write_report(data, out, plan.tracking_uri, optuna=optuna_dashboard_command(plan)))
+            entries = route_status(data)
+            ray_stopped()
+            _print_header(plan, results, data.rows, time.time() - t0)
+            print_verdicts(entries)
+            if args.search == "optuna":
+                _print_best_knobs(plan, data.rows, data.params)
+            description, headline = verdict_table(entries), ablation_headline(data.rows, entries)
+        status = "KILLED" if interrupted else "FINISHED"
+        finish_parent(client, parent_id, description=description, metrics=headline, status=status)
+        _print_footer(plan, files, ui_command(plan.tracking_uri, experiment_id))
+        if interrupted:
+            print(f"Interrupted: the unfinished trials saved a checkpoint. Continue with: {resume_command(plan)}")
+            return EXIT_INTERRUPTED
+        return 0 if results.num_errors == 0 else 1
+
+
+@contextlib.contextmanager
+def _in_background(work: Callable[[], Any] | None):
+    """Run ``work`` in a thread; yields a function that waits for it (also on leaving)."""
+    import threading
+
+    thread = threading.Thread(target=work, name="pact-ray-background", daemon=True) if work else None
+    if thread:
+        thread.start()
+
+    def wait() -> None:
+        if thread:
+            thread.join()
+
+    try:
+        yield wait
+    finally:
+        wait()
 
 
 def storage_full(plan: SweepPlan, error: BaseException) -> bool:
