@@ -42,6 +42,7 @@ test-fast: install
 
 bench: install
 	$(PY) bench/bench_sinkhorn.py --out bench/results/sinkhorn_cpu.json
+	$(PY) bench/bench_ot_convergence.py --out bench/results/ot_convergence_cpu.json
 	$(PY) bench/bench_router_block.py --out bench/results/router_block_cpu.json
 	$(PY) bench/bench_sweep.py --out bench/results/sweep_cpu.json
 	$(PY) bench/bench_stage2.py --out bench/results/stage2_cpu.json
