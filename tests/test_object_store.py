@@ -215,6 +215,26 @@ def test_missing_bucket_is_refused_before_anything_is_created(s3, tmp_path, caps
 
 
 @pytest.mark.slow
+def test_a_resume_reads_rays_result_files_from_the_bucket(s3, tmp_path):
+    """What a resume replays to MLflow (steps a killed driver never sent) comes from the
+    bucket's copy of Ray's files: the experiment state and each trial's params.json and
+    result.json, byte for byte, and nothing else (no checkpoint is downloaded)."""
+    from pact_ray.tune.storage import open_storage
+
+    files = {"replay/experiment_state-2026-11-30_01-00-00.json": b'{"trial_data": []}',
+             "replay/a_s0_00000/params.json": b'{"variant": "a"}',
+             "replay/a_s0_00000/result.json": b'{"step": 1}\n{"step": 2}\n',
+             "replay/a_s0_00000/checkpoint_000000/state.pt": b"weights",
+             "replay/a_s0_00000/events.out.tfevents": b"x",
+             "replay/basic-variant-state-2026.json": b"pickle"}
+    for key, data in files.items():
+        s3.put(key, data)
+    open_storage(s3.uri("replay")).fetch_results(tmp_path)
+    got = {str(p.relative_to(tmp_path)): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert got == {k.removeprefix("replay/"): v for k, v in files.items()
+                   if k.endswith(("params.json", "result.json")) or "experiment_state-" in k}
+
+
 def test_corrupted_newest_checkpoint_in_the_bucket_falls_back_to_the_previous_one(s3, tmp_path):
     """Three checkpoints in the bucket, the newest truncated: the trial body lists its siblings
     through pyarrow's S3 filesystem and resumes from the previous one, bit for bit."""

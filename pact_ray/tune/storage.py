@@ -90,6 +90,21 @@ class Storage:
         """Copy the files of the local folder ``local`` into this folder."""
         pafs.copy_files(str(local), self.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
 
+    def fetch_results(self, local: Path) -> None:
+        """Copy what :func:`pact_ray.tune.sweep.replay_results` reads of a Ray experiment folder
+        (Ray's experiment state, each trial's params.json and result.json) into ``local``."""
+        base = self.path.rstrip("/") + "/"
+        for info in self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True, allow_not_found=True)):
+            rel = info.path[len(base):] if info.path.startswith(base) else ""
+            parts = rel.split("/")
+            wanted = (len(parts) == 1 and parts[0].startswith("experiment_state-")) or (
+                len(parts) == 2 and parts[1] in ("params.json", "result.json"))
+            if info.type == pafs.FileType.File and wanted:
+                target = local.joinpath(*parts)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with self.fs.open_input_stream(info.path) as f:
+                    target.write_bytes(f.read())
+
     @property
     def ray_filesystem(self) -> pafs.FileSystem | None:
         """The ``storage_filesystem`` to hand Ray's RunConfig and ``Tuner.restore`` with ``path``:

@@ -643,8 +643,13 @@ def _train_and_report(plan: SweepPlan, client, experiment_id: str, parent_id: st
                                        numbered=args.search == "optuna"))
     t0 = time.time()
     tuner = _tuner(plan, callbacks, args.resume, client, parent_id)
-    if args.resume and plan.local_dir is not None:
-        replay_results(plan.local_dir, mlflow_callback)  # what an absent tracking store missed last time
+    if args.resume:  # what the tracking store missed last time (absent, or the driver died first)
+        if plan.local_dir is not None:
+            replay_results(plan.local_dir, mlflow_callback)
+        else:  # an object store: its copy of Ray's result files, read from a temporary folder
+            with tempfile.TemporaryDirectory(prefix="pact-ray-replay-") as d:
+                plan.store.fetch_results(Path(d))
+                replay_results(Path(d), mlflow_callback)
     try:
         with DriverInterrupts(plan.name) as interrupts:
             results = tuner.fit()
