@@ -34,6 +34,10 @@ ROUTER_PATCHES = (36, 64, 37 * 37)
 # Converged settings for the golden tests: both solvers run until the marginal error
 # is far below the 1e-6 agreement the spec asks for.
 GOLDEN_ITER, GOLDEN_TOL = 20_000, 1e-8
+# POT's plain Sinkhorn at eps 0.01 with non-uniform marginals can need 30,000-60,000
+# iterations to reach GOLDEN_TOL (its column error was still 9e-5 after 20,000 on a case
+# hypothesis found); the golden test gives it room and checks that it did converge.
+POT_ITER = 200_000
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -99,6 +103,8 @@ def conditioning(plan: torch.Tensor) -> float:
     eps=st.sampled_from([0.05, 0.01]),
     seed=st.integers(0, 2**31 - 1),
 )
+@example(n_parts=7, n_patches=64, eps=0.01, seed=0)  # POT needs 60,680 iterations here
+@example(n_parts=5, n_patches=36, eps=0.01, seed=3738)
 def test_plan_matches_pot_sinkhorn_log(n_parts, n_patches, eps, seed):
     gen = torch.Generator().manual_seed(seed)
     cost = standardised_cost(gen, (n_parts, n_patches))
@@ -106,12 +112,13 @@ def test_plan_matches_pot_sinkhorn_log(n_parts, n_patches, eps, seed):
     b = random_marginal(gen, (n_patches,))
 
     ours = sinkhorn_log(cost, a, b, eps=eps, max_iter=GOLDEN_ITER, tol=GOLDEN_TOL)
-    reference = ot.sinkhorn(  # POT on its torch backend, given torch tensors
+    reference, log = ot.sinkhorn(  # POT on its torch backend, given torch tensors
         a, b, cost, eps,
-        method="sinkhorn_log", numItermax=GOLDEN_ITER, stopThr=GOLDEN_TOL, warn=False,
+        method="sinkhorn_log", numItermax=POT_ITER, stopThr=GOLDEN_TOL, warn=False, log=True,
     )
 
     assert ours.converged
+    assert log["niter"] < POT_ITER - 1, "the reference stopped at its iteration cap, not converged"
     # The spec's requirement (ot_router.md): our plans equal POT's converged ones to 1e-6.
     torch.testing.assert_close(ours.plan, reference, rtol=0, atol=1e-6)
 
