@@ -321,6 +321,10 @@ def test_a_store_prepared_while_ray_starts_is_removed_when_the_sweep_is_refused(
     early = _StorePreparation(SimpleNamespace(tracking_uri=f"sqlite:///{db}"), early=True)
     early.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError, match="Ray did not start"):  # any failure while Ray starts or checks
+        with _StorePreparation(SimpleNamespace(tracking_uri=f"sqlite:///{db}"), early=True).undone_on_error():
+            raise RuntimeError("Ray did not start")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
     kept = _StorePreparation(SimpleNamespace(tracking_uri=f"sqlite:///{db}"), early=True)
     kept.wait()
     tables = sqlite3.connect(db).execute("select name from sqlite_master where type = 'table'").fetchall()

@@ -57,6 +57,15 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> str:
     raise TrackingError(f"tracking URI {uri!r} is neither an absolute sqlite:/// file nor an http(s):// server")
 
 
+def store_files(uri: str) -> list[Path]:
+    """The files :func:`prepare_store` creates for a SQLite store: the database and the lock
+    file beside it (none for a server)."""
+    if not uri.startswith("sqlite:///"):
+        return []
+    path = sqlite_path(uri)
+    return [path, path.with_name(path.name + ".lock")]
+
+
 def prepare_store(uri: str) -> None:
     """Create (or migrate) a SQLite store's schema once, under an exclusive file lock beside
     the database: MLflow's first-time schema creation is not safe against another process
@@ -68,8 +77,8 @@ def prepare_store(uri: str) -> None:
 
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    path = sqlite_path(uri)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
+    path, lock_path = store_files(uri)
+    with open(lock_path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             store = SqlAlchemyStore(uri, default_artifact_root=str(path.parent / "mlartifacts"))

@@ -91,24 +91,23 @@ class ProgressLines(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._trial(trial).state = "done"
 
+    def _failed(self, trial, state: str) -> tuple[_Trial, str] | None:
+        """Mark a failed trial ``state`` and return it with its error line; None (and marked
+        interrupted) when the failure is the sweep's own interruption."""
+        t, error = self._trial(trial), error_line(trial)
+        t.state = "interrupted" if "SweepInterrupted" in error else state
+        return None if t.state == "interrupted" else (t, error)
+
     def on_trial_error(self, iteration, trials, trial, **info):
-        t = self._trial(trial)
-        error = error_line(trial)
-        if "SweepInterrupted" in error:
-            t.state = "interrupted"
-            return
-        t.state = "errored"
-        where = getattr(trial, "error_file", None) or ""
-        self.out.write(f"  {t.name} failed at step {t.step}: {error[:200]}" + (f" ({where})" if where else "") + "\n")
+        if failed := self._failed(trial, "errored"):
+            t, error = failed
+            where = getattr(trial, "error_file", None) or ""
+            self.out.write(f"  {t.name} failed at step {t.step}: {error[:200]}" + (f" ({where})" if where else "") + "\n")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        t = self._trial(trial)
-        error = error_line(trial)
-        if "SweepInterrupted" in error:
-            t.state = "interrupted"
-            return
-        t.state = "retrying"
-        self.out.write(f"  {t.name} failed at step {t.step} and is retried from its last checkpoint: {error[:160]}\n")
+        if failed := self._failed(trial, "retrying"):
+            t, error = failed
+            self.out.write(f"  {t.name} failed at step {t.step} and is retried from its last checkpoint: {error[:160]}\n")
 
     def on_step_end(self, iteration, trials, **info):
         now = time.monotonic()

@@ -431,15 +431,13 @@ def _run(kind: RunKind, args: argparse.Namespace) -> int:
     datasets = describe_datasets(plan)
     env_fast_fail()
     store = _prepare_store_while_ray_starts(plan)
-    started_ray = connect_ray(args.address, verbose=args.verbose)
+    with store.undone_on_error():
+        started_ray = connect_ray(args.address, verbose=args.verbose)
     parent_id = None
     client = None
     try:
-        try:
+        with store.undone_on_error():
             check_resources(plan)
-        except SweepError:
-            store.undo()
-            raise
         check_cluster_paths(plan)
         from mlflow.tracking import MlflowClient
 
@@ -463,12 +461,10 @@ class _StorePreparation:
     run in place, after Ray's resource check, by ``wait``."""
 
     def __init__(self, plan: SweepPlan, early: bool):
-        from pact_ray.tracking.store import prepare_store, sqlite_path
+        from pact_ray.tracking.store import prepare_store, store_files
 
         self.uri = plan.tracking_uri
-        self._prepare = prepare_store
-        sqlite = sqlite_path(self.uri) if self.uri.startswith("sqlite:///") else None
-        self._new = [p for p in (sqlite, sqlite and sqlite.with_name(sqlite.name + ".lock")) if p is not None and not p.exists()]
+        self._new = [p for p in store_files(self.uri) if not p.exists()]
         self._future = None
         if early:
             from concurrent.futures import ThreadPoolExecutor
@@ -479,7 +475,9 @@ class _StorePreparation:
 
     def wait(self) -> None:
         if self._future is None:
-            self._prepare(self.uri)
+            from pact_ray.tracking.store import prepare_store
+
+            prepare_store(self.uri)
         else:
             self._future.result()
 
@@ -491,6 +489,15 @@ class _StorePreparation:
             self._future.result()
         for path in self._new:
             path.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def undone_on_error(self):
+        """Undo the preparation when the block fails (Ray does not start, or refuses the sweep)."""
+        try:
+            yield
+        except BaseException:
+            self.undo()
+            raise
 
 
 def _prepare_store_while_ray_starts(plan: SweepPlan) -> _StorePreparation:
