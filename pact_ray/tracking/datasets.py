@@ -8,9 +8,10 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mlflow.entities import DatasetInput, InputTag
-from mlflow.tracking import MlflowClient
+if TYPE_CHECKING:  # MLflow takes 1.2 s to import: describing a data set must not wait for it
+    from mlflow.tracking import MlflowClient
 
 DESCRIPTORS = ("dataset.json", "meta/info.json")  # the PAct object format's and LeRobot's descriptor files
 
@@ -40,6 +41,7 @@ def log_dataset(client: MlflowClient, run_id: str, info: DatasetInfo, context: s
     """Record ``info`` as the run's dataset input (MLflow's ``log_inputs``)."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
 
     with warnings.catch_warnings():  # MLflow warns that a local path matches two (equal) source kinds
         warnings.simplefilter("ignore", UserWarning)

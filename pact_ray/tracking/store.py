@@ -8,8 +8,10 @@ import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mlflow.tracking import MlflowClient
+if TYPE_CHECKING:  # importing MLflow takes 1.2 s: checking a URI must not wait for it
+    from mlflow.tracking import MlflowClient
 
 
 class TrackingError(ValueError):
@@ -55,6 +57,14 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> str:
             raise TrackingError(f"tracking server {uri} does not answer ({reason})") from None
         return uri
     raise TrackingError(f"tracking URI {uri!r} is neither an absolute sqlite:/// file nor an http(s):// server")
+
+
+def env_fast_fail() -> None:
+    """Make the MLflow HTTP client fail fast (the writer does its own retrying) and keep it
+    from printing a "View run" link for every run it ends (the sweep prints where to look)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def store_files(uri: str) -> list[Path]:

@@ -14,7 +14,6 @@ rows at or below it are skipped, so a resumed sweep never writes a step twice.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -26,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from pact_ray.errors import first_line
+from pact_ray.tracking.store import env_fast_fail
 from pact_ray.tracking.tags import STEP_TAG
 
 log = logging.getLogger(__name__)
@@ -292,11 +292,3 @@ def pending_writes(tracking_uri: str, closed: bool = False) -> int:
 
 def status_name(ok: bool) -> str:
     return RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
-
-
-def env_fast_fail() -> None:
-    """Make the MLflow HTTP client fail fast (the writer does its own retrying) and keep it
-    from printing a "View run" link for every run it ends (the sweep prints where to look)."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

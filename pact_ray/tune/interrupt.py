@@ -4,11 +4,15 @@ sweep exits with 130 and says how to resume.
 Ray Tune's own SIGINT handler stops the experiment by killing the trials, which loses what
 they trained since their last checkpoint (the quick profiles checkpoint only at the end). We
 turn it off (``TUNE_DISABLE_SIGINT_HANDLER``) and install ours in the driver instead: the
-first Ctrl-C (or SIGTERM) raises a flag that every trial reads after each step (a named actor
-of the sweep, a call of about a millisecond); a trial that sees it writes a checkpoint and
-ends with :class:`SweepInterrupted`, and trials that had not started end at once. Tune then
-finishes on its own, and ``--resume`` continues every trial from its checkpoint. A second
-Ctrl-C stops at once, as Ray would.
+first Ctrl-C (or SIGTERM) raises the sweep's flag, which every trial reads after each step; a
+trial that sees it writes a checkpoint and ends with :class:`SweepInterrupted`, and trials
+that had not started end at once. Tune then finishes on its own, and ``--resume`` continues
+every trial from its checkpoint. A second Ctrl-C stops at once, as Ray would.
+
+The flag is a named actor of the sweep that exists only once raised: a trial reads it with
+``ray.get_actor`` (one lookup in Ray's control store, about a millisecond). Made up front, it
+would take a worker process of its own for the whole sweep, and that process would start
+(and import what the trials import) just while the first trials do.
 """
 
 from __future__ import annotations
@@ -29,16 +33,10 @@ class SweepInterrupted(RuntimeError):
 
 @ray.remote(num_cpus=0)
 class StopFlag:
-    """One per running sweep, named after it: raised once by the driver, read by the trials."""
+    """The raised flag of one sweep: its existence, under the sweep's name, is the request."""
 
-    def __init__(self) -> None:
-        self.raised = False
-
-    def raise_flag(self) -> None:
-        self.raised = True
-
-    def is_raised(self) -> bool:
-        return self.raised
+    def raised(self) -> bool:
+        return True
 
 
 def flag_name(sweep: str) -> str:
@@ -49,20 +47,20 @@ class TrialStop:
     """The trial side: ``requested()`` is True once the sweep asked its trials to stop."""
 
     def __init__(self, sweep: str | None):
-        self._flag = None
-        if sweep:
-            try:
-                self._flag = ray.get_actor(flag_name(sweep))
-            except ValueError:  # no flag: the trial runs outside a pact-ray sweep driver
-                self._flag = None
+        self._name = flag_name(sweep) if sweep else None  # None: outside a pact-ray sweep driver
+        self._seen = False
 
     def requested(self) -> bool:
-        if self._flag is None:
-            return False
+        if self._name is None or self._seen:
+            return self._seen
         try:
-            return bool(ray.get(self._flag.is_raised.remote(), timeout=10))
+            ray.get_actor(self._name)
+        except ValueError:  # not raised
+            return False
         except Exception:  # noqa: BLE001 - a driver that went away is not an interruption request
             return False
+        self._seen = True
+        return True
 
 
 class DriverInterrupts:
@@ -78,7 +76,7 @@ class DriverInterrupts:
 
     def __enter__(self) -> "DriverInterrupts":
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours, not Ray's
-        self._flag = StopFlag.options(name=flag_name(self.sweep), get_if_exists=True, lifetime="non_detached").remote()
+        _clear_stale_flag(flag_name(self.sweep))
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -87,7 +85,7 @@ class DriverInterrupts:
         if self.requested:  # the second time: stop now
             raise KeyboardInterrupt
         self.requested = True
-        self._flag.raise_flag.remote()
+        self._flag = StopFlag.options(name=flag_name(self.sweep), get_if_exists=True, lifetime="non_detached").remote()
         print("\nStopping: each trial saves a checkpoint after its current step (Ctrl-C again to stop at once).",
               file=self.out, flush=True)
 
@@ -99,3 +97,22 @@ class DriverInterrupts:
                 ray.kill(self._flag)
             except Exception:  # noqa: BLE001 - Ray may already be shutting down
                 pass
+
+
+def _clear_stale_flag(name: str, timeout_s: float = 10.0) -> None:
+    """Remove a raised flag left under this sweep's name (an interrupted start of the same
+    sweep on a Ray instance that outlived it), so that the resumed trials do not stop at once."""
+    import time
+
+    try:
+        stale = ray.get_actor(name)
+    except ValueError:
+        return
+    ray.kill(stale)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name)
+        except ValueError:
+            return
+        time.sleep(0.05)

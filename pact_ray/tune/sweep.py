@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import errno
 import functools
+import logging
 import os
 import shutil
 import socket
@@ -322,8 +323,6 @@ def init_ray(address: str | None, verbose: bool = False) -> bool:
     """Connect to ``address`` or start a local Ray instance; False when one was already up.
     Workers' output reaches the terminal only with ``verbose``; Ray's own log lines only
     from warnings up."""
-    import logging
-
     import ray
 
     if not verbose:
@@ -413,7 +412,7 @@ def _run(kind: RunKind, args: argparse.Namespace) -> int:
     create the sweep: its folder with the manifest atomically, the MLflow parent run."""
     import ray
 
-    from pact_ray.tracking.writer import env_fast_fail
+    from pact_ray.tracking.store import env_fast_fail
 
     plan = make_plan(kind, args)
     _check_writable(plan.storage)
@@ -439,9 +438,9 @@ def _run(kind: RunKind, args: argparse.Namespace) -> int:
         with store.undone_on_error():
             check_resources(plan)
         check_cluster_paths(plan)
+        store.wait()  # first: MLflow is imported there
         from mlflow.tracking import MlflowClient
 
-        store.wait()
         client = MlflowClient(plan.tracking_uri)
         experiment_id, parent_id = _open_sweep(plan, client, manifest)
         return _train_and_report(plan, client, experiment_id, parent_id, datasets, started_ray)
@@ -455,38 +454,66 @@ def _run(kind: RunKind, args: argparse.Namespace) -> int:
             ray.shutdown()  # nothing of Ray's is printed after the summary
 
 
+def _import_driver_modules() -> None:
+    """The modules the driver needs once Ray is up (MLflow's store, the report: matplotlib,
+    scipy, statsmodels), none of which ``ray.init`` imports."""
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
+    import pact_ray.report.ablation  # noqa: F401
+    import pact_ray.report.summary  # noqa: F401
+    import pact_ray.tracking.sweep_run  # noqa: F401
+    import pact_ray.tracking.writer  # noqa: F401
+
+
 class _StorePreparation:
-    """MLflow's schema creation on a new SQLite store (1.5 s of alembic) run in a thread while
-    Ray starts, where the sweep starts its own Ray and the trials fit this machine; otherwise
-    run in place, after Ray's resource check, by ``wait``."""
+    """What the driver prepares in one thread while Ray starts (2.5-4 s spent mostly waiting on
+    the processes it spawns, which leaves a core free): it imports what the driver needs once
+    Ray is up (MLflow's store and the report: 1.5 s) and, where the sweep starts its own Ray
+    and the trials fit this machine, creates a new SQLite store's schema (1.5 s of alembic);
+    otherwise the schema is made in place, after Ray's resource check, by ``wait``.
+
+    Two threads importing the same package at once can see a module half made where its
+    modules import each other in cycles (MLflow's do). So MLflow itself is imported before the
+    thread starts, and the thread imports nothing that Ray's start-up imports (checked by
+    tests/test_sweep_startup.py)."""
 
     def __init__(self, plan: SweepPlan, early: bool):
-        from pact_ray.tracking.store import prepare_store, store_files
+        import threading
+
+        import mlflow.tracking  # noqa: F401 - here, before the thread: see the class docstring
+
+        from pact_ray.tracking.store import store_files
 
         self.uri = plan.tracking_uri
-        self._new = [p for p in store_files(self.uri) if not p.exists()]
-        self._future = None
-        if early:
-            from concurrent.futures import ThreadPoolExecutor
+        self.early = early
+        self._new = [p for p in store_files(self.uri) if not p.exists()] if early else []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._prepare, name="pact-ray-preparation", daemon=True)
+        self._thread.start()
 
-            pool = ThreadPoolExecutor(1, thread_name_prefix="pact-ray-store")
-            self._future = pool.submit(prepare_store, self.uri)
-            pool.shutdown(wait=False)
+    def _prepare(self) -> None:
+        with contextlib.suppress(Exception):  # an import failing here fails again, with its message, where it is needed
+            _import_driver_modules()
+        if self.early:
+            from pact_ray.tracking.store import prepare_store
+
+            try:
+                prepare_store(self.uri)
+            except BaseException as e:  # noqa: BLE001 - raised by wait(), in the driver's thread
+                self._error = e
 
     def wait(self) -> None:
-        if self._future is None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if not self.early:
             from pact_ray.tracking.store import prepare_store
 
             prepare_store(self.uri)
-        else:
-            self._future.result()
 
     def undo(self) -> None:
         """Remove what an early preparation created: the sweep is refused after all."""
-        if self._future is None:
-            return
-        with contextlib.suppress(Exception):
-            self._future.result()
+        self._thread.join()
         for path in self._new:
             path.unlink(missing_ok=True)
 

@@ -1,0 +1,71 @@
+"""What a sweep does while it starts: the stop flag that exists only once raised, and the
+preparation thread that runs beside Ray's start-up without importing what Ray imports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def test_the_stop_flag_is_raised_by_the_first_signal_and_read_by_trials(ray_address):
+    """No process is started for the flag until the first Ctrl-C; a trial then sees it at its
+    next step, keeps seeing it, and a flag left by an earlier start is cleared on entry."""
+    import signal
+
+    import ray
+
+    from pact_ray.tune.interrupt import DriverInterrupts, StopFlag, TrialStop, flag_name
+
+    name = "startup-flag"
+    outside = TrialStop(None)
+    with DriverInterrupts(name, out=open(os.devnull, "w")) as interrupts:
+        trial = TrialStop(name)
+        assert not trial.requested() and not outside.requested()
+        with pytest.raises(ValueError):
+            ray.get_actor(flag_name(name))  # nothing made up front
+        interrupts._handle(signal.SIGINT, None)
+        assert interrupts.requested and trial.requested() and TrialStop(name).requested()
+        assert not outside.requested()
+        with pytest.raises(KeyboardInterrupt):  # the second one stops at once
+            interrupts._handle(signal.SIGINT, None)
+    stale = StopFlag.options(name=flag_name(name), lifetime="non_detached").remote()
+    ray.get(stale.raised.remote())
+    with DriverInterrupts(name, out=open(os.devnull, "w")):
+        assert not TrialStop(name).requested()  # the leftover flag does not stop the new start's trials
+
+
+_RAY_START_IMPORTS = """
+import json, sys
+import ray, mlflow.tracking
+import pact_ray.tune.sweep as sweep
+before = set(sys.modules)
+if sys.argv[1] == "ray":
+    sweep.init_ray(None)
+    import ray
+    ray.nodes()
+    ray.shutdown()
+else:
+    sweep._import_driver_modules()
+print(json.dumps(sorted({m.split(".")[0] for m in set(sys.modules) - before})))
+"""
+
+
+@pytest.mark.slow
+def test_the_preparation_thread_imports_nothing_that_rays_start_up_imports():
+    """Both run at once (see _StorePreparation): a package imported by both at the same time
+    could be seen half made. Each side's new top-level packages, measured in a fresh process."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+
+    def new_packages(side: str) -> set[str]:
+        out = subprocess.run([sys.executable, "-c", _RAY_START_IMPORTS, side], capture_output=True, text=True, env=env, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    ray_side, preparation = new_packages("ray"), new_packages("preparation")
+    assert "matplotlib" in preparation and "alembic" in preparation  # the thread does import the report and the store
+    assert ray_side  # Ray's start-up imports packages of its own (aiohttp, for one): the measure sees them
+    assert ray_side & preparation == set(), sorted(ray_side & preparation)
