@@ -303,7 +303,12 @@ def test_the_server_wrapper_stops_its_workers_on_sigterm(tmp_path):
             time.sleep(0.2)
         assert subprocess.run(["pgrep", "-g", server], capture_output=True).returncode != 0  # none left
         with socket.socket() as s:
-            s.bind(("127.0.0.1", port))  # the port is free again
+            # The port is free again: a new server can listen on it. SO_REUSEADDR, as servers set
+            # it (uvicorn does): the closed connections' TIME_WAIT entries must not count, while
+            # a socket still listening there would still make the bind fail.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+            s.listen()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
