@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 import ray
@@ -54,13 +55,10 @@ class TrialStop:
         if self._name is None or self._seen:
             return self._seen
         try:
-            ray.get_actor(self._name)
-        except ValueError:  # not raised
-            return False
+            self._seen = _raised_flag(self._name) is not None
         except Exception:  # noqa: BLE001 - a driver that went away is not an interruption request
             return False
-        self._seen = True
-        return True
+        return self._seen
 
 
 class DriverInterrupts:
@@ -99,20 +97,21 @@ class DriverInterrupts:
                 pass
 
 
+def _raised_flag(name: str):
+    """The handle of the sweep's raised flag, or None while it is not raised."""
+    try:
+        return ray.get_actor(name)
+    except ValueError:
+        return None
+
+
 def _clear_stale_flag(name: str, timeout_s: float = 10.0) -> None:
     """Remove a raised flag left under this sweep's name (an interrupted start of the same
     sweep on a Ray instance that outlived it), so that the resumed trials do not stop at once."""
-    import time
-
-    try:
-        stale = ray.get_actor(name)
-    except ValueError:
+    stale = _raised_flag(name)
+    if stale is None:
         return
     ray.kill(stale)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            ray.get_actor(name)
-        except ValueError:
-            return
+    while _raised_flag(name) is not None and time.monotonic() < deadline:
         time.sleep(0.05)

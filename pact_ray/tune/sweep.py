@@ -429,7 +429,7 @@ def _run(kind: RunKind, args: argparse.Namespace) -> int:
     validate_inputs(plan)
     datasets = describe_datasets(plan)
     env_fast_fail()
-    store = _prepare_store_while_ray_starts(plan)
+    store = _prepare_while_ray_starts(plan)
     with store.undone_on_error():
         started_ray = connect_ray(args.address, verbose=args.verbose)
     parent_id = None
@@ -527,7 +527,7 @@ class _StorePreparation:
             raise
 
 
-def _prepare_store_while_ray_starts(plan: SweepPlan) -> _StorePreparation:
+def _prepare_while_ray_starts(plan: SweepPlan) -> _StorePreparation:
     import ray
 
     args = plan.args
