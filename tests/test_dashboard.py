@@ -272,3 +272,28 @@ def test_real_sweep_summarised_from_mlflow_and_from_ray_results(tmp_path, ray_ad
         page.feed((tmp_path / folder / INDEX_HTML).read_text())
         assert page.rows_in["ablation-table"] == 5 and set(page.imgs) >= {"stage1_val_delta.png", "stage1_loss_curves.png"}
         assert not any(img.startswith("stage2") for img in page.imgs)
+
+
+def test_a_figure_with_nothing_to_draw_wraps_its_reason_and_counts_alike_configurations(monkeypatch, recwarn):
+    import pact_ray.report.ablation.plots as plots
+    from pact_ray.report.ablation.route import RouteEntry
+
+    def entry(eps: str) -> RouteEntry:  # a tuned configuration whose setting ran no baseline
+        return RouteEntry(setting=("stage1", "smoke", "tiny"), variant="rgb_edge", knobs={"eps": eps, "lambda_edge": "1.24"},
+                          metric="val_loss", step=1, seeds=(0,), baseline_seeds=(), value=None, baseline=None, delta=None,
+                          delta_pct=None, diagnostics={}, verdict="no baseline", verdict_corrected="no baseline",
+                          p_corrected=None, valid=False, reason="no baseline (no baseline run in this setting)", unfinished=0)
+
+    said: list[str] = []
+    real = plots.placeholder
+    monkeypatch.setattr(plots, "placeholder", lambda title, message: said.append(message) or real(title, message))
+    png = plots.delta_forest([entry("0.0132"), entry("0.0856"), entry("0.327")], "stage1", "Stage1: Δ", "nothing")
+    assert said == ["no baseline (no baseline run in this setting): 3 configurations"]
+    one = plots.delta_forest([entry("0.0132")], "stage1", "Stage1: Δ", "nothing")
+    assert said[1].startswith("RGB edge · ") and "eps=0.0132" in said[1] and said[1].endswith(": no baseline (no baseline run in this setting)")
+    # A message longer than a line is wrapped onto more lines (a taller figure), not cut at the
+    # figure's edge, and the layout never collapses (matplotlib warns when it does).
+    short, long = (Image.open(io.BytesIO(b)).size for b in (real("t", "m"), real("t", "word " * 40)))
+    assert long[0] == short[0] and long[1] > short[1]
+    assert Image.open(io.BytesIO(one)).size[1] > short[1] and Image.open(io.BytesIO(png)).size == short
+    assert not [w for w in recwarn if "constrained_layout" in str(w.message)]

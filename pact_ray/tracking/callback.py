@@ -16,6 +16,7 @@ trial number (and the run id in the Optuna trial's user attributes).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from typing import Any
@@ -30,7 +31,12 @@ from pact_ray.tracking.datasets import DatasetInfo, log_dataset
 from pact_ray.tracking.tags import CHECKPOINT_TAG, OPTUNA_TRIAL_TAG, RESUME_NOTE_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG
 from pact_ray.tracking.writer import MlflowWriter, RunRef, shared_writer, status_name
 
+log = logging.getLogger(__name__)
 RAY_TRIAL_ATTR, MLFLOW_RUN_ATTR = "ray_trial_id", "mlflow_run_id"  # Optuna trial user attributes
+# The runs of this driver's Optuna sweeps by (sweep, Ray trial id): the searcher reads a run's id
+# from here to mark its Optuna trial before telling the study the result. Optuna refuses to
+# change a finished trial, and the writer thread may reach a short trial only after it ended.
+_OPTUNA_RUNS: dict[tuple[str, str], RunRef] = {}
 INTERRUPTED = "interrupted"  # a trial's status after Ctrl-C (pact_ray.tune.interrupt)
 
 # Ray's own bookkeeping in every result: not metrics of the model.
@@ -102,7 +108,8 @@ class MlflowSweepCallback(tune.Callback):
             info = self.datasets[kind.name]
             self.writer.call(ref, lambda client, run_id: log_dataset(client, run_id, info))
         if self.optuna_storage:
-            self.writer.call(ref, _link_optuna_trial(self.optuna_storage, self.sweep, trial.trial_id))
+            _OPTUNA_RUNS[(self.sweep, trial.trial_id)] = ref
+            self.writer.call(ref, _tag_optuna_trial(self.optuna_storage, self.sweep, trial.trial_id))
         return ref
 
     # ------------------------------------------------------------- Tune hooks
@@ -177,9 +184,24 @@ def checkpoint_uri(checkpoint) -> str:
     return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
 
 
-def _link_optuna_trial(storage_url: str, study_name: str, ray_trial_id: str):
-    """Tag the run with its Optuna trial number and put the run id into that trial's user
-    attributes (the searcher marks each Optuna trial with its Ray trial id)."""
+def optuna_trial_run_id(sweep: str, ray_trial_id: str, timeout: float) -> str | None:
+    """The MLflow run id of an Optuna sweep's trial once the writer has created the run (waiting
+    at most ``timeout`` seconds); None when this driver logs no run for it or the store is late
+    (said in a warning). The entry is dropped: the searcher asks once, when the trial ends."""
+    ref = _OPTUNA_RUNS.pop((sweep, ray_trial_id), None)
+    if ref is None:
+        return None
+    if not ref.resolved.wait(timeout):
+        log.warning("Trial %s's Optuna trial is not linked to its MLflow run: the tracking store did not create the run "
+                    "within %.0f s (the run still gets the Optuna trial's number as a tag)", ray_trial_id, timeout)
+        return None
+    return ref.run_id
+
+
+def _tag_optuna_trial(storage_url: str, study_name: str, ray_trial_id: str):
+    """Tag the run with its Optuna trial number and name it after it ("rgb_edge s0 #3"); the
+    searcher marks each Optuna trial with its Ray trial id. (The other direction, the run id in
+    the Optuna trial's user attributes, is the searcher's: see LinkedOptunaSearch.)"""
     def fn(client, run_id):
         import optuna
 
@@ -187,7 +209,6 @@ def _link_optuna_trial(storage_url: str, study_name: str, ray_trial_id: str):
         study_id = storage.get_study_id_from_name(study_name)
         for t in storage.get_all_trials(study_id, deepcopy=False):
             if t.user_attrs.get(RAY_TRIAL_ATTR) == ray_trial_id:
-                storage.set_trial_user_attr(t._trial_id, MLFLOW_RUN_ATTR, run_id)
                 client.set_tag(run_id, OPTUNA_TRIAL_TAG, str(t.number))
                 name = client.get_run(run_id).info.run_name or ""
                 client.set_tag(run_id, MLFLOW_RUN_NAME, f"{name.rpartition(' #')[0] or name} #{t.number}")

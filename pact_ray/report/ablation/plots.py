@@ -18,6 +18,7 @@ import functools
 import io
 import math
 import statistics
+import textwrap
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -82,14 +83,20 @@ def to_png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+PLACEHOLDER_CHARS = 64  # characters per line of a placeholder's message at its font size, within WIDTH_IN
+PLACEHOLDER_LINES = 4
+
+
 @styled
 def placeholder(title: str, message: str) -> bytes:
-    """A small figure that states why there is nothing to draw."""
-    fig = Figure(figsize=(WIDTH_IN, 2.2), layout="constrained")
+    """A small figure that states why there is nothing to draw; a long message is wrapped
+    (at most PLACEHOLDER_LINES lines, then "…"), never cut by the figure's edge."""
+    lines = textwrap.wrap(message, PLACEHOLDER_CHARS, max_lines=PLACEHOLDER_LINES, placeholder=" …") or [""]
+    fig = Figure(figsize=(WIDTH_IN, 1.9 + 0.3 * len(lines)), layout="constrained")
     ax = fig.add_subplot()
     ax.set_axis_off()
     ax.set_title(title, loc="left")
-    ax.text(0.5, 0.45, message, ha="center", va="center", fontsize=16, color="#666666", transform=ax.transAxes)
+    ax.text(0.5, 0.45, "\n".join(lines), ha="center", va="center", fontsize=15, color="#666666", transform=ax.transAxes)
     return to_png(fig)
 
 
@@ -293,8 +300,13 @@ def delta_forest(entries: Sequence[RouteEntry], kind: str, title: str, empty: st
     shown = [e for e in entries if e.setting[0] == kind and e.delta is not None]
     if not shown:
         missing = [e for e in entries if e.setting[0] == kind]
-        reasons = "; ".join(dict.fromkeys(f"{e.label}: {e.reason or e.verdict}" for e in missing))
-        return placeholder(title, empty if not missing else (reasons[:90] + ("…" if len(reasons) > 90 else "")))
+        by_reason: dict[str, list[str]] = {}
+        for e in missing:
+            by_reason.setdefault(e.reason or e.verdict, []).append(e.label)
+        # One reason per line-worth of text: "no baseline (...): 3 configurations", or the label when it is the only one.
+        reasons = "; ".join(f"{labels[0]}: {why}" if len(labels) == 1 else f"{why}: {len(labels)} configurations"
+                            for why, labels in by_reason.items())
+        return placeholder(title, empty if not missing else reasons)
     panels = group_by(shown, lambda e: e.setting)
     heights = [len(es) for es in panels.values()]
     fig = Figure(figsize=(WIDTH_IN, 1.7 + 0.75 * len(panels) + BAR_IN * sum(heights)), layout="constrained")
