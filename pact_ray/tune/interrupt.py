@@ -92,7 +92,9 @@ class DriverInterrupts:
             signal.signal(sig, handler)
         if self._flag is not None:
             try:
-                ray.kill(self._flag)
+                # Waits until the name is free again: a start that follows in this process
+                # (a resume) must not find this flag, dying but still registered, raised.
+                _remove_flag(self._flag, flag_name(self.sweep))
             except Exception:  # noqa: BLE001 - Ray may already be shutting down
                 pass
 
@@ -109,9 +111,14 @@ def _clear_stale_flag(name: str, timeout_s: float = 10.0) -> None:
     """Remove a raised flag left under this sweep's name (an interrupted start of the same
     sweep on a Ray instance that outlived it), so that the resumed trials do not stop at once."""
     stale = _raised_flag(name)
-    if stale is None:
-        return
-    ray.kill(stale)
+    if stale is not None:
+        _remove_flag(stale, name, timeout_s)
+
+
+def _remove_flag(handle, name: str, timeout_s: float = 10.0) -> None:
+    """Kill the flag and wait (at most ``timeout_s``) until its name is released: Ray
+    releases the name of a killed actor asynchronously."""
+    ray.kill(handle)
     deadline = time.monotonic() + timeout_s
     while _raised_flag(name) is not None and time.monotonic() < deadline:
         time.sleep(0.05)
