@@ -670,3 +670,20 @@ def test_entropy_of_coupling_adds_and_ignores_zeros():
     assert_within_rounding(entropy.detach(), marginal_entropy(a) + marginal_entropy(b), ops=5 * 7 + 4,
                            what="entropy of a coupling")
     assert torch.isfinite(plan.grad).all()
+
+
+def test_the_compiled_loop_is_the_default_for_small_batches_only(monkeypatch):
+    """Dispatch-bound small batches (the small preset's) run compiled; from COMPILED_MAX_ELEMENTS
+    plan entries (PAct's shapes) the torch loop's vectorised arithmetic is faster, and runs."""
+    import pact_ray.ot.sinkhorn as solver
+
+    compiled_calls = []
+    real = solver._solve_compiled
+    monkeypatch.setattr(solver, "_solve_compiled", lambda *args: compiled_calls.append(args[1].shape) or real(*args))
+    gen = torch.Generator().manual_seed(9)
+    for objects, heads, parts, patches in [(2, 4, 4, 65), (2, 16, 8, 1370)]:
+        cost = router_cost(gen, objects, heads, parts, patches)
+        a, b = uniform((objects, 1, parts), torch.float32), uniform((1, 1, patches), torch.float32)
+        assert sinkhorn_log(cost, a, b).converged
+    assert compiled_calls == [(2, 4, 4, 65)]
+    assert 2 * 4 * 4 * 65 <= solver.COMPILED_MAX_ELEMENTS < 2 * 16 * 8 * 1370

@@ -96,7 +96,9 @@ the device.
 router's solves are dispatch-bound: an iteration is about 25 torch operations of 2-5 us
 on [2, 4, 4, 64] tensors, so a first solve took 0.9 ms, almost none of it arithmetic.
 The same algorithm, compiled with numba and looping in machine code, takes about a
-third of that with its call (bench/bench_router_block.py). It differs from the torch
+third of that with its call (bench/bench_router_block.py). Its arithmetic is scalar, so
+from about 2^15 plan entries in a batch (PAct's shapes) the torch loop is faster again,
+and runs (``COMPILED_MAX_ELEMENTS``). It differs from the torch
 loop in two choices, not in the iteration: each problem stops at its own ``tol`` (the
 torch loop runs the batch until its worst problem meets it, so most of its problems
 end one quadratic step further, near the float floor), and its arithmetic is float64
@@ -269,8 +271,10 @@ def sinkhorn_log(
         loop runs ``max_iter`` iterations with fixed shapes and no host sync.
     compiled : bool, optional
         Run the iterations as one compiled CPU kernel (module docstring, "Compiled CPU
-        loop"). None (default): on CPU with ``early_stop`` whenever numba is installed.
-        True requires those; False runs the torch loop.
+        loop"). None (default): on CPU with ``early_stop``, where numba is installed, for
+        batches of up to ``COMPILED_MAX_ELEMENTS`` plan entries (above, the torch loop's
+        vectorised arithmetic is faster). True requires CPU, ``early_stop`` and numba;
+        False runs the torch loop.
     differentiable : bool, optional
         If False (default), return a detached plan. If True, the plan carries an
         implicit-differentiation backward (module docstring [7]_ [8]_) to ``cost``,
@@ -333,7 +337,9 @@ def sinkhorn_log(
     if early_stop is None:
         early_stop = cost.device.type == "cpu"
     if compiled is None:
-        compiled = early_stop and cost.device.type == "cpu" and _cpu_kernel() is not None
+        elements = math.prod(torch.broadcast_shapes(cost.shape[:-2], a.shape[:-1], b.shape[:-1])) * n_rows * n_cols
+        compiled = (early_stop and cost.device.type == "cpu" and elements <= COMPILED_MAX_ELEMENTS
+                    and _cpu_kernel() is not None)
     elif compiled and not (early_stop and cost.device.type == "cpu" and _cpu_kernel() is not None):
         raise ValueError("compiled=True needs a CPU tensor, early_stop and numba (pip install numba)")
     if compiled:
@@ -371,6 +377,12 @@ def _result(cost, a, b, eps, max_iter, tol, plan, f, iterations, marginal_error,
                           column_potential=column_potential)
 
 
+# The compiled loop's arithmetic is scalar (no vectorised exp without Intel's SVML), the
+# torch loop's is vectorised but pays ~75 us of dispatch per iteration: per solve about
+# 70 ns per plan entry against 2 ms + 16 ns per entry (bench/bench_sinkhorn.py, 2 cores).
+# The compiled loop is the default up to 2^15 entries (the small preset's [2, 4, 4, 65] is
+# 2,080; PAct's 2 objects x 16 heads x 8 parts x 1370 patches, 350,720, runs the torch loop).
+COMPILED_MAX_ELEMENTS = 2**15
 _NO_INIT = {dtype: torch.zeros((0, 0), dtype=dtype).numpy() for dtype in (torch.float32, torch.float64)}
 _STEPS_NP = numpy.asarray(LINE_SEARCH_STEPS)
 
