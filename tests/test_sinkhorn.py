@@ -679,7 +679,7 @@ def test_the_compiled_loop_is_the_default_for_small_batches_only(monkeypatch):
 
     compiled_calls = []
     real = solver._solve_compiled
-    monkeypatch.setattr(solver, "_solve_compiled", lambda *args: compiled_calls.append(args[1].shape) or real(*args))
+    monkeypatch.setattr(solver, "_solve_compiled", lambda *args: compiled_calls.append(args[0].shape) or real(*args))
     gen = torch.Generator().manual_seed(9)
     for objects, heads, parts, patches in [(2, 4, 4, 65), (2, 16, 8, 1370)]:
         cost = router_cost(gen, objects, heads, parts, patches)

@@ -57,22 +57,6 @@ class GridWeights:
     grid: tuple[int, int]  # (h, w)
 
     @cached_property
-    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row-major cell indices (p, q) of every neighbour pair: the horizontal pairs
-        (i, j)-(i, j+1), then the vertical (i, j)-(i+1, j), in the order of
-        :attr:`pair_weights`."""
-        h, w = self.grid
-        cells = torch.arange(h * w, device=self.horizontal.device).reshape(h, w)
-        first = torch.cat([cells[:, :-1].flatten(), cells[:-1, :].flatten()])
-        second = torch.cat([cells[:, 1:].flatten(), cells[1:, :].flatten()])
-        return first, second
-
-    @cached_property
-    def pair_weights(self) -> torch.Tensor:
-        """[B, pairs] the weight of every pair of :attr:`pairs`."""
-        return torch.cat([self.horizontal.flatten(1), self.vertical.flatten(1)], dim=1)
-
-    @cached_property
     def total(self) -> torch.Tensor:
         """[B, h, w] sum of each cell's neighbour weights; computed once, as the router
         smooths several plans (blocks, solves) with the same weights."""
@@ -328,13 +312,12 @@ def edge_delta(
     # both plans at once: a read after the backward pass finds them out of cache, and these
     # few slices cost less than gathering every pair's two cells.
     both = torch.stack([plan0, plan]).unflatten(-1, (h, w))  # [2, B, ..., K, h, w]
+    _, horizontal, vertical = _to_grid(plan, weights)
     total = plan.new_zeros(())
     count = plan.new_zeros((), dtype=torch.long)
-    expand = (1,) * (plan.dim() - 2)
-    batch = weights.horizontal.shape[0]
     for change, pair_weight in (
-        (both[..., :, 1:] - both[..., :, :-1], weights.horizontal.reshape(batch, *expand, h, w - 1)),
-        (both[..., 1:, :] - both[..., :-1, :], weights.vertical.reshape(batch, *expand, h - 1, w)),
+        (both[..., :, 1:] - both[..., :, :-1], horizontal),
+        (both[..., 1:, :] - both[..., :-1, :], vertical),
     ):
         if change.numel() == 0:
             continue

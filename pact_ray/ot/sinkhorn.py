@@ -336,21 +336,19 @@ def sinkhorn_log(
     )
     if early_stop is None:
         early_stop = cost.device.type == "cpu"
+    batch_shape = torch.broadcast_shapes(cost.shape[:-2], a.shape[:-1], b.shape[:-1])
+    can_compile = early_stop and cost.device.type == "cpu" and _cpu_kernel() is not None
     if compiled is None:
-        elements = math.prod(torch.broadcast_shapes(cost.shape[:-2], a.shape[:-1], b.shape[:-1])) * n_rows * n_cols
-        compiled = (early_stop and cost.device.type == "cpu" and elements <= COMPILED_MAX_ELEMENTS
-                    and _cpu_kernel() is not None)
-    elif compiled and not (early_stop and cost.device.type == "cpu" and _cpu_kernel() is not None):
+        compiled = can_compile and math.prod(batch_shape) * n_rows * n_cols <= COMPILED_MAX_ELEMENTS
+    elif compiled and not can_compile:
         raise ValueError("compiled=True needs a CPU tensor, early_stop and numba (pip install numba)")
     if compiled:
-        kernel = _cpu_kernel()
-        return _solve_compiled(kernel, cost, a, b, eps, max_iter, tol, method == "newton", warmup, f_init, dtype,
+        return _solve_compiled(cost, a, b, batch_shape, eps, max_iter, tol, method == "newton", warmup, f_init, dtype,
                                differentiable, warn)
     with torch.no_grad():
         log_kernel = _as(cost, dtype, cost.device) / -eps  # [..., K, P]
         a_col = _as(a, dtype, cost.device).unsqueeze(-1)  # [..., K, 1]
         b_row = _as(b, dtype, cost.device).unsqueeze(-2)  # [..., 1, P]
-        batch_shape = torch.broadcast_shapes(log_kernel.shape[:-2], a_col.shape[:-2], b_row.shape[:-2])
         u_init = None if f_init is None else (_as(f_init, dtype, cost.device) / eps).unsqueeze(-1)
         solver = _Solver(log_kernel, a_col, b_row, batch_shape)
         state = solver.run(u_init, max_iter, tol, method == "newton", warmup, early_stop)
@@ -397,13 +395,12 @@ def _cpu_kernel():
     return solve_batch
 
 
-def _solve_compiled(kernel, cost, a, b, eps, max_iter, tol, newton, warmup, f_init, dtype, differentiable,
+def _solve_compiled(cost, a, b, batch_shape, eps, max_iter, tol, newton, warmup, f_init, dtype, differentiable,
                     warn) -> SinkhornResult:
     """The CPU solve in one compiled call (pact_ray.ot.cpu_solver): the batch flattened to
     [n, K, P], float64 arithmetic inside, the plan, f and the error in ``dtype``; the
     iterations reported are the most any problem took."""
     n_rows, n_cols = cost.shape[-2:]
-    batch_shape = torch.broadcast_shapes(cost.shape[:-2], a.shape[:-1], b.shape[:-1])
     n = math.prod(batch_shape)
 
     def flat(x: torch.Tensor, tail: tuple[int, ...]):
@@ -414,7 +411,7 @@ def _solve_compiled(kernel, cost, a, b, eps, max_iter, tol, newton, warmup, f_in
     f = torch.empty(batch_shape + (n_rows,), dtype=dtype)
     error = torch.empty(batch_shape, dtype=dtype)
     warm = f_init is not None
-    most = kernel(flat(cost, (n_rows, n_cols)), float(eps), flat(a, (n_rows,)), flat(b, (n_cols,)),
+    most = _cpu_kernel()(flat(cost, (n_rows, n_cols)), float(eps), flat(a, (n_rows,)), flat(b, (n_cols,)),
                   flat(f_init, (n_rows,)) if warm else _NO_INIT[dtype], warm, int(max_iter), float(tol), bool(newton),
                   int(warmup), torch.finfo(dtype).tiny, 2.0**8 * math.sqrt(torch.finfo(dtype).tiny), LEVENBERG_MARQUARDT,
                   MAX_STEP, LOCAL_ERROR, _STEPS_NP, plan.view(n, n_rows, n_cols).numpy(), f.view(n, n_rows).numpy(),
