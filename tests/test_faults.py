@@ -107,6 +107,38 @@ def test_corrupted_or_truncated_checkpoint_falls_back_to_the_previous_one(tmp_pa
     assert again.train_step()["loss"] == fresh.train_step()["loss"]
 
 
+def test_a_checkpoint_is_saved_without_torchs_record_crc_and_still_verified(tmp_path, monkeypatch):
+    """The sha256 in meta.json guards the file, so torch's per-record CRC32 (most of a save's
+    cost) is skipped for the save only: the records carry none, the setting is restored,
+    also when the save fails, and a flipped byte inside a tensor record is still refused."""
+    import zipfile
+
+    trainer = _trainer(tmp_path)
+    write_checkpoint(tmp_path, trainer.state_dict())
+    records = zipfile.ZipFile(tmp_path / "state.pt").infolist()
+    assert records and all(r.CRC == 0 for r in records)
+    assert torch.serialization.get_crc32_options() is True
+    state = read_checkpoint(tmp_path, "stage1")
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(state["model"][k], v)
+
+    largest = max((r for r in records if "/data/" in r.filename), key=lambda r: r.file_size)
+    data = bytearray((tmp_path / "state.pt").read_bytes())
+    data[largest.header_offset + 200] ^= 0x01  # inside the record's data, past its header
+    (tmp_path / "state.pt").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupted"):
+        read_checkpoint(tmp_path, "stage1")
+
+    def failing_save(*args, **kwargs):
+        assert torch.serialization.get_crc32_options() is False
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        write_checkpoint(tmp_path, trainer.state_dict())
+    assert torch.serialization.get_crc32_options() is True
+
+
 def test_no_readable_checkpoint_is_an_error(tmp_path):
     folder = tmp_path / "checkpoint_000000"
     folder.mkdir()

@@ -71,3 +71,67 @@ def test_the_preparation_thread_imports_nothing_that_rays_start_up_imports():
     assert "matplotlib" in preparation and "alembic" in preparation  # the thread does import the report and the store
     assert ray_side  # Ray's start-up imports packages of its own (aiohttp, for one): the measure sees them
     assert ray_side & preparation == set(), sorted(ray_side & preparation)
+
+
+_IDLE_WORKERS = """
+import json, os, time
+import pact_ray.tune.sweep as sweep
+import ray
+
+
+def workers():
+    # The driver's descendants (raylet, then its workers) from /proc: pid -> parent pid.
+    parents = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parents[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            pass
+    mine, found = {os.getpid()}, True
+    while found:
+        new = {p for p, parent in parents.items() if parent in mine} - mine
+        found, mine = bool(new), mine | new
+    out = []
+    for pid in mine - {os.getpid()}:
+        try:
+            with open(f"/proc/{pid}/cmdline") as f:
+                argv = f.read().split(chr(0))
+        except OSError:
+            continue
+        # A worker: default_worker.py until it renames itself "ray::IDLE" or "ray::<task>"
+        # (the raylet's agents call themselves "ray::...Agent").
+        title = argv[0].split()[0] if argv[0] else ""
+        if (len(argv) > 1 and argv[1].endswith("default_worker.py")) or (title.startswith("ray::") and not title.endswith("Agent")):
+            out.append(pid)
+    return out
+
+
+sweep.init_ray(None)
+idle = []
+for _ in range(15):  # Ray would start them with the raylet; give it 3 s
+    idle = idle or workers()
+    time.sleep(0.2)
+
+
+@ray.remote
+def one():
+    return 1
+
+
+ray.get(one.remote())
+after_a_task = workers()
+ray.shutdown()
+print(json.dumps({"idle": idle, "after_a_task": after_a_task}))
+"""
+
+
+@pytest.mark.slow
+def test_a_local_ray_starts_no_idle_workers():
+    """Ray prestarts one worker per CPU for the first driver, which Tune's trial actors never
+    use: the sweep's own Ray starts none (the task after shows that the measure sees workers)."""
+    out = subprocess.run([sys.executable, "-c", _IDLE_WORKERS], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["idle"] == [] and len(seen["after_a_task"]) >= 1, seen

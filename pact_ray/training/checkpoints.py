@@ -8,9 +8,10 @@ checksum is refused with the reason, so the caller can fall back to an older one
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -20,9 +21,27 @@ STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 
 
+@contextlib.contextmanager
+def _without_record_crc32() -> Iterator[None]:
+    """``torch.save`` without its per-record CRC32, restoring the setting after.
+
+    Why: the sha256 in ``meta.json`` covers the whole file and is checked before every load,
+    so torch's own CRC32 of each tensor record is redundant here, and it is most of the cost
+    of a save: 0.2 s of 0.25 s for a small-preset trial's 136 MB (model and Adam state),
+    paid by every trial at its final step. ``torch.load`` reads such a file as usual (only a
+    zip tool would report the records' CRC as wrong)."""
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(previous)
+
+
 def write_checkpoint(folder: Path, state: dict[str, Any]) -> None:
     """Write ``state`` (a trainer's ``state_dict()``) into ``folder``."""
-    torch.save(state, folder / STATE_FILE)
+    with _without_record_crc32():
+        torch.save(state, folder / STATE_FILE)
     meta = {"step": state["step"], "kind": state["kind"], "sha256": sha256_file(folder / STATE_FILE), "config": state["config"]}
     (folder / META_FILE).write_text(json.dumps(meta, indent=1))
 
