@@ -40,6 +40,25 @@ def test_the_stop_flag_is_raised_by_the_first_signal_and_read_by_trials(ray_addr
         assert not TrialStop(name).requested()  # the leftover flag does not stop the new start's trials
 
 
+def test_a_new_stores_schema_is_made_without_mlflows_info_lines_unless_verbose(tmp_path, capfd):
+    """MLflow announces a new SQLite schema at INFO; a sweep shows that only with --verbose
+    (prepare_store's announce), and the logger's level is left as it was."""
+    import logging
+
+    from pact_ray.tracking.store import prepare_store
+
+    messages = logging.getLogger("mlflow.store.db.utils")
+    level = messages.level
+    capfd.readouterr()
+    prepare_store(f"sqlite:///{tmp_path / 'quiet.db'}")
+    quiet = capfd.readouterr()
+    assert (tmp_path / "quiet.db").stat().st_size > 0
+    assert "database tables" not in quiet.err + quiet.out and messages.level == level
+    prepare_store(f"sqlite:///{tmp_path / 'verbose.db'}", announce=True)
+    verbose = capfd.readouterr()
+    assert "Creating initial MLflow database tables" in verbose.err + verbose.out and messages.level == level
+
+
 _RAY_START_IMPORTS = """
 import json, sys
 import ray, mlflow.tracking

@@ -76,24 +76,32 @@ def store_files(uri: str) -> list[Path]:
     return [path, path.with_name(path.name + ".lock")]
 
 
-def prepare_store(uri: str) -> None:
+def prepare_store(uri: str, announce: bool = False) -> None:
     """Create (or migrate) a SQLite store's schema once, under an exclusive file lock beside
     the database: MLflow's first-time schema creation is not safe against another process
     doing the same at the same moment (two sweeps started together on a new file). A server
-    store needs nothing."""
+    store needs nothing. MLflow's INFO lines about it ("Creating initial MLflow database
+    tables...") are shown only when ``announce`` (a sweep's --verbose): otherwise they would
+    stand above the sweep's own progress lines on every first run."""
     if not uri.startswith("sqlite:///"):
         return
     import fcntl
+    import logging
 
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     path, lock_path = store_files(uri)
+    messages = logging.getLogger("mlflow.store.db.utils")
+    level = messages.level
     with open(lock_path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
+            if not announce:
+                messages.setLevel(max(level, logging.WARNING))
             store = SqlAlchemyStore(uri, default_artifact_root=str(path.parent / "mlartifacts"))
             store.engine.dispose()
         finally:
+            messages.setLevel(level)
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 

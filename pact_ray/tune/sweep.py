@@ -491,6 +491,7 @@ class _StorePreparation:
         from pact_ray.tracking.store import store_files
 
         self.uri = plan.tracking_uri
+        self.announce = bool(plan.args.verbose)
         self.early = early
         self._new = [p for p in store_files(self.uri) if not p.exists()] if early else []
         self._error: BaseException | None = None
@@ -504,7 +505,7 @@ class _StorePreparation:
             from pact_ray.tracking.store import prepare_store
 
             try:
-                prepare_store(self.uri)
+                prepare_store(self.uri, self.announce)
             except BaseException as e:  # noqa: BLE001 - raised by wait(), in the driver's thread
                 self._error = e
 
@@ -515,7 +516,7 @@ class _StorePreparation:
         if not self.early:
             from pact_ray.tracking.store import prepare_store
 
-            prepare_store(self.uri)
+            prepare_store(self.uri, self.announce)
 
     def undo(self) -> None:
         """Remove what an early preparation created: the sweep is refused after all."""
