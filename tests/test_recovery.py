@@ -86,6 +86,41 @@ def test_killed_while_starting_resumes(tmp_path, window):
     _assert_complete(tmp_path, "w")
 
 
+_KILLED_MID_WRITE = """
+import os, sqlite3, sys
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("create table t (x blob)")
+con.execute("begin")
+for _ in range(500):
+    con.execute("insert into t values (randomblob(1000))")
+con.execute("commit")
+con.execute("pragma cache_size=1")  # the transaction below spills into the file: the journal is hot
+con.execute("begin")
+con.execute("delete from t")
+for _ in range(100):
+    con.execute("insert into t values (randomblob(10000))")
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_a_store_left_mid_write_by_a_kill_is_rolled_back_not_refused(tmp_path):
+    """A driver killed while MLflow writes leaves a hot journal beside the SQLite file. The
+    resume's store check rolls it back, as any SQLite client does on its first read, instead of
+    calling the file "not an SQLite database"; the committed rows are what is left."""
+    from pact_ray.tracking.store import check_tracking_uri
+
+    db = tmp_path / "mlflow.db"
+    killed = subprocess.run([sys.executable, "-c", _KILLED_MID_WRITE, str(db)], capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    journal = db.with_name(db.name + "-journal")
+    assert journal.exists() and journal.stat().st_size > 0
+    uri = f"sqlite:///{db}"
+    assert check_tracking_uri(uri) == uri
+    with sqlite3.connect(db) as con:
+        assert con.execute("select count(*), min(length(x)) from t").fetchone() == (500, 1000)
+    assert not journal.exists() or journal.stat().st_size == 0
+
+
 def test_a_start_killed_before_the_manifest_names_its_parent_run_adopts_that_run(tmp_path, monkeypatch):
     """The window between creating the parent run and recording its id in the manifest: the
     resume finds the run by the manifest's uid instead of leaving it orphaned beside a new one."""
@@ -323,17 +358,18 @@ def test_a_store_prepared_while_ray_starts_is_removed_when_the_sweep_is_refused(
     from pact_ray.tune.sweep import _StorePreparation
 
     db = tmp_path / "mlflow.db"
-    early = _StorePreparation(SimpleNamespace(tracking_uri=f"sqlite:///{db}"), early=True)
+    plan = SimpleNamespace(tracking_uri=f"sqlite:///{db}", args=SimpleNamespace(verbose=False))
+    early = _StorePreparation(plan, early=True)
     early.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     with pytest.raises(RuntimeError, match="Ray did not start"):  # any failure while Ray starts or checks
-        with _StorePreparation(SimpleNamespace(tracking_uri=f"sqlite:///{db}"), early=True).undone_on_error():
+        with _StorePreparation(plan, early=True).undone_on_error():
             raise RuntimeError("Ray did not start")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
-    kept = _StorePreparation(SimpleNamespace(tracking_uri=f"sqlite:///{db}"), early=True)
+    kept = _StorePreparation(plan, early=True)
     kept.wait()
     tables = sqlite3.connect(db).execute("select name from sqlite_master where type = 'table'").fetchall()
     assert ("runs",) in tables and ("experiments",) in tables
-    existing = _StorePreparation(SimpleNamespace(tracking_uri=f"sqlite:///{db}"), early=True)
+    existing = _StorePreparation(plan, early=True)
     existing.undo()  # a store that was there before is never removed
     assert db.exists()

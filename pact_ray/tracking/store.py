@@ -40,9 +40,16 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> str:
         if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
             raise TrackingError(f"tracking URI {uri}: {path} is not writable")
         if path.exists():
+            # Read-write (never create): a process killed in the middle of a write leaves a hot
+            # journal, which SQLite rolls back on the first read. A read-only connection cannot,
+            # and would call the store "not an SQLite database" (attempt to write a readonly
+            # database), so a sweep killed while writing could never be resumed.
             try:
-                with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
+                con = sqlite3.connect(f"file:{path}?mode=rw", uri=True)
+                try:
                     con.execute("select name from sqlite_master limit 1").fetchall()
+                finally:
+                    con.close()
             except sqlite3.DatabaseError as e:
                 raise TrackingError(f"tracking URI {uri}: {path} is not an SQLite database ({e})") from None
         return uri
