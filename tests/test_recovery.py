@@ -4,6 +4,7 @@ resource requests, a tracking store that stays down, and the tracking-server wra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -84,6 +85,36 @@ def test_killed_while_starting_resumes(tmp_path, window):
     done = _resume(tmp_path, "w")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     _assert_complete(tmp_path, "w")
+
+
+def test_a_start_killed_while_it_creates_a_new_stores_schema_leaves_no_half_made_store(tmp_path):
+    """MLflow's first schema is some 50 migrations, not one transaction: a kill among them used
+    to leave a file no MLflow could open again ("duplicate column name"). The schema is now
+    made beside the store and renamed into place: after a kill mid-creation there is no store
+    or a whole one, and the next start makes it and removes the stray file."""
+    from pact_ray.tracking.store import CREATING, prepare_store
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    proc = subprocess.Popen([sys.executable, "-c", f"from pact_ray.tracking.store import prepare_store; prepare_store({uri!r})"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def staging() -> bool:  # the schema is being made beside the store
+        for p in tmp_path.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if CREATING in p.name and p.stat().st_size > 0:
+                    return True
+        return False
+
+    _wait_for(staging, proc, timeout=60)
+    proc.kill()
+    proc.wait()
+    assert not db.exists() or ("runs",) in sqlite3.connect(db).execute("select name from sqlite_master").fetchall()
+    prepare_store(uri)
+    assert [p.name for p in tmp_path.iterdir() if CREATING in p.name] == []
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("after-the-kill")).info.run_id
+    client.log_metric(run, "loss", 1.0, step=1)
+    assert client.get_metric_history(run, "loss")[0].value == 1.0
 
 
 _KILLED_MID_WRITE = """

@@ -86,7 +86,8 @@ def store_files(uri: str) -> list[Path]:
 def prepare_store(uri: str, announce: bool = False) -> None:
     """Create (or migrate) a SQLite store's schema once, under an exclusive file lock beside
     the database: MLflow's first-time schema creation is not safe against another process
-    doing the same at the same moment (two sweeps started together on a new file). A server
+    doing the same at the same moment (two sweeps started together on a new file). A new
+    store's schema is made whole before the file appears (:func:`_create_store`). A server
     store needs nothing. MLflow's INFO lines about it ("Creating initial MLflow database
     tables...") are shown only when ``announce`` (a sweep's --verbose): otherwise they would
     stand above the sweep's own progress lines on every first run."""
@@ -94,8 +95,6 @@ def prepare_store(uri: str, announce: bool = False) -> None:
         return
     import fcntl
     import logging
-
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     path, lock_path = store_files(uri)
     messages = logging.getLogger("mlflow.store.db.utils")
@@ -105,11 +104,42 @@ def prepare_store(uri: str, announce: bool = False) -> None:
         try:
             if not announce:
                 messages.setLevel(max(level, logging.WARNING))
-            store = SqlAlchemyStore(uri, default_artifact_root=str(path.parent / "mlartifacts"))
-            store.engine.dispose()
+            _create_store(path)
         finally:
             messages.setLevel(level)
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+CREATING = ".creating-"  # infix of a new store's file while its schema is made
+
+
+def _create_store(path: Path) -> None:
+    """Open the SQLite store at ``path`` once with MLflow, which creates its schema if the file
+    is new. A new schema is about 50 migrations, not one transaction, so a process killed
+    among them would leave a file no MLflow can open again ("duplicate column name", "table
+    ... already exists"). A new store is therefore made in a file beside it and renamed into
+    place when whole: a kill leaves no store or a whole one, and the stray file is removed by
+    the next start (the caller holds the store's lock)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    artifacts = str(path.parent / "mlartifacts")  # explicit, so the file's own name matters nowhere
+    if path.exists():
+        SqlAlchemyStore(f"sqlite:///{path}", default_artifact_root=artifacts).engine.dispose()
+        return
+    for stray in path.parent.glob(f".{path.name}{CREATING}*"):
+        stray.unlink(missing_ok=True)
+    staging = path.with_name(f".{path.name}{CREATING}{os.getpid()}")
+    try:
+        SqlAlchemyStore(f"sqlite:///{staging}", default_artifact_root=artifacts).engine.dispose()
+        os.rename(staging, path)
+    finally:
+        for leftover in (staging, staging.with_name(staging.name + "-journal")):
+            leftover.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a crash of the machine
+    finally:
+        os.close(directory)
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:
