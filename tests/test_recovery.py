@@ -117,6 +117,30 @@ def test_a_start_killed_while_it_creates_a_new_stores_schema_leaves_no_half_made
     assert client.get_metric_history(run, "loss")[0].value == 1.0
 
 
+def test_a_new_store_never_replaces_one_made_meanwhile_outside_the_lock(tmp_path, monkeypatch):
+    """Another program (an `mlflow ui` on the same path, say) may create the store while ours
+    is made beside it: that store stands, and ours is dropped."""
+    import mlflow.store.tracking.sqlalchemy_store as sqlalchemy_store
+
+    from pact_ray.tracking.store import CREATING, prepare_store
+
+    db = tmp_path / "mlflow.db"
+    real = sqlalchemy_store.SqlAlchemyStore
+
+    class MadeMeanwhile(real):
+        def __init__(self, uri, *args, **kwargs):
+            super().__init__(uri, *args, **kwargs)
+            if not db.exists():
+                with sqlite3.connect(db) as con:
+                    con.execute("create table theirs (x)")
+
+    monkeypatch.setattr(sqlalchemy_store, "SqlAlchemyStore", MadeMeanwhile)
+    prepare_store(f"sqlite:///{db}")
+    with sqlite3.connect(db) as con:
+        assert con.execute("select name from sqlite_master").fetchall() == [("theirs",)]
+    assert [p.name for p in tmp_path.iterdir() if CREATING in p.name] == []
+
+
 _KILLED_MID_WRITE = """
 import os, sqlite3, sys
 con = sqlite3.connect(sys.argv[1], isolation_level=None)

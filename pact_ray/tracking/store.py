@@ -131,7 +131,12 @@ def _create_store(path: Path) -> None:
     staging = path.with_name(f".{path.name}{CREATING}{os.getpid()}")
     try:
         SqlAlchemyStore(f"sqlite:///{staging}", default_artifact_root=artifacts).engine.dispose()
-        os.rename(staging, path)
+        try:
+            os.link(staging, path)  # unlike a rename, never replaces a store made meanwhile outside this lock
+        except FileExistsError:
+            pass  # that store stands; ours is dropped
+        except OSError:  # a filesystem without hard links
+            os.rename(staging, path)
     finally:
         for leftover in (staging, staging.with_name(staging.name + "-journal")):
             leftover.unlink(missing_ok=True)

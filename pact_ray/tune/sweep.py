@@ -334,14 +334,14 @@ def init_ray(address: str | None, verbose: bool = False) -> bool:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     kw: dict[str, Any] = dict(include_dashboard=False, log_to_driver=verbose, configure_logging=True,
                               logging_level=logging.INFO if verbose else logging.WARNING)
-    # "local": always a private instance. Without it ray.init() joins whatever local cluster
-    # /tmp/ray/ray_current_cluster names (another sweep's, which may end under this one).
     if address in (None, "local"):
         # Ray starts one idle worker per CPU for the first driver. Tune's trial actors never
         # run in them (each starts a worker of its own, with Tune's runtime environment), so
         # they only take CPU from the sweep's start-up: 0.5-1.4 s each, measured on 2 cores.
         # A cluster keeps its own settings (and refuses a _system_config from a client).
         kw["_system_config"] = {"prestart_worker_first_driver": False}
+    # "local": always a private instance. Without it ray.init() joins whatever local cluster
+    # /tmp/ray/ray_current_cluster names (another sweep's, which may end under this one).
     ray.init(address=address or "local", **kw)
     if not verbose:
         logging.getLogger("ray.tune").setLevel(logging.WARNING)
