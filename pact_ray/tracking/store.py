@@ -117,7 +117,7 @@ def _create_store(path: Path) -> None:
     """Open the SQLite store at ``path`` once with MLflow, which creates its schema if the file
     is new. A new schema is about 50 migrations, not one transaction, so a process killed
     among them would leave a file no MLflow can open again ("duplicate column name", "table
-    ... already exists"). A new store is therefore made in a file beside it and renamed into
+    ... already exists"). A new store is therefore made in a file beside it and linked into
     place when whole: a kill leaves no store or a whole one, and the stray file is removed by
     the next start (the caller holds the store's lock)."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
