@@ -420,7 +420,7 @@ def _solve_compiled(cost, a, b, batch_shape, eps, max_iter, tol, newton, warmup,
     def column_potential():
         log_kernel = _as(cost.detach(), dtype, cost.device) / -eps
         b_row = _as(b.detach(), dtype, cost.device).unsqueeze(-2)
-        return eps * (torch.log(b_row) - _logsumexp(log_kernel + (f / eps).unsqueeze(-1), dim=-2)).squeeze(-2)
+        return eps * _column_potential(log_kernel, b_row, (f / eps).unsqueeze(-1)).squeeze(-2)
 
     return _result(cost, a, b, eps, max_iter, tol, plan, f, torch.tensor(most), error, differentiable, warn,
                    column_potential=column_potential)
@@ -613,8 +613,13 @@ class _Solver:
         return _State(plan, u, iterations, error.view(error.shape[:-2]) + col_error)
 
     def column_potential(self, u):
-        """v = log b - LSE_k(log_kernel + u), [..., 1, P]; -inf where b_p = 0."""
-        return torch.log(self.b) - _logsumexp(self.log_kernel + u, dim=-2)
+        return _column_potential(self.log_kernel, self.b, u)
+
+
+def _column_potential(log_kernel, b_row, u):
+    """v = log b - LSE_k(log_kernel + u), [..., 1, P]; -inf where b_p = 0 (the exact column
+    projection for the row potential u, shared by the torch and the compiled loop's results)."""
+    return torch.log(b_row) - _logsumexp(log_kernel + u, dim=-2)
 
 
 @dataclass(frozen=True)
