@@ -50,8 +50,23 @@ class S3:
         return f"s3://{BUCKET}/{prefix}?endpoint_override=127.0.0.1:{self.port}&scheme=http"
 
     def keys(self, prefix: str) -> list[str]:
+        return list(self.listing(prefix))
+
+    def listing(self, prefix: str) -> dict[str, tuple[int, str]]:
+        """Each key under ``prefix`` with its size and ETag."""
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+        return {o["Key"]: (o["Size"], o["ETag"]) for page in pages for o in page.get("Contents", [])}
+
+    def wait_until_still(self, prefix: str, quiet: float = 3.0, timeout: float = 120.0) -> None:
+        """Return once nothing under ``prefix`` has been added or changed for ``quiet`` seconds."""
+        deadline = time.time() + timeout
+        last, since = self.listing(prefix), time.time()
+        while time.time() - since < quiet:
+            assert time.time() < deadline, f"{prefix} is still being written to"
+            time.sleep(0.25)
+            now = self.listing(prefix)
+            if now != last:
+                last, since = now, time.time()
 
     def get(self, key: str) -> bytes:
         return self.client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
@@ -123,6 +138,15 @@ def _can_hide_folders() -> bool:
 class RayCluster:
     address: str
     hidden: list[str]  # folders the worker nodes cannot see (empty where they can)
+    head: object  # ray.cluster_utils.Cluster: its GCS tables
+
+    def wait_until_no_actor_lives(self, timeout: float = 120.0) -> None:
+        """Return once the GCS has no live actor: after a driver's death its trial actors on the
+        worker nodes go on training (and uploading checkpoints) until Ray kills them."""
+        deadline = time.time() + timeout
+        while self.head.global_state.actor_table(None, actor_state_name="ALIVE"):
+            assert time.time() < deadline, "the killed driver's actors were never reaped"
+            time.sleep(0.25)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +184,7 @@ def cluster(s3, tmp_path_factory):
         # The head and `ray start` leave this cluster's address in /tmp/ray for a bare ray.init()
         # to join; the drivers here pass --address, and other processes must not join it.
         reset_ray_address()
-        yield RayCluster(head.address, hidden)
+        yield RayCluster(head.address, hidden, head)
     finally:
         for w in workers:  # the node's raylet, agents and workers are all in its process group
             if w.poll() is None:
@@ -345,10 +369,17 @@ def test_sigkilled_driver_resumes_from_another_folder_with_only_the_store(s3, tr
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    # Until Ray reaps them, the trials still write checkpoints: one listed now may be half-uploaded
+    # (its meta.json there, its state.pt not yet), and one corrupted now may be followed by another.
+    # The GCS may mark them dead before their processes have stopped, so also wait for the bucket to go still.
+    cluster.wait_until_no_actor_lives()
+    s3.wait_until_still(f"{exp}/")
     saved = {t: i for t, i in _saved_checkpoints(s3, exp).items() if i >= 1}
     trial, index = sorted(saved.items())[0]
+    # A folder the kill cut short (no state.pt) is already unusable; the others get a flipped byte.
     corrupted = sorted({k.rsplit("/", 1)[0] for k in s3.keys(f"{exp}/{trial}/checkpoint_")
-                        if int(re.search(r"checkpoint_(\d{6})", k).group(1)) >= index})
+                        if k.endswith("/state.pt") and int(re.search(r"checkpoint_(\d{6})", k).group(1)) >= index})
+    assert f"{exp}/{trial}/checkpoint_{index:06d}" in corrupted  # the one Ray's state names was whole
     for folder in corrupted:  # a flipped byte in the middle: the checksum in meta.json no longer holds
         data = bytearray(s3.get(f"{folder}/state.pt"))
         data[len(data) // 2] ^= 0xFF
