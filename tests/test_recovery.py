@@ -404,6 +404,40 @@ def test_the_server_wrapper_stops_its_workers_on_sigterm(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def _group_commands(pid: int) -> list[str]:
+    """The command lines of the processes in ``pid``'s process group."""
+    out = []
+    for p in subprocess.run(["pgrep", "-g", str(pid)], capture_output=True, text=True).stdout.split():
+        with contextlib.suppress(OSError):
+            out.append(Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+    return out
+
+
+@pytest.mark.slow
+def test_the_server_wrapper_starts_no_job_runner_unless_asked(tmp_path, monkeypatch):
+    """MLflow's job runner (huey consumers for GenAI jobs) is not started: the server is the CLI
+    and its one uvicorn worker, and it tracks runs. With MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true
+    in the environment the runner starts (which also shows that the check above can fail)."""
+    from pact_ray.tracking.server import start_server
+
+    monkeypatch.delenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", raising=False)
+    with start_server(tmp_path / "plain") as server:
+        time.sleep(1)  # `mlflow server` launches the runner right after its web server
+        commands = _group_commands(server.process.pid)
+        assert len(commands) == 2 and not [c for c in commands if "mlflow.server.jobs" in c or "huey" in c], commands
+        client = MlflowClient(server.uri)
+        run = client.create_run(client.create_experiment("jobs-off")).info.run_id
+        client.log_metric(run, "loss", 1.5, step=1)
+        assert [m.value for m in client.get_metric_history(run, "loss")] == [1.5]
+
+    monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "true")
+    with start_server(tmp_path / "asked") as server:
+        deadline = time.time() + 60
+        while not any("mlflow.server.jobs" in c for c in _group_commands(server.process.pid)):
+            assert time.time() < deadline, "the job runner asked for never started"
+            time.sleep(0.25)
+
+
 def test_a_store_prepared_while_ray_starts_is_removed_when_the_sweep_is_refused(tmp_path):
     """The SQLite schema is created in a thread while a local Ray starts (the trials fit this
     machine by os's count); if Ray's own resource check then refuses the sweep, the files that
