@@ -93,11 +93,13 @@ def test_smoke_sweep_of_every_variant(tmp_path, ray_address, capsys):
 def test_optuna_search_with_asha_and_persistent_study(tmp_path, ray_address, capsys):
     import optuna
 
+    # Three steps, validation at the last only: the steps before report no val_loss, Optuna's objective.
     rc = run_sweep("stage1", sweep_args(tmp_path, "opt", "--profile", "smoke", "--search", "optuna", "--variant", "rgb_edge",
-                                        "--num-samples", "3", "--scheduler", "asha", "--set", "router.iterations=20"))
+                                        "--num-samples", "3", "--scheduler", "asha", "--set", "router.iterations=20",
+                                        "--set", "steps=3"))
     out = capsys.readouterr().out
     assert rc == 0, out
-    _, _, runs = child_runs(tmp_path, "opt")
+    client, _, runs = child_runs(tmp_path, "opt")
     assert len(runs) == 3
     eps = {r.data.params["router.eps"] for r in runs}
     assert len(eps) == 3  # Optuna proposed three different values
@@ -112,13 +114,22 @@ def test_optuna_search_with_asha_and_persistent_study(tmp_path, ray_address, cap
     assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == set(by_run)
     for t in study.trials:
         assert by_run[t.user_attrs["mlflow_run_id"]].data.tags["pact_ray.optuna_trial"] == str(t.number)
-    assert "Optuna best of 3 trials: router.eps=" in out and f"optuna-dashboard sqlite:///{db}" in out
+    # A trial ASHA stopped before step 3 has no value at step 3: Optuna holds it as pruned, not
+    # as a value from another step, and the best is the best of the trials validated at step 3.
+    steps = {t.number: max(m.step for m in client.get_metric_history(t.user_attrs["mlflow_run_id"], "loss")) for t in study.trials}
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert done and all(steps[t.number] == 3 for t in done)
+    assert all(t.state == optuna.trial.TrialState.PRUNED and steps[t.number] < 3 for t in study.trials if t not in done)
+    stopped = f" ({3 - len(done)} stopped early or failed)" if len(done) < 3 else ""
+    best = min(t.value for t in done)
+    assert f"Optuna best of {len(done)} trial{'s' * (len(done) != 1)} at step 3{stopped}: router.eps=" in out
+    assert f"-> val_loss {best:.6g} (one seed" in out and f"optuna-dashboard sqlite:///{db}" in out
     assert "optuna-dashboard sqlite:///" in (tmp_path / "runs" / "opt" / "summary" / "index.html").read_text()
 
 
 def test_until_conclusive_adds_seeds_within_the_cap(tmp_path, ray_address, capsys):
     rc = run_sweep("stage1", sweep_args(tmp_path, "adapt", "--profile", "smoke", "--variants", "baseline,ot_first",
-                                        "--seeds", "0,1", "--until-conclusive", "3"))
+                                        "--seeds", "0,1", "--until-conclusive", "3", "--set", "steps=2"))  # validation at step 2 only
     out = capsys.readouterr().out
     assert rc == 0, out
     _, _, runs = child_runs(tmp_path, "adapt")

@@ -10,6 +10,7 @@ import warnings
 
 from ray.tune.search.optuna import OptunaSearch
 
+from pact_ray.metrics import names as M
 from pact_ray.tracking.callback import MLFLOW_RUN_ATTR, RAY_TRIAL_ATTR, optuna_trial_run_id
 
 # How long a finishing trial waits for the MLflow writer to have created its run. The run is
@@ -21,9 +22,10 @@ LINK_WAIT_S = 30.0
 class LinkedOptunaSearch(OptunaSearch):
     """Ray's OptunaSearch, naming the study's objective and linking each trial to its MLflow run."""
 
-    def __init__(self, *args, link_runs: bool = False, **kwargs):
+    def __init__(self, *args, link_runs: bool = False, steps: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._link_runs = link_runs  # a persistent study: the MLflow callback logs its trials' runs
+        self._steps = steps  # every trial's length: only a value at this step is the objective
 
     def suggest(self, trial_id: str):
         config = super().suggest(trial_id)
@@ -38,20 +40,33 @@ class LinkedOptunaSearch(OptunaSearch):
                     self._ot_study.set_metric_names([self._metric])
         return config
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        # The objective is a held-out metric, present only in the results of evaluation steps
+        # (Ray's OptunaSearch reads it from every result and raises a KeyError on the others).
+        if self._metric in result:
+            super().on_trial_result(trial_id, result)
+
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False):
         trial = self._ot_trials.get(trial_id)
         if getattr(self, "_link_runs", False) and trial is not None and trial_id not in self._completed_trials:
             run_id = optuna_trial_run_id(self._study_name, trial_id, LINK_WAIT_S)
             if run_id is not None:
                 trial.set_user_attr(MLFLOW_RUN_ATTR, run_id)
+        steps = getattr(self, "_steps", None)
+        if result and steps and result.get(M.STEP) != steps:
+            # Stopped early (ASHA): a validation value from an earlier step is not comparable with
+            # the others' at the last step. Without a result Optuna records the trial as pruned.
+            result = None
         super().on_trial_complete(trial_id, result, error)
 
 
-def linked_optuna_search(metric: str, mode: str, seed: int, storage_url: str | None, study_name: str) -> LinkedOptunaSearch:
-    """The searcher of an Optuna sweep: persistent in ``storage_url`` (an RDB URL) when given."""
+def linked_optuna_search(metric: str, mode: str, seed: int, storage_url: str | None, study_name: str,
+                         steps: int | None = None) -> LinkedOptunaSearch:
+    """The searcher of an Optuna sweep: persistent in ``storage_url`` (an RDB URL) when given;
+    ``metric`` at step ``steps`` is each trial's objective."""
     import optuna
 
     if storage_url:
         return LinkedOptunaSearch(metric=metric, mode=mode, seed=seed, storage=optuna.storages.RDBStorage(storage_url),
-                                  study_name=study_name, link_runs=True)
-    return LinkedOptunaSearch(metric=metric, mode=mode, seed=seed)
+                                  study_name=study_name, link_runs=True, steps=steps)
+    return LinkedOptunaSearch(metric=metric, mode=mode, seed=seed, steps=steps)

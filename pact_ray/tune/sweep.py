@@ -220,7 +220,8 @@ def param_space(plan: SweepPlan) -> tuple[dict[str, Any], Any]:
             space[key] = tune.loguniform(knob.low, knob.high) if knob.log else tune.uniform(knob.low, knob.high)
     from pact_ray.tune.optuna import linked_optuna_search
 
-    return space, linked_optuna_search(plan.kind.val_metric, plan.kind.mode, args.optuna_seed, optuna_storage_url(plan), plan.name)
+    return space, linked_optuna_search(plan.kind.val_metric, plan.kind.mode, args.optuna_seed, optuna_storage_url(plan), plan.name,
+                                       steps=plan.configs[0][1].steps)
 
 
 def optuna_storage_url(plan: SweepPlan) -> str | None:
@@ -691,8 +692,9 @@ def _train_and_report(plan: SweepPlan, client, experiment_id: str, parent_id: st
             with tempfile.TemporaryDirectory(prefix="pact-ray-replay-") as d:
                 plan.store.fetch_results(Path(d))
                 replay_results(Path(d), mlflow_callback)
+    searched = args.search != "grid" or bool(args.until_conclusive)  # param_space's searchers
     try:
-        with DriverInterrupts(plan.name) as interrupts:
+        with DriverInterrupts(plan.name) as interrupts, _searcher_metric_at_evaluations(searched):
             results = tuner.fit()
     except Exception as e:
         if not storage_full(plan, e):
@@ -799,6 +801,30 @@ def write_summary(plan: SweepPlan, client, parent_run_id: str, write: Callable[[
     return [where(f) for f in files if f.suffix != ".png"]
 
 
+@contextlib.contextmanager
+def _searcher_metric_at_evaluations(searched: bool):
+    """Tune checks that every result holds its searcher's metric; ours (Optuna's objective, the
+    adaptive seeds' verdicts) is the held-out metric, which only evaluation steps report. The
+    check stays on for sweeps without a searcher; a searcher here reads the metric where it is
+    (LinkedOptunaSearch, AdaptiveSeedSearcher), and Optuna records a trial that ends without it
+    (stopped early by ASHA between evaluations) as pruned, not as a value."""
+    if not searched:
+        yield
+        return
+    before = os.environ.get(STRICT_METRIC_ENV)
+    os.environ[STRICT_METRIC_ENV] = "1"  # read by Tune's controller at every result, in this process
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(STRICT_METRIC_ENV, None)
+        else:
+            os.environ[STRICT_METRIC_ENV] = before
+
+
+STRICT_METRIC_ENV = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
+
+
 def _flush_tracking(plan: SweepPlan) -> int:
     """Send what the writer still holds, waiting at most FLUSH_TIMEOUT_S; returns the writes left unsent."""
     from pact_ray.tracking.writer import close_shared, pending_writes
@@ -837,15 +863,19 @@ def optuna_dashboard_command(plan: SweepPlan) -> str | None:
 
 def _print_best_knobs(plan: SweepPlan, rows: list[dict], params: dict[str, dict[str, str]]) -> None:
     """An Optuna sweep's best finished trial: its knobs and its held-out value."""
-    metric = plan.kind.val_metric
-    scored = [r for r in rows if r["status"] == "finished" and r.get(metric) is not None]
+    metric, steps = plan.kind.val_metric, plan.configs[0][1].steps
+    # Like with like: only trials validated at the last step (not those ASHA stopped earlier).
+    scored = [r for r in rows if r["status"] == "finished" and r.get(metric) is not None and r.get("val_step") == steps]
     if not scored:
-        print("Optuna: no finished trial reported a validation value.")
+        print(f"Optuna: no trial reported a validation value at step {steps}.")
     else:
         best = (min if plan.kind.mode == "min" else max)(scored, key=lambda r: r[metric])
         knobs = plan.kind.variants[best["variant"]].knobs
         values = ", ".join(f"{k}={float(params[best['run_id']][k]):.4g}" for k in knobs if k in params[best["run_id"]])
-        print(f"Optuna best of {len(scored)} trials: {values} -> {metric} {best[metric]:.6g} (one seed; confirm with --seeds)")
+        stopped = len(rows) - len(scored)
+        print(f"Optuna best of {len(scored)} trial{'s' * (len(scored) != 1)} at step {steps}"
+              f"{f' ({stopped} stopped early or failed)' if stopped else ''}: "
+              f"{values} -> {metric} {best[metric]:.6g} (one seed; confirm with --seeds)")
     command = optuna_dashboard_command(plan)
     if command:
         print(f"Optuna study: {command}")
