@@ -221,9 +221,24 @@ def test_ctrl_c_checkpoints_exits_130_and_resume_finishes(tmp_path):
     rows = json.loads((runs / "summary" / "ablation_summary.json").read_text())
     assert {r["status"] for r in rows} == {"interrupted"} and all(r["steps"] < 300 for r in rows)
     assert all(list(folder.glob("checkpoint_*")) for folder in runs.glob("*_s0_*"))  # stopped with a checkpoint
+    # A stopped trial is not retried (each retry would start a worker only to stop again), and
+    # the stop does not use up its retries (--max-failures, 2 by default), which a resume keeps.
+    assert [p.read_text().count("Failure #") for p in runs.glob("*/error.txt")] == [1, 1]
+    assert _trial_states(runs) == [("ERROR", 0)] * 2  # (status, failures counted)
     done = _resume(tmp_path, "c")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     _assert_complete(tmp_path, "c", steps=300)
+    assert _trial_states(runs, "max_failures") == [("TERMINATED", 2)] * 2  # the retries are back after the resume
+
+
+def _trial_states(exp_dir: Path, field: str = "num_failures") -> list[tuple[str, int]]:
+    """Each trial's status and ``field`` (of its run metadata, or of the trial) in Ray's newest experiment state."""
+    state = json.loads(max(exp_dir.glob("experiment_state-*.json")).read_text())
+    out = []
+    for trial_json, meta_json in state["trial_data"]:
+        trial, meta = json.loads(trial_json), json.loads(meta_json)
+        out.append((trial["status"], meta[field] if field in meta else trial[field]))
+    return sorted(out)
 
 
 @pytest.mark.slow

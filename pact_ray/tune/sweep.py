@@ -668,7 +668,7 @@ def _train_and_report(plan: SweepPlan, client, experiment_id: str, parent_id: st
     from pact_ray.tracking.store import git_commit, ui_command
     from pact_ray.tracking.sweep_run import ablation_headline, finish_parent, verdict_table
     from pact_ray.tracking.writer import shared_writer
-    from pact_ray.tune.interrupt import DriverInterrupts
+    from pact_ray.tune.interrupt import DriverInterrupts, RetryOnlyFailures
     from pact_ray.tune.progress import ProgressLines
     from pact_ray.tune.state import StateBackup
 
@@ -677,7 +677,8 @@ def _train_and_report(plan: SweepPlan, client, experiment_id: str, parent_id: st
     optuna_url = optuna_storage_url(plan) if args.search == "optuna" else None
     mlflow_callback = MlflowSweepCallback(plan.tracking_uri, experiment_id, parent_id, kind.name, plan.name, git_commit(),
                                           datasets=datasets, optuna_storage=optuna_url)
-    callbacks: list = [mlflow_callback]
+    interrupts = DriverInterrupts(plan.name)
+    callbacks: list = [mlflow_callback, RetryOnlyFailures(interrupts, args.max_failures)]
     if plan.local_dir is not None:
         callbacks.append(StateBackup(str(plan.local_dir)))
     if not args.quiet:
@@ -694,7 +695,7 @@ def _train_and_report(plan: SweepPlan, client, experiment_id: str, parent_id: st
                 replay_results(Path(d), mlflow_callback)
     searched = args.search != "grid" or bool(args.until_conclusive)  # param_space's searchers
     try:
-        with DriverInterrupts(plan.name) as interrupts, _searcher_metric_at_evaluations(searched):
+        with interrupts, _searcher_metric_at_evaluations(searched):
             results = tuner.fit()
     except Exception as e:
         if not storage_full(plan, e):
