@@ -191,3 +191,38 @@ def test_sigkilled_sweep_resumes_without_duplicates(tmp_path, ray_address):
         assert sorted(counts[r.info.run_id]) == list(range(1, 41))  # every step exactly once
     rows = json.loads((tmp_path / "runs" / name / "summary" / JSON_NAME).read_text())
     assert [row["status"] for row in rows] == ["finished"] * 3 and all(row["steps"] == 40 for row in rows)
+
+
+def test_a_sweep_that_fails_itself_marks_its_runs_failed_and_resumes(tmp_path, ray_address, monkeypatch, capsys):
+    """An error of the sweep itself (here Tune's own result check raising, as it once did for a
+    searcher's metric) ends the open MLflow runs as FAILED, not RUNNING, says how to continue,
+    and --resume then finishes every trial."""
+    from ray.tune.execution.tune_controller import TuneController
+
+    seen = []
+
+    def broken(self, result):
+        seen.append(result)
+        if len(seen) == 3:
+            raise ValueError("the result check failed")
+
+    monkeypatch.setattr(TuneController, "_validate_result_metrics", broken)
+    args = sweep_args(tmp_path, "fails", "--profile", "smoke", "--variants", "baseline,ot_first", "--set", "steps=4")
+    with pytest.raises(Exception, match="the result check failed"):
+        run_sweep("stage1", args)
+    err = capsys.readouterr().err
+    assert "error: the sweep failed (ValueError: the result check failed); its MLflow runs are marked FAILED." in err
+    assert "continue with: " in err and "--name fails" in err and err.rstrip().endswith("--resume")
+    client, manifest, runs = child_runs(tmp_path, "fails")
+    assert client.get_run(manifest["parent_run_id"]).info.status == "FAILED"
+    assert runs and all(r.info.status == "FAILED" for r in runs)  # none left RUNNING
+    assert all(r.data.tags["error"] == "the sweep failed: ValueError: the result check failed" for r in runs)
+
+    monkeypatch.undo()
+    assert run_sweep("stage1", ["--name", "fails", "--storage-path", str(tmp_path / "runs"), "--resume", "--quiet"]) == 0
+    client, manifest, runs = child_runs(tmp_path, "fails")
+    assert client.get_run(manifest["parent_run_id"]).info.status == "FINISHED"
+    assert sorted(r.data.tags["variant"] for r in runs) == ["baseline", "ot_first"]
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "loss")) == [1, 2, 3, 4]

@@ -69,11 +69,22 @@ class MlflowSweepCallback(tune.Callback):
         self.optuna_storage = optuna_storage  # the study's storage URL in an Optuna sweep (its study is the sweep's name)
         self._refs: dict[str, RunRef] = {}
         self._configs: dict[str, Any] = {}
+        self._ended: set[str] = set()  # trials whose run has its final status
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.update(_refs={}, _configs={})
+        state.update(_refs={}, _configs={}, _ended=set())
         return state
+
+    def abandon(self, reason: str) -> None:
+        """Mark the runs of the trials that have not ended FAILED, with ``reason`` as their error:
+        the sweep itself is failing, and nothing else would end them (they would stay RUNNING).
+        A resume reopens them."""
+        for trial_id, ref in self._refs.items():
+            if trial_id not in self._ended:
+                self.writer.set_tags(ref, {"status": "errored", "error": reason})
+                self.writer.terminate(ref, status_name(False))
+                self._ended.add(trial_id)
 
     @property
     def writer(self) -> MlflowWriter:
@@ -133,9 +144,11 @@ class MlflowSweepCallback(tune.Callback):
             self.writer.call(ref, _log_checkpoint(trial.checkpoint))
         self.writer.set_tags(ref, {"status": "finished", "error": ""})
         self.writer.terminate(ref, status_name(True))
+        self._ended.add(trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         ref = self._ref(trial)
+        self._ended.add(trial.trial_id)
         error = error_line(trial)
         if "SweepInterrupted" in error:  # stopped by Ctrl-C with a checkpoint: --resume continues it
             self.writer.set_tags(ref, {"status": INTERRUPTED, "error": ""})

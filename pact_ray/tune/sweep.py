@@ -699,6 +699,14 @@ def _train_and_report(plan: SweepPlan, client, experiment_id: str, parent_id: st
             results = tuner.fit()
     except Exception as e:
         if not storage_full(plan, e):
+            # The sweep itself failed (a bug, or Ray's own error), not one of its trials: end its
+            # open MLflow runs as FAILED rather than leave them RUNNING, and say how to go on.
+            cause = _root_cause(e)
+            mlflow_callback.abandon(f"the sweep failed: {cause}")
+            with contextlib.suppress(Exception):  # a store that is away must not hide the error
+                client.set_terminated(parent_id, status="FAILED")
+            print(f"error: the sweep failed ({cause[:300]}); its MLflow runs are marked FAILED. "
+                  f"Once the cause is fixed, continue with: {resume_command(plan)}", file=sys.stderr)
             raise
         client.set_terminated(parent_id, status="KILLED")
         free = f"{shutil.disk_usage(plan.storage).free / 2**20:.1f} MiB free" if plan.local_dir else "full"
@@ -800,6 +808,16 @@ def write_summary(plan: SweepPlan, client, parent_run_id: str, write: Callable[[
         for f in files:
             client.log_artifact(parent_run_id, str(f), SUMMARY_ARTIFACTS)
     return [where(f) for f in files if f.suffix != ".png"]
+
+
+def _root_cause(error: BaseException) -> str:
+    """"Type: first line" of the innermost exception behind ``error`` (Tune wraps what it caught
+    in a TuneError whose text starts with a traceback)."""
+    seen = {id(error)}
+    while (inner := error.__cause__ or error.__context__) is not None and id(inner) not in seen:
+        error = inner
+        seen.add(id(error))
+    return f"{type(error).__name__}: {first_line(error)}"
 
 
 @contextlib.contextmanager
