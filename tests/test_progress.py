@@ -22,7 +22,7 @@ class Terminal(io.StringIO):
 
 
 def _run(stream, interval_s: float = 0.0) -> ProgressLines:
-    progress = ProgressLines({"baseline": 8, "ot_first": 8}, stream=stream, interval_s=interval_s, refresh_s=0.0)
+    progress = ProgressLines({"baseline": 8, "ot_first": 8}, stream=stream, interval_s=interval_s, refresh_s=0.0, planned=2)
     trials = [FakeTrial(f"abc_{i:05d}", {"variant": v, "seed": s}) for i, (v, s) in enumerate([("baseline", 0), ("ot_first", 0)])]
     for t in trials:
         progress.on_trial_start(0, trials, t)
@@ -64,3 +64,16 @@ def test_eta_follows_the_pace_of_the_trial():
     progress.on_trial_result(0, [trial], trial, {M.STEP: 4, M.LOSS: 1.0, "time_total_s": 8.0})
     line = progress.lines()[1]
     assert "4/10" in line and "ETA 12 s" in line  # 2 s per step, 6 steps to go
+
+
+def test_the_count_is_of_the_planned_trials_not_of_those_started():
+    """Tune creates a trial when it starts it: three planned, two started, none done reads 0/3;
+    without a plan (a searcher that adds seeds) the count says that more may start."""
+    trials = [FakeTrial(f"t_{i:05d}", {"variant": "baseline", "seed": i}) for i in range(2)]
+    planned = ProgressLines({"baseline": 8}, stream=io.StringIO(), planned=3)
+    open_ended = ProgressLines({"baseline": 8}, stream=io.StringIO())
+    for progress in (planned, open_ended):
+        for t in trials:
+            progress.on_trial_start(0, trials, t)
+    assert planned.lines()[0].endswith("] 0/3 trials done")
+    assert open_ended.lines()[0].endswith("] 0/2 trials done, more may start")

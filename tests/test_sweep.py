@@ -90,15 +90,17 @@ def test_smoke_sweep_of_every_variant(tmp_path, ray_address, capsys):
     assert (tmp_path / "again" / "ablation_summary.csv").read_text() == "\n".join(csv_lines) + "\n"
 
 
-def test_optuna_search_with_asha_and_persistent_study(tmp_path, ray_address, capsys):
+def test_optuna_search_with_asha_and_persistent_study(tmp_path, ray_address, capfd):
     import optuna
 
     # Three steps, validation at the last only: the steps before report no val_loss, Optuna's objective.
     rc = run_sweep("stage1", sweep_args(tmp_path, "opt", "--profile", "smoke", "--search", "optuna", "--variant", "rgb_edge",
                                         "--num-samples", "3", "--scheduler", "asha", "--set", "router.iterations=20",
                                         "--set", "steps=3"))
-    out = capsys.readouterr().out
+    captured = capfd.readouterr()
+    out = captured.out
     assert rc == 0, out
+    assert "A new study created" not in captured.err  # Optuna's INFO lines only with --verbose
     client, _, runs = child_runs(tmp_path, "opt")
     assert len(runs) == 3
     eps = {r.data.params["router.eps"] for r in runs}

@@ -154,3 +154,19 @@ def test_a_local_ray_starts_no_idle_workers():
     assert out.returncode == 0, out.stderr[-2000:]
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert seen["idle"] == [] and len(seen["after_a_task"]) >= 1, seen
+
+
+@pytest.mark.slow
+def test_a_quiet_sweep_that_checkpoints_every_step_prints_nothing_of_rays(tmp_path):
+    """Short steps that checkpoint at every step make Ray warn that its experiment-state
+    snapshots "may become a bottleneck" (14 lines for this sweep before the fix): a sweep
+    without --verbose prints none of Ray's warnings, only its own lines."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "sweeps" / "stage1_router.py"
+    out = subprocess.run([sys.executable, str(script), "--model", "tiny", "--profile", "smoke", "--variants", "baseline,ot_first",
+                          "--set", "steps=30", "--set", "checkpoint_every=1", "--name", "w", "--storage-path", str(tmp_path / "runs"),
+                          "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--quiet"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "WARNING" not in out.stderr and "snapshotting" not in out.stderr, out.stderr[-3000:]

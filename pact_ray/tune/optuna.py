@@ -61,10 +61,13 @@ class LinkedOptunaSearch(OptunaSearch):
 
 
 def linked_optuna_search(metric: str, mode: str, seed: int, storage_url: str | None, study_name: str,
-                         steps: int | None = None) -> LinkedOptunaSearch:
+                         steps: int | None = None, verbose: bool = False) -> LinkedOptunaSearch:
     """The searcher of an Optuna sweep: persistent in ``storage_url`` (an RDB URL) when given;
-    ``metric`` at step ``steps`` is each trial's objective."""
+    ``metric`` at step ``steps`` is each trial's objective. Optuna's INFO lines ("A new study
+    created in RDB ...") only with ``verbose``: the sweep prints the study's command itself."""
     import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
 
     if storage_url:
         return LinkedOptunaSearch(metric=metric, mode=mode, seed=seed, storage=optuna.storages.RDBStorage(storage_url),

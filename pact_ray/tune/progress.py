@@ -43,8 +43,9 @@ class ProgressLines(tune.Callback):
     """A Tune callback that prints the sweep's progress, one line per trial."""
 
     def __init__(self, totals: dict[str, int], numbered: bool = False, stream: IO[str] | None = None, interval_s: float = 30.0,
-                 refresh_s: float = 1.0):
+                 refresh_s: float = 1.0, planned: int | None = None):
         self.totals = dict(totals)  # variant (matrix: cell) -> its steps
+        self.planned = planned  # trials the sweep will run (None: a searcher decides as it goes)
         self.numbered = numbered
         self.stream = stream
         self.interval_s = interval_s
@@ -120,7 +121,9 @@ class ProgressLines(tune.Callback):
     # ------------------------------------------------------------ drawing
     def lines(self) -> list[str]:
         done = sum(t.state == "done" for t in self._trials.values())
-        head = f"[{_fmt_s(time.monotonic() - self._started)}] {done}/{len(self._trials)} trials done"
+        # Tune creates trials as it starts them: count the sweep's plan, not the trials seen so far.
+        total = max(self.planned or 0, len(self._trials))
+        head = f"[{_fmt_s(time.monotonic() - self._started)}] {done}/{total} trials done{'' if self.planned else ', more may start'}"
         width = max((len(t.name) for t in self._trials.values()), default=0)
         out = [head]
         for t in self._trials.values():

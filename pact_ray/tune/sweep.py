@@ -221,7 +221,7 @@ def param_space(plan: SweepPlan) -> tuple[dict[str, Any], Any]:
     from pact_ray.tune.optuna import linked_optuna_search
 
     return space, linked_optuna_search(plan.kind.val_metric, plan.kind.mode, args.optuna_seed, optuna_storage_url(plan), plan.name,
-                                       steps=plan.configs[0][1].steps)
+                                       steps=plan.configs[0][1].steps, verbose=args.verbose)
 
 
 def optuna_storage_url(plan: SweepPlan) -> str | None:
@@ -351,6 +351,9 @@ def init_ray(address: str | None, verbose: bool = False) -> bool:
         # lists the errors, so these stay for --verbose.
         for name in ("ray.tune.execution.tune_controller", "ray.tune.tune", "ray.train._internal.syncer"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+        # "Experiment state snapshotting has been triggered multiple times..." (a hint to raise
+        # num_to_keep or the sync period) fires for short steps that checkpoint often; its errors stay.
+        logging.getLogger("ray.tune.execution.experiment_state").setLevel(logging.ERROR)
     return True
 
 
@@ -682,8 +685,9 @@ def _train_and_report(plan: SweepPlan, client, experiment_id: str, parent_id: st
     if plan.local_dir is not None:
         callbacks.append(StateBackup(str(plan.local_dir)))
     if not args.quiet:
+        planned = None if args.until_conclusive else args.num_samples if args.search == "optuna" else len(plan.trial_configs)
         callbacks.append(ProgressLines({tc["variant"]: cfg.steps for tc, (_, cfg) in zip(plan.trial_configs, plan.configs)},
-                                       numbered=args.search == "optuna"))
+                                       numbered=args.search == "optuna", planned=planned))
     t0 = time.time()
     tuner = _tuner(plan, callbacks, args.resume, client, parent_id)
     if args.resume:  # what the tracking store missed last time (absent, or the driver died first)
