@@ -106,6 +106,8 @@ def test_matrix_smoke_sweep_and_resume(tmp_path, ray_address, capsys):
     # One seed per cell and no Stage2 baseline cell: no verdict, no "best", and the output says why.
     assert "Best" not in out and "No Stage1 variant beats the baseline at 1 seed(s)" in out
     assert "spatial adapter" in out and "no baseline" in out
+    assert "No Stage2 baseline ran in this sweep: its Stage2 variants are not compared with one." in out
+    assert "No Stage2 variant beats the baseline" not in out  # not "one seed per side": there is no baseline side
 
     # --resume of the finished matrix: the same experiment, parent and child runs, nothing trained twice.
     rc = run_sweep("matrix", args(tmp_path, "m", "--resume"))

@@ -101,6 +101,9 @@ def test_optuna_search_with_asha_and_persistent_study(tmp_path, ray_address, cap
     out = captured.out
     assert rc == 0, out
     assert "A new study created" not in captured.err  # Optuna's INFO lines only with --verbose
+    # One variant tuned, no baseline: one line says so (not a row per configuration, nor "one seed per side").
+    assert "Route status: no baseline ran in this sweep, so none of its " in out and "seeds 1/0" not in out
+    assert "one seed per side" not in out
     client, _, runs = child_runs(tmp_path, "opt")
     assert len(runs) == 3
     eps = {r.data.params["router.eps"] for r in runs}

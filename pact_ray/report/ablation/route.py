@@ -85,6 +85,7 @@ class RouteEntry:
     valid: bool  # False when a validity gate failed (then ``reason`` says which)
     reason: str  # why there is no verdict ("" when there is one)
     unfinished: int  # errored or running runs of the variant in this setting, left out
+    baseline_ran: bool = True  # False when the setting ran no baseline at all (nothing to compare with)
 
     @property
     def label(self) -> str:
@@ -183,7 +184,7 @@ def _entry(data: SummaryData, runs: VariantRuns, knobs: dict[str, str], rows: li
         delta_pct=_percent(delta, base_est) if delta and base_est else None,
         diagnostics={m: mean_interval([r[m] for r in rows if r.get(m) is not None]) for m in DIAGNOSTICS},
         verdict=first, verdict_corrected=first, p_corrected=None, valid=not gate, reason=gate or note,
-        unfinished=runs.unfinished,
+        unfinished=runs.unfinished, baseline_ran=baseline is not None,
     )
 
 
@@ -225,6 +226,9 @@ def verdict_lines(entries: list[RouteEntry]) -> list[str]:
     variant beats the baseline at the seeds run, and how wide the intervals are."""
     if not entries:
         return ["Route status: no finished variant to compare with a baseline."]
+    if not any(e.baseline_ran for e in entries):  # e.g. an Optuna sweep of one variant
+        return [f"Route status: no baseline ran in this sweep, so none of its {len(entries)} variant configuration(s) "
+                "is compared with one."]
     lines = [f"Route status ({entries[0].metric} at equal steps vs the baseline; paired by seed, Holm-corrected):"]
     width = max(len(e.label) for e in entries)
     for e in entries:
@@ -237,6 +241,9 @@ def verdict_lines(entries: list[RouteEntry]) -> list[str]:
     for kind in dict.fromkeys(e.setting[0] for e in entries):
         of_kind = [e for e in entries if e.setting[0] == kind]
         title = kind_title(kind)
+        if not any(e.baseline_ran for e in of_kind):  # e.g. the OT matrix's Stage2 cells
+            lines.append(f"No {title} baseline ran in this sweep: its {title} variants are not compared with one.")
+            continue
         better = [e for e in of_kind if e.verdict_corrected == BETTER and e.delta]
         if better:
             best = min(better, key=lambda e: e.delta.estimate.mean) if objective(kind)[1] == "min" else max(better, key=lambda e: e.delta.estimate.mean)
