@@ -137,6 +137,12 @@ def test_param_importance_of_the_tuned_variant(example):
     # Importances are fractions of one total: their float64 sum is 1 to the rounding of n additions.
     assert sum(tuned.importances.values()) == pytest.approx(1.0, abs=statistic_bound([1.0] * len(tuned.importances)))
     assert tuned.importances["router.eps"] > tuned.importances["router.strength"]  # the loss follows eps
+    # A configuration last validated at an earlier step (stopped early by ASHA) is not compared
+    # with those validated at the last step: it is left out of the importances' trials.
+    tuned_rows = [r for r in data.rows if r["variant"] == "rgb_edge" and r["status"] == "finished" and r.get("val_step")]
+    early = {**tuned_rows[0], "val_step": tuned_rows[0]["val_step"] - 1, "val_loss": -100.0}
+    [again] = tuned_variants(SummaryData([*data.rows, early], data.curves, data.params, data.val_curves))
+    assert len(again.trials) == len(tuned.trials) and -100.0 not in [v for _, v in again.trials]
 
 
 # ------------------------------------------------------------------ the files
@@ -297,3 +303,28 @@ def test_a_figure_with_nothing_to_draw_wraps_its_reason_and_counts_alike_configu
     assert long[0] == short[0] and long[1] > short[1]
     assert Image.open(io.BytesIO(one)).size[1] > short[1] and Image.open(io.BytesIO(png)).size == short
     assert not [w for w in recwarn if "constrained_layout" in str(w.message)]
+
+
+def test_the_delta_forest_wraps_long_configuration_labels_instead_of_collapsing(recwarn):
+    """Tuned configurations compared with a baseline are labelled with every knob they set; the
+    labels are wrapped so the axes keep their width (matplotlib warns when constrained layout
+    collapses them, which an unwrapped 140-character label did), and each row gets its lines."""
+    import pact_ray.report.ablation.plots as plots
+    from pact_ray.report.ablation.route import RouteEntry
+    from pact_ray.report.ablation.stats import difference
+
+    knobs = {k: "0.123" for k in ("edge_beta", "eps", "iterations", "lambda_edge", "lambda_mask", "strength", "t_max", "t_min")}
+
+    def entry(eps: str) -> RouteEntry:
+        delta = difference({0: 1.0, 1: 1.1}, {0: 1.2, 1: 1.25})
+        return RouteEntry(setting=("stage1", "smoke", "tiny"), variant="rgb_edge", knobs={**knobs, "eps": eps}, metric="val_loss",
+                          step=3, seeds=(0, 1), baseline_seeds=(0, 1), value=None, baseline=None, delta=delta, delta_pct=None,
+                          diagnostics={}, verdict="inconclusive", verdict_corrected="inconclusive", p_corrected=0.2, valid=True,
+                          reason="", unfinished=0)
+
+    assert len(entry("0.01").label) > 100
+    one, three = (plots.delta_forest([entry(e) for e in eps], "stage1", "Stage1: Δ", "nothing")
+                  for eps in (["0.01"], ["0.01", "0.02", "0.03"]))
+    assert not [w for w in recwarn if "constrained_layout" in str(w.message)]
+    (w1, h1), (w3, h3) = (Image.open(io.BytesIO(b)).size for b in (one, three))
+    assert w1 == w3 and h3 > h1  # rows of several lines each make the figure taller, never wider

@@ -51,6 +51,7 @@ from pact_ray.report.summary import ERRORED, FINISHED, INTERRUPTED, RUNNING, Cur
 DPI = 100
 WIDTH_IN = 8.0  # shown about 620 px wide, two to a row on the page
 BAR_IN = 0.36  # height per bar
+FOREST_LABEL_CHARS = 34  # characters per line of a row label in the Δ forest (wrapped beyond)
 STYLE = {"font.size": 11, "axes.titlesize": 13, "axes.labelsize": 11, "xtick.labelsize": 10, "ytick.labelsize": 10,
          "legend.fontsize": 9.5, "figure.titlesize": 13}
 MAX_PANELS_PER_ROW = 2
@@ -308,7 +309,11 @@ def delta_forest(entries: Sequence[RouteEntry], kind: str, title: str, empty: st
                             for why, labels in by_reason.items())
         return placeholder(title, empty if not missing else reasons)
     panels = group_by(shown, lambda e: e.setting)
-    heights = [len(es) for es in panels.values()]
+    # A tuned configuration's label names its knobs ("RGB edge · edge_beta=7.48, eps=0.0108, ..."):
+    # wrapped onto lines of FOREST_LABEL_CHARS, or it would leave the axes no width at all.
+    labels = {id(e): textwrap.fill(f"{e.label} @ {e.step}", FOREST_LABEL_CHARS) for e in shown}
+    rows = {id(e): labels[id(e)].count("\n") + 1 for e in shown}
+    heights = [sum(rows[id(e)] for e in es) for es in panels.values()]
     fig = Figure(figsize=(WIDTH_IN, 1.7 + 0.75 * len(panels) + BAR_IN * sum(heights)), layout="constrained")
     axes = fig.subplots(len(panels), 1, squeeze=False, gridspec_kw={"height_ratios": heights}).ravel()
     for ax, (setting, es) in zip(axes, panels.items()):
@@ -324,7 +329,7 @@ def delta_forest(entries: Sequence[RouteEntry], kind: str, title: str, empty: st
             ax.annotate(f"{est.text(signed=True)} · n={len(e.seeds)} · {said}", xy=(1.0, y), xycoords=("axes fraction", "data"),
                         xytext=(6, 0), textcoords="offset points", va="center", ha="left", fontsize=8.5)
         ax.axvline(0, color="#222222", linewidth=1.0)
-        ax.set_yticks(range(len(es)), [f"{e.label} @ {e.step}" for e in es])
+        ax.set_yticks(range(len(es)), [labels[id(e)] for e in es])
         ax.set_ylim(len(es) - 0.5, -0.5)
         ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
         ax.grid(axis="x", alpha=0.3)

@@ -121,6 +121,9 @@ def tuned_variants(data: SummaryData) -> list[TunedVariant]:
     for g in variant_runs(data):
         metric, mode = objective(g.setting[0])
         scored = [r for r in g.finished if r.get(metric) is not None]
+        # Like with like: only the runs validated at the group's last step (not those ASHA stopped earlier).
+        last = max((r.get("val_step") or 0 for r in scored), default=0)
+        scored = [r for r in scored if (r.get("val_step") or 0) == last]
         if not g.knobs or len(scored) < 2:
             continue
         trials = [(knob_values(data, r, g.knobs), r[metric]) for r in scored]
