@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pact_ray.tracking.server import free_port
 from pact_ray.tracking.tags import ROLE_TAG, SWEEP_TAG
 from pact_ray.tune.manifest import MANIFEST
 from pact_ray.tune.sweep import EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_UNSENT, run_sweep
@@ -414,6 +415,30 @@ def test_the_server_wrapper_stops_its_workers_on_sigterm(tmp_path):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", port))
             s.listen()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_the_server_wrapper_stops_cleanly_on_a_second_ctrl_c(tmp_path):
+    """Two SIGINTs in a row (a second Ctrl-C, or `timeout` passing one on) stop the server once,
+    without a traceback, and leave none of its processes."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pact_ray.tracking.server", "--store", str(tmp_path / "s"), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        assert "serving" in proc.stdout.readline()
+        [server] = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)  # the wrapper is stopping the server now
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and "Traceback" not in out, out
+        deadline = time.time() + 30
+        while subprocess.run(["pgrep", "-g", server], capture_output=True).returncode == 0 and time.time() < deadline:
+            time.sleep(0.2)
+        assert subprocess.run(["pgrep", "-g", server], capture_output=True).returncode != 0  # none left
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

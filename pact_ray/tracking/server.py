@@ -181,8 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        server.stop()
+        # A second Ctrl-C (or a SIGINT that `timeout` or a terminal sends twice) must not cut
+        # the stop short with a traceback: the server's processes are being stopped already.
+        interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            server.stop()
+        finally:
+            signal.signal(signal.SIGINT, interrupt)
+            signal.signal(signal.SIGTERM, previous)
     return 0 if server.process.returncode in (0, -signal.SIGTERM, None) else 1
 
 
