@@ -126,7 +126,7 @@ def test_world_model_sweep_and_its_evaluation_report(tmp_path, ray_address, caps
 
 
 @pytest.mark.slow
-def test_optuna_search_over_world_model_knobs(tmp_path, ray_address):
+def test_optuna_search_over_world_model_knobs(tmp_path, ray_address, capsys):
     """--search optuna tunes the world model's own knobs (no router prefix), through the shared harness."""
     from mlflow.tracking import MlflowClient
 
@@ -139,6 +139,8 @@ def test_optuna_search_over_world_model_knobs(tmp_path, ray_address):
                                    "--num-samples", "2", "--name", "wm-opt", "--storage-path", str(tmp_path / "runs"),
                                    "--tracking-uri", uri, "--quiet"])
     assert rc == 0
+    db = tmp_path / "runs" / "wm-opt" / "optuna.db"
+    assert f"Optuna study: optuna-dashboard sqlite:///{db} --host 127.0.0.1" in capsys.readouterr().out  # as Stage1 sweeps say
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("pact-ray/mae_world_model")
     runs = client.search_runs([exp.experiment_id], filter_string="tags.`pact_ray.role` = 'trial'")

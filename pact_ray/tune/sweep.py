@@ -747,6 +747,8 @@ def _train_and_report(plan: SweepPlan, client, experiment_id: str, parent_id: st
             ray_stopped()
             _print_header(plan, results, wm.rows, time.time() - t0)
             print_world_model_summary(wm)
+            if command := optuna_dashboard_command(plan):
+                print(f"Optuna study: {command}")
             description = "\n".join(summary_lines(wm)[:-2])
             headline = {"trials_finished": sum(r["status"] == "finished" for r in wm.rows),
                         "trials_errored": sum(r["status"] == "errored" for r in wm.rows),
