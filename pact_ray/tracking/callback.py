@@ -30,6 +30,7 @@ from pact_ray.runs.kinds import resolve_kind
 from pact_ray.tracking.datasets import DatasetInfo, log_dataset
 from pact_ray.tracking.tags import CHECKPOINT_TAG, OPTUNA_TRIAL_TAG, RESUME_NOTE_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG
 from pact_ray.tracking.writer import MlflowWriter, RunRef, shared_writer, status_name
+from pact_ray.tune.interrupt import is_interruption
 
 log = logging.getLogger(__name__)
 RAY_TRIAL_ATTR, MLFLOW_RUN_ATTR = "ray_trial_id", "mlflow_run_id"  # Optuna trial user attributes
@@ -150,7 +151,7 @@ class MlflowSweepCallback(tune.Callback):
         ref = self._ref(trial)
         self._ended.add(trial.trial_id)
         error = error_line(trial)
-        if "SweepInterrupted" in error:  # stopped by Ctrl-C with a checkpoint: --resume continues it
+        if is_interruption(error):  # stopped by Ctrl-C with a checkpoint: --resume continues it
             self.writer.set_tags(ref, {"status": INTERRUPTED, "error": ""})
             self.writer.terminate(ref, "KILLED")
             return

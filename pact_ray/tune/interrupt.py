@@ -35,6 +35,12 @@ class SweepInterrupted(RuntimeError):
     """Raised by a trial that stopped because the sweep was interrupted (its progress is checkpointed)."""
 
 
+def is_interruption(error: str) -> bool:
+    """Whether a trial's error line (:func:`pact_ray.errors.error_line`) is the sweep's own
+    interruption, which ``--resume`` continues, rather than a failure."""
+    return SweepInterrupted.__name__ in error
+
+
 @ray.remote(num_cpus=0)
 class StopFlag:
     """The raised flag of one sweep: its existence, under the sweep's name, is the request."""
@@ -132,7 +138,7 @@ class RetryOnlyFailures(tune.Callback):
             self._set = True
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        if SweepInterrupted.__name__ in error_line(trial):
+        if is_interruption(error_line(trial)):
             trial.run_metadata.num_failures = max(0, trial.run_metadata.num_failures - 1)
 
 

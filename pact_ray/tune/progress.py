@@ -19,6 +19,7 @@ from ray import tune
 from pact_ray.errors import error_line
 from pact_ray.metrics import names as M
 from pact_ray.tracking.callback import run_name
+from pact_ray.tune.interrupt import is_interruption
 
 LINE_WIDTH = 100
 
@@ -96,7 +97,7 @@ class ProgressLines(tune.Callback):
         """Mark a failed trial ``state`` and return it with its error line; None (and marked
         interrupted) when the failure is the sweep's own interruption."""
         t, error = self._trial(trial), error_line(trial)
-        t.state = "interrupted" if "SweepInterrupted" in error else state
+        t.state = "interrupted" if is_interruption(error) else state
         return None if t.state == "interrupted" else (t, error)
 
     def on_trial_error(self, iteration, trials, trial, **info):
