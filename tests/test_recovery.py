@@ -97,8 +97,10 @@ def test_a_start_killed_while_it_creates_a_new_stores_schema_leaves_no_half_made
 
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
+    # No schema template: the store is made by the migrations, slowly enough to be killed among them.
+    env = {**os.environ, "PACT_RAY_SCHEMA_CACHE": str(tmp_path / "no-template-yet")}
     proc = subprocess.Popen([sys.executable, "-c", f"from pact_ray.tracking.store import prepare_store; prepare_store({uri!r})"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     def staging() -> bool:  # the schema is being made beside the store
         for p in tmp_path.iterdir():
             with contextlib.suppress(FileNotFoundError):

@@ -40,9 +40,10 @@ def test_the_stop_flag_is_raised_by_the_first_signal_and_read_by_trials(ray_addr
         assert not TrialStop(name).requested()  # the leftover flag does not stop the new start's trials
 
 
-def test_a_new_stores_schema_is_made_without_mlflows_info_lines_unless_verbose(tmp_path, capfd):
+def test_a_new_stores_schema_is_made_without_mlflows_info_lines_unless_verbose(tmp_path, capfd, monkeypatch):
     """MLflow announces a new SQLite schema at INFO; a sweep shows that only with --verbose
-    (prepare_store's announce), and the logger's level is left as it was."""
+    (prepare_store's announce), and the logger's level is left as it was. (No schema template
+    here: a store copied from one runs no migration, and MLflow says nothing.)"""
     import logging
 
     from pact_ray.tracking.store import prepare_store
@@ -50,10 +51,12 @@ def test_a_new_stores_schema_is_made_without_mlflows_info_lines_unless_verbose(t
     messages = logging.getLogger("mlflow.store.db.utils")
     level = messages.level
     capfd.readouterr()
+    monkeypatch.setenv("PACT_RAY_SCHEMA_CACHE", str(tmp_path / "cache-quiet"))
     prepare_store(f"sqlite:///{tmp_path / 'quiet.db'}")
     quiet = capfd.readouterr()
     assert (tmp_path / "quiet.db").stat().st_size > 0
     assert "database tables" not in quiet.err + quiet.out and messages.level == level
+    monkeypatch.setenv("PACT_RAY_SCHEMA_CACHE", str(tmp_path / "cache-verbose"))
     prepare_store(f"sqlite:///{tmp_path / 'verbose.db'}", announce=True)
     verbose = capfd.readouterr()
     assert "Creating initial MLflow database tables" in verbose.err + verbose.out and messages.level == level
@@ -171,3 +174,80 @@ def test_a_quiet_sweep_that_checkpoints_every_step_prints_no_snapshot_warnings(t
                          capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "snapshotting" not in out.stderr and "experiment_state.py" not in out.stderr, out.stderr[-3000:]
+
+
+def _store_content(db) -> tuple[dict, list]:
+    """A SQLite store's schema (each object's SQL) and every table's rows, the Default
+    experiment's location and times aside (they belong to each store)."""
+    import sqlite3
+    from contextlib import closing
+
+    with closing(sqlite3.connect(db)) as con:
+        # Each object's SQL as a set of lines: MLflow's migrations list a table's constraints in
+        # no fixed order (two runs in one process differ), which changes nothing in the store.
+        schema = {name: sorted(line.strip().rstrip(",") for line in (sql or "").splitlines())
+                  for name, sql in con.execute("select name, sql from sqlite_master")}
+        rows = {}
+        for (table,) in con.execute("select name from sqlite_master where type = 'table'"):
+            rows[table] = sorted(map(repr, con.execute(f'select * from "{table}"')))
+        default = con.execute("select experiment_id, name, lifecycle_stage, artifact_location from experiments").fetchall()
+    rows["experiments"] = [(i, name, stage, location.rsplit("/", 2)[-2:]) for i, name, stage, location in default]
+    return schema, rows
+
+
+def test_a_new_store_made_from_the_schema_template_is_the_store_mlflows_migrations_make(tmp_path, monkeypatch):
+    """The first new store on a machine runs MLflow's migrations and leaves the schema
+    template; the next one is a copy of it, made without a migration, and is the same store
+    (schema, revision, rows; its own Default experiment in its own folder) that MLflow
+    then opens and writes to as usual."""
+    import mlflow.store.db.utils as db_utils
+    from mlflow.tracking import MlflowClient
+
+    from pact_ray.tracking.store import prepare_store, schema_template
+
+    monkeypatch.setenv("PACT_RAY_SCHEMA_CACHE", str(tmp_path / "cache"))
+    template = schema_template()
+    assert not template.exists()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    prepare_store(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}")
+    assert template.is_file() and template.parent == tmp_path / "cache" and "mlflow-" in template.name
+
+    def no_migrations(engine):
+        raise AssertionError("the store was made by the migrations, not from the template")
+
+    monkeypatch.setattr(db_utils, "_initialize_tables", no_migrations)
+    prepare_store(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}")
+    made, copied = _store_content(tmp_path / "a" / "mlflow.db"), _store_content(tmp_path / "b" / "mlflow.db")
+    assert copied == made
+    assert made[1]["experiments"] == [(0, "Default", "active", ["mlartifacts", "0"])]
+    assert str(tmp_path / "b" / "mlartifacts") in MlflowClient(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}").get_experiment("0").artifact_location
+    client = MlflowClient(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}")
+    run = client.create_run(client.create_experiment("from-the-template")).info.run_id
+    client.log_metric(run, "loss", 0.5, step=3)
+    assert [(m.step, m.value) for m in client.get_metric_history(run, "loss")] == [(3, 0.5)]
+
+
+@pytest.mark.parametrize("spoil", ["damaged", "older schema"])
+def test_a_template_mlflow_refuses_is_not_used_and_is_made_again(tmp_path, monkeypatch, spoil):
+    """A damaged template, or one from an older schema (the MLflow of the day is checked
+    against it on opening), is passed over: the store is made by the migrations, whole, and
+    a good template replaces the bad one."""
+    import sqlite3
+    from contextlib import closing
+
+    from pact_ray.tracking.store import prepare_store, schema_template
+
+    monkeypatch.setenv("PACT_RAY_SCHEMA_CACHE", str(tmp_path / "cache"))
+    prepare_store(f"sqlite:///{tmp_path / 'first.db'}")
+    template = schema_template()
+    good = _store_content(template)
+    if spoil == "damaged":
+        template.write_bytes(b"not a database" * 100)
+    else:
+        with closing(sqlite3.connect(template)) as con, con:
+            con.execute("update alembic_version set version_num = '451aebb31d03'")  # MLflow 1.x's first revision
+    prepare_store(f"sqlite:///{tmp_path / 'second.db'}")
+    assert _store_content(tmp_path / "second.db") == _store_content(tmp_path / "first.db")
+    assert _store_content(template) == good
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

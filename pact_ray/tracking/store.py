@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import urllib.error
 import urllib.request
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -119,7 +120,8 @@ def _create_store(path: Path) -> None:
     among them would leave a file no MLflow can open again ("duplicate column name", "table
     ... already exists"). A new store is therefore made in a file beside it and linked into
     place when whole: a kill leaves no store or a whole one, and the stray file is removed by
-    the next start (the caller holds the store's lock)."""
+    the next start (the caller holds the store's lock). The new file starts as a copy of this
+    machine's schema template (:func:`schema_template`) where there is one."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     artifacts = str(path.parent / "mlartifacts")  # explicit, so the file's own name matters nowhere
@@ -128,9 +130,16 @@ def _create_store(path: Path) -> None:
         return
     for stray in path.parent.glob(f".{path.name}{CREATING}*"):
         stray.unlink(missing_ok=True)
-    staging = path.with_name(f".{path.name}{CREATING}{os.getpid()}")
+    copied = path.with_name(f".{path.name}{CREATING}{os.getpid()}")
+    # A file of its own for the migrations: MLflow keeps the engine of a URI it opened (that of
+    # a template it refused, too) and would reuse its connection to the removed file.
+    migrated = path.with_name(f".{path.name}{CREATING}{os.getpid()}-migrated")
+    staging = copied
     try:
-        SqlAlchemyStore(f"sqlite:///{staging}", default_artifact_root=artifacts).engine.dispose()
+        if not _open_from_template(copied, artifacts):
+            staging = migrated
+            SqlAlchemyStore(f"sqlite:///{staging}", default_artifact_root=artifacts).engine.dispose()
+            _save_template(staging)
         try:
             os.link(staging, path)  # unlike a rename, never replaces a store made meanwhile outside this lock
         except FileExistsError:
@@ -138,13 +147,73 @@ def _create_store(path: Path) -> None:
         except OSError:  # a filesystem without hard links
             os.rename(staging, path)
     finally:
-        for leftover in (staging, staging.with_name(staging.name + "-journal")):
+        for leftover in (copied, migrated):
             leftover.unlink(missing_ok=True)
+            leftover.with_name(leftover.name + "-journal").unlink(missing_ok=True)
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)  # the rename itself survives a crash of the machine
     finally:
         os.close(directory)
+
+
+# A new store's schema is MLflow's ~50 alembic migrations: 0.9-1.5 s of CPU on 2 cores, paid by
+# every sweep (and test) that starts a new SQLite store, while Ray starts beside it. MLflow has
+# no faster way to make an empty store, so the first store made on a machine leaves a template:
+# its file once the migrations ran, with the rows MLflow's store adds on opening (the Default
+# experiment, whose artifact location and times belong to that store) removed. A new store is
+# then a copy of the template that MLflow opens as usual: it checks the schema's revision
+# against its own migrations (an older template, say after an MLflow upgrade, is refused and
+# the store is made by the migrations instead) and adds its Default experiment.
+# tests/test_sweep_startup.py checks that both ways give the same store.
+SCHEMA_TEMPLATE_ENV = "PACT_RAY_SCHEMA_CACHE"
+_STORE_OWN_ROWS = ("experiment_tags", "experiments")  # rows MLflow's store adds when it opens an empty schema
+
+
+def schema_template() -> Path:
+    """Where this machine keeps the empty schema of the installed MLflow:
+    ``$PACT_RAY_SCHEMA_CACHE`` or ``~/.cache/pact_ray/mlflow_schema``, one file per MLflow version."""
+    import mlflow
+
+    root = Path(os.environ.get(SCHEMA_TEMPLATE_ENV) or Path.home() / ".cache" / "pact_ray" / "mlflow_schema")
+    return root / f"mlflow-{mlflow.__version__}.db"
+
+
+def _open_from_template(staging: Path, artifacts: str) -> bool:
+    """Make ``staging`` a copy of the schema template and open it with MLflow; False (nothing
+    left at ``staging``) where there is no usable template."""
+    import shutil
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    try:
+        shutil.copyfile(schema_template(), staging)
+    except OSError:
+        return False
+    try:
+        SqlAlchemyStore(f"sqlite:///{staging}", default_artifact_root=artifacts).engine.dispose()
+        return True
+    except Exception:  # noqa: BLE001 - a template MLflow refuses (an older schema, a damaged file) is not used
+        staging.unlink(missing_ok=True)
+        return False
+
+
+def _save_template(store: Path) -> None:
+    """Keep a copy of the freshly migrated ``store``, less the rows its opening added, as the
+    template (replaced in one rename, so a reader never sees half of one). Best effort: a
+    cache that cannot be written only means the next store runs the migrations too."""
+    target = schema_template()
+    part = target.with_name(f".{target.name}.{os.getpid()}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with closing(sqlite3.connect(store)) as source, closing(sqlite3.connect(part)) as copy:
+            source.backup(copy)
+            with copy:  # one transaction
+                for table in _STORE_OWN_ROWS:
+                    copy.execute(f'DELETE FROM "{table}"')
+        os.replace(part, target)
+    except (OSError, sqlite3.Error):
+        part.unlink(missing_ok=True)
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:
