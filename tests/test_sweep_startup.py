@@ -255,3 +255,51 @@ def test_a_template_mlflow_refuses_is_not_used_and_is_made_again(tmp_path, monke
     assert _store_content(tmp_path / "second.db") == _store_content(tmp_path / "first.db")
     assert _store_content(template) == good
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+_STOP_RAY = """
+import sys
+import ray
+import pact_ray.tune.sweep as sweep
+
+sweep.init_ray(None)
+node = ray._private.worker._global_node
+monitor = node.all_processes["monitor"][0].process
+children = [p.process for procs in node.all_processes.values() for p in procs]
+
+
+@ray.remote
+class Busy:
+    def ping(self):
+        return 1
+
+
+ray.get(Busy.remote().ping.remote())  # a worker too
+order = []
+kill = node._kill_process_impl
+
+
+def spy(process_type, **kw):
+    order.append((process_type, monitor.poll() is not None))
+    return kill(process_type, **kw)
+
+
+node._kill_process_impl = spy
+getattr(sweep, sys.argv[1])()
+print("ORDER", order)
+print("LEFT", [p.pid for p in children if p.poll() is None], "INIT", ray.is_initialized())
+"""
+
+
+@pytest.mark.slow
+def test_stopping_the_sweeps_ray_ends_the_autoscaler_monitor_before_its_gcs():
+    """Ray stops the GCS before the autoscaler's monitor, whose SIGTERM handler then waits on
+    that gone GCS until Ray kills it a second later: stop_ray ends the monitor first. Ray's own
+    shutdown then stops everything else as usual, and nothing is left running or printed."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    out = subprocess.run([sys.executable, "-c", _STOP_RAY, "stop_ray"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    order = dict(eval(out.stdout.split("ORDER ", 1)[1].splitlines()[0]))
+    assert order["gcs_server"] is True, order  # the monitor had ended when Ray came to stop the GCS
+    assert "LEFT [] INIT False" in out.stdout
+    assert "autoscaler failed" not in out.stdout + out.stderr
