@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -75,7 +76,7 @@ if sys.argv[1] == "ray":
     ray.nodes()
     ray.shutdown()
 else:
-    sweep._import_driver_modules()
+    sweep._import_driver_modules(("stage1", "stage2", "world_model"))
 print(json.dumps(sorted(set(sys.modules) - before)))
 """
 
@@ -94,7 +95,7 @@ def test_the_preparation_thread_imports_nothing_that_rays_start_up_imports():
 
     ray_side, preparation = new_modules("ray"), new_modules("preparation")
     # The thread does import the report, the store and Ray Tune
-    assert {"matplotlib", "alembic", "ray.tune", "pact_ray.tracking.callback"} <= preparation
+    assert {"matplotlib", "alembic", "ray.tune", "pact_ray.tracking.callback", "torch", "pact_ray.training.stage2"} <= preparation
     assert "aiohttp" in ray_side  # Ray's start-up imports modules of its own: the measure sees them
     assert ray_side & preparation == set(), sorted(ray_side & preparation)
 
@@ -303,3 +304,35 @@ def test_stopping_the_sweeps_ray_ends_the_autoscaler_monitor_before_its_gcs():
     assert order["gcs_server"] is True, order  # the monitor had ended when Ray came to stop the GCS
     assert "LEFT [] INIT False" in out.stdout
     assert "autoscaler failed" not in out.stdout + out.stderr
+
+
+_UNTIL_RAY = """
+import runpy, sys
+import pact_ray.tune.sweep as sweep
+
+def connect_ray(address, verbose=False):
+    print("TORCH_BEFORE_RAY", "torch" in sys.modules)
+    raise SystemExit(0)
+
+sweep.connect_ray = connect_ray
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+print("RAY NOT REACHED")
+"""
+
+
+@pytest.mark.parametrize("script", ["stage1_router", "ot_matrix", "mae_world_model"])
+def test_a_sweep_reads_and_checks_every_config_without_torch_so_ray_starts_first(tmp_path, script):
+    """The driver imports torch (1 s) in the preparation thread while Ray starts: everything it
+    does before (flags, every trial's config, the storage and tracking checks) is torch-free.
+    A bad config value is still refused there, before Ray."""
+    root = Path(__file__).resolve().parents[1]
+    base = [sys.executable, "-c", _UNTIL_RAY, str(root / "sweeps" / f"{script}.py"), "--profile", "smoke", "--model", "tiny",
+            "--storage-path", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    out = subprocess.run(base, capture_output=True, text=True, env=env, timeout=120)
+    assert "TORCH_BEFORE_RAY False" in out.stdout, out.stdout + out.stderr[-2000:]
+    bad = subprocess.run(base + ["--set", "lr=-1"], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode != 0 and "lr" in bad.stderr and "TORCH_BEFORE_RAY" not in bad.stdout, bad.stdout + bad.stderr[-2000:]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()

@@ -25,112 +25,16 @@ from __future__ import annotations
 import functools
 import math
 import time
-from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
 
-from pact_ray.errors import ConfigError
 from pact_ray.metrics import names as M
-from pact_ray.ot import sinkhorn
+from pact_ray.ot.config import EDGE_KINDS, PART_MARGINALS, RouterConfig, resolve_blocks  # noqa: F401 - torch-free, there
 from pact_ray.ot.edges import GridWeights, edge_delta, edge_regularised_plan, mask_edge_map, neighbour_weights, sobel_edge_map
 from pact_ray.ot.sinkhorn import plan_entropy, sinkhorn_log
 
-EDGE_KINDS = ("none", "rgb", "mask")
-PART_MARGINALS = ("uniform", "area")
 T_SCALE = 1000.0  # the model sees t * 1000
-
-
-def resolve_blocks(spec: str | list[int] | tuple[int, ...], num_blocks: int) -> list[int]:
-    """Block spec -> sorted block indices.
-
-    "first" -> [0]; "first_third" -> 0..ceil(n/3)-1; "all" -> every block; "0,2,5" or a list -> those.
-    """
-    if isinstance(spec, str):
-        s = spec.strip()
-        if s == "first":
-            return [0]
-        if s == "first_third":
-            return list(range(math.ceil(num_blocks / 3)))
-        if s == "all":
-            return list(range(num_blocks))
-        try:
-            ids = [int(p) for p in s.split(",") if p.strip()]
-        except ValueError:
-            raise ConfigError(
-                f"block spec {spec!r} is not 'first', 'first_third', 'all' or a comma-separated list of block indices"
-            ) from None
-    elif isinstance(spec, int):
-        ids = [spec]
-    else:
-        ids = [int(i) for i in spec]
-    if not ids:
-        raise ConfigError(f"block spec {spec!r} names no block")
-    bad = [i for i in ids if not 0 <= i < num_blocks]
-    if bad:
-        raise ConfigError(f"block spec {spec!r} names blocks {bad} outside 0..{num_blocks - 1} of this model")
-    return sorted(set(ids))
-
-
-@dataclass
-class RouterConfig:
-    """Knobs of the OT router; every field is a searchable, loggable parameter."""
-
-    blocks: str = "first"  # "first", "first_third", "all" or "0,2,5"
-    # Solver defaults: pact_ray.ot.sinkhorn holds them (the solver's own defaults), see there.
-    eps: float = sinkhorn.DEFAULT_EPS  # entropic regularisation (costs are standardised, so this is unit-free)
-    iterations: int = sinkhorn.DEFAULT_MAX_ITER  # solver iterations at most (Sinkhorn warm-up and Newton steps)
-    tol: float = sinkhorn.DEFAULT_TOL  # stop once every plan's L1 row-marginal error is below this
-    strength: float = 1.0  # gate exponent; 0 reproduces the ungated block bit for bit
-    mask_prior: bool = False  # part mask as a soft OT cost prior instead of a hard condition
-    lambda_mask: float = 1.0  # cost added to patches outside part k's mask region
-    edge: str = "none"  # edge-regularised cost: "none", "rgb" (Sobel of the image) or "mask" (label edges)
-    lambda_edge: float = 0.5  # weight of the smoothed-plan pull in the second solve
-    edge_beta: float = 4.0  # neighbour weight exp(-beta * max(e_p, e_q))
-    virtual_patch: bool = False  # one learnable virtual image token per patched block
-    m_v: float = 0.05  # plan mass of the virtual token
-    part_marginal: str = "uniform"  # "uniform" (1/K) or "area" (mask-area proportional, floored)
-    area_floor: float = 0.05  # floor of a part's area share, relative to 1/K
-    t_min: float = 0.0  # active timestep range, in [0, 1] (the router is off outside it)
-    t_max: float = 1.0
-    differentiable_plan: bool = False  # backpropagate through the Sinkhorn iterations
-    diag_tokens: int = 16  # query tokens per row (evenly spaced) used for the gate diagnostic
-
-    def validate(self) -> "RouterConfig":
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ConfigError(msg)
-
-        need(self.eps > 0, f"router eps must be > 0, got {self.eps}")
-        need(int(self.iterations) >= 1, f"router iterations must be >= 1, got {self.iterations}")
-        need(self.tol > 0, f"router tol must be > 0, got {self.tol}")
-        need(self.strength >= 0, f"router strength must be >= 0, got {self.strength}")
-        need(self.lambda_mask >= 0, f"router lambda_mask must be >= 0, got {self.lambda_mask}")
-        need(self.lambda_edge >= 0, f"router lambda_edge must be >= 0, got {self.lambda_edge}")
-        need(self.edge_beta >= 0, f"router edge_beta must be >= 0, got {self.edge_beta}")
-        need(0 < self.m_v < 1, f"router virtual mass m_v must be in (0, 1), got {self.m_v}")
-        need(self.edge in EDGE_KINDS, f"router edge must be one of {EDGE_KINDS}, got {self.edge!r}")
-        need(self.part_marginal in PART_MARGINALS, f"router part_marginal must be one of {PART_MARGINALS}, got {self.part_marginal!r}")
-        need(0 <= self.area_floor <= 1, f"router area_floor must be in [0, 1], got {self.area_floor}")
-        need(0 <= self.t_min <= self.t_max <= 1, f"router timestep range must satisfy 0 <= t_min <= t_max <= 1, got [{self.t_min}, {self.t_max}]")
-        need(int(self.diag_tokens) >= 1, f"router diag_tokens must be >= 1, got {self.diag_tokens}")
-        return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RouterConfig":
-        from pact_ray.runs.coerce import CoercionError, coerce_fields
-
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ConfigError(f"unknown router keys {sorted(unknown)}")
-        try:
-            return cls(**coerce_fields(cls, d, prefix="router."))
-        except CoercionError as e:
-            raise ConfigError(str(e)) from None
 
 
 class RouteContext:

@@ -146,6 +146,9 @@ from typing import Callable
 import numpy
 import torch
 
+# The solver's defaults live with RouterConfig, torch-free: the one place they are set.
+from pact_ray.ot.config import DEFAULT_EPS, DEFAULT_MAX_ITER, DEFAULT_TOL
+
 __all__ = [
     "DEFAULT_EPS",
     "DEFAULT_MAX_ITER",
@@ -158,15 +161,6 @@ __all__ = [
     "sinkhorn_log",
 ]
 
-# The solver's defaults, and through RouterConfig the router's: the one place they are set.
-DEFAULT_EPS = 0.05  # entropic regularisation, in units of the (standardised) cost
-DEFAULT_TOL = 1e-4  # L1 row-marginal error; float32 reaches about 1e-6 (module docstring)
-# Iterations at most (Sinkhorn warm-up and Newton steps together). On the quick matrix's
-# real costs the solves stop after 6-10 (bench/bench_ot_convergence.py). On router-like
-# costs with a mask prior of 4 (the top of its search range) they stop after 5-22: over
-# 1,500 random problems (2-8 parts, 36-65 patches) the median is 13, 8 need 20 or more and
-# the most is 22, so 30 leaves room. On CPU the loop stops at tol; on CUDA it runs them all.
-DEFAULT_MAX_ITER = 30
 WARMUP_ITERS = 2  # Sinkhorn iterations before the first Newton step (cold starts only)
 METHODS = ("newton", "sinkhorn")
 # Step lengths of the parallel line search, longest first (ties go to the longer step).

@@ -22,9 +22,26 @@ from pact_ray.runs.registry import (
 from pact_ray.runs.stage1 import Stage1RunConfig
 from pact_ray.runs.stage2 import Stage2RunConfig
 from pact_ray.runs.world_model import WorldModelRunConfig
-from pact_ray.training import stage1 as stage1_training
-from pact_ray.training import stage2 as stage2_training
-from pact_ray.training import world_model as world_model_training
+
+
+@dataclass(frozen=True)
+class _Lazy:
+    """``module.name``, imported on the first call. The trainers, models and datasets need
+    torch; the configs do not, so a sweep's driver reads the kinds and checks every config
+    without it, and imports torch while Ray starts (pact_ray.tune.sweep)."""
+
+    module: str
+    name: str
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(self.module), self.name)(*args, **kwargs)
+
+
+def _training(module: str, trainer: str) -> dict[str, _Lazy]:
+    where = f"pact_ray.training.{module}"
+    return {"trainer": _Lazy(where, trainer), "build_model": _Lazy(where, "build_model"), "dataset": _Lazy(where, "dataset_for")}
 
 
 @dataclass(frozen=True)
@@ -64,20 +81,17 @@ class RunKind:
 
 STAGE1 = RunKind(
     name="stage1", script="stage1_router", title="Stage1", config_cls=Stage1RunConfig,
-    trainer=stage1_training.Stage1Trainer, build_model=stage1_training.build_model, dataset=stage1_training.dataset_for,
-    knobs=STAGE1_KNOBS,
+    **_training("stage1", "Stage1Trainer"), knobs=STAGE1_KNOBS,
 )
 STAGE2 = RunKind(
     name="stage2", script="stage2_spatial", title="Stage2", config_cls=Stage2RunConfig,
-    trainer=stage2_training.Stage2Trainer, build_model=stage2_training.build_model, dataset=stage2_training.dataset_for,
-    knobs={},
+    **_training("stage2", "Stage2Trainer"), knobs={},
 )
 # Tuned and early-stopped on the training loss: Tune checks its metric in every result, and
 # the validation metrics come only every eval_every steps (the best weights follow val_mse).
 WORLD_MODEL = RunKind(
     name="world_model", script="mae_world_model", title="World model", config_cls=WorldModelRunConfig,
-    trainer=world_model_training.WorldModelTrainer, build_model=world_model_training.build_model,
-    dataset=world_model_training.dataset_for, knobs=WM_KNOBS, val_metric=M.VAL_MSE,
+    **_training("world_model", "WorldModelTrainer"), knobs=WM_KNOBS, val_metric=M.VAL_MSE,
 )
 RUN_KINDS: dict[str, RunKind] = {k.name: k for k in (STAGE1, STAGE2, WORLD_MODEL)}
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from pact_ray.errors import ConfigError
-from pact_ray.models.world_model import MASKS, PRESET_NAMES, WorldModelConfig, preset_config
+from pact_ray.models.world_model_config import MASKS, PRESET_NAMES, WorldModelConfig, preset_config
 from pact_ray.runs.config import RunConfig
 from pact_ray.runs.registry import WM_PROFILES, WM_VARIANTS
 
