@@ -489,7 +489,9 @@ def test_a_store_prepared_while_ray_starts_is_removed_when_the_sweep_is_refused(
     from pact_ray.tune.sweep import _StorePreparation
 
     db = tmp_path / "mlflow.db"
-    plan = SimpleNamespace(tracking_uri=f"sqlite:///{db}", args=SimpleNamespace(verbose=False))
+    from pact_ray.runs.kinds import STAGE1
+
+    plan = SimpleNamespace(tracking_uri=f"sqlite:///{db}", args=SimpleNamespace(verbose=False), configs=[(STAGE1, None)])
     early = _StorePreparation(plan, early=True)
     early.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -145,7 +145,7 @@ def start_server(store: str | os.PathLike, port: int | None = None, host: str = 
     server = TrackingServer(proc, uri, backend, artifacts, log_path)
     try:
         wait_healthy(uri, timeout, proc)
-    except ServerError:
+    except BaseException:  # not healthy, or a Ctrl-C while it starts: nothing is left running
         server.stop()
         raise
     return server
@@ -168,14 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ServerError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"serving {server.uri} (backend {server.backend_store_uri}, artifacts {server.artifacts}); Ctrl-C stops it", flush=True)
-    print(f"sweeps: --tracking-uri {server.uri}", flush=True)
 
     def _terminate(signum, frame):  # SIGTERM: stop like Ctrl-C, with the server's workers
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
+        # Inside the try: a Ctrl-C that comes as soon as the first line shows (a script that
+        # waits for it, say) stops the server too, rather than leave it running on its own.
+        print(f"serving {server.uri} (backend {server.backend_store_uri}, artifacts {server.artifacts}); Ctrl-C stops it", flush=True)
+        print(f"sweeps: --tracking-uri {server.uri}", flush=True)
         while server.process.poll() is None:
             time.sleep(1)
     except KeyboardInterrupt:
