@@ -520,10 +520,10 @@ _IMPORTED_BY_BOTH = ("ray._common.usage.usage_lib", "ray.dashboard")
 class _StorePreparation:
     """What the driver prepares in one thread while Ray starts (2.5-4 s spent mostly waiting on
     the processes it spawns, which leaves a core free): it imports what the driver needs once
-    Ray is up (torch and the trainers, MLflow's store, the report and Ray Tune: 3 s) and, where the sweep starts its own Ray
-    and the trials fit this machine, creates a new SQLite store (a copy of the schema template,
-    or 1.5 s of alembic the first time); otherwise the store is made in place, after Ray's
-    resource check, by ``wait``.
+    Ray is up (torch and the trainers, MLflow's store, the report and Ray Tune: 3 s) and,
+    where the sweep starts its own Ray and the trials fit this machine, creates a new SQLite
+    store (a copy of the schema template, or 1.5 s of alembic the first time); otherwise the
+    store is made in place, after Ray's resource check, by ``wait``.
 
     Two threads importing the same package at once can see a module half made where its
     modules import each other in cycles (MLflow's do). So MLflow itself, and the few modules
@@ -711,7 +711,6 @@ def describe_datasets(plan: SweepPlan) -> dict[str, Any]:
 
 def _train_and_report(plan: SweepPlan, client, experiment_id: str, parent_id: str, datasets: dict[str, Any],
                       started_ray: bool) -> int:
-
     from pact_ray.report.ablation import write_report
     from pact_ray.report.ablation.route import print_verdicts, route_status
     from pact_ray.report.summary import collect_sweep
