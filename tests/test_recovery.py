@@ -480,6 +480,35 @@ def test_the_server_wrapper_starts_no_job_runner_unless_asked(tmp_path, monkeypa
             time.sleep(0.25)
 
 
+@pytest.mark.slow
+def test_the_ui_command_a_sweep_prints_serves_the_store_without_the_job_runner(tmp_path):
+    """The "Open the UI" command, run as printed (on a free port), serves the store's runs and
+    starts no job runner (as printed before, it started one: 8 more processes, 1.8 GB)."""
+    from pact_ray.tracking.store import prepare_store, ui_command
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    prepare_store(uri)
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("printed")
+    client.create_run(experiment)
+    port = free_port()
+    command = ui_command(uri, experiment).split(", then open ")[0].replace("--port 5000", f"--port {port}")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the venv's mlflow
+    proc = subprocess.Popen(command, shell=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        from pact_ray.tracking.server import wait_healthy
+
+        wait_healthy(f"http://127.0.0.1:{port}", 60, proc)
+        time.sleep(2)  # the runner would start right after the web server
+        commands = _group_commands(proc.pid)
+        assert not [c for c in commands if "mlflow.server.jobs" in c or "huey" in c], commands
+        assert len(MlflowClient(f"http://127.0.0.1:{port}").search_runs([experiment])) == 1
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
 def test_a_store_prepared_while_ray_starts_is_removed_when_the_sweep_is_refused(tmp_path):
     """The SQLite schema is created in a thread while a local Ray starts (the trials fit this
     machine by os's count); if Ray's own resource check then refuses the sweep, the files that

@@ -82,6 +82,11 @@ def test_smoke_sweep_of_every_variant(tmp_path, ray_address, capsys):
     # One seed: no interval, so no verdict and no "best"; the sweep says so.
     assert "Route status (val_loss" in out and "No Stage1 variant beats the baseline at 1 seed(s)" in out and "Best" not in out
     assert "mlflow ui --backend-store-uri sqlite:///" in out
+    # The UI command (its environment on a continued line of its own) is one command to paste.
+    from pact_ray.tracking.store import ui_command
+
+    printed = out.split("Open the UI:  ", 1)[1].split("\n              then ")[0]
+    assert " ".join(printed.replace("\\\n", " ").split()) == ui_command(f"sqlite:///{tmp_path / 'mlflow.db'}").split(", then ")[0]
     # On demand, from the tracking store alone: the same table.
     from analysis.summarize import main as summarize
 

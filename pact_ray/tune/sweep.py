@@ -969,6 +969,10 @@ def _print_footer(plan: SweepPlan, files: list[str], ui: str) -> None:
     for f in files:
         print(f"Summary:      {f}")
     command, _, then = ui.partition(", then ")
-    print(f"Open the UI:  {command}")
+    env, space, rest = command.partition(" mlflow ui ")
+    if space and "=" in env:  # the environment on a line of its own, continued: the command stays one to paste
+        print(f"Open the UI:  {env} \\\n                mlflow ui {rest}")
+    else:
+        print(f"Open the UI:  {command}")
     if then:
         print(f"              then {then}")
