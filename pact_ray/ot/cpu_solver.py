@@ -150,6 +150,7 @@ def solve_batch(cost, eps, a, b, f_init, warm, max_iter, tol, newton, warmup, ti
     trial_u = np.empty(n_rows)
     delta = np.empty(n_rows)
     gains = np.empty(n_rows)
+    full = np.ones(1)  # the full Newton step, as a one-candidate line search
     jac = np.empty((n_rows, n_rows))
     row_floor = np.empty(n_rows)
     log_a = np.empty(n_rows)
@@ -191,7 +192,9 @@ def solve_batch(cost, eps, a, b, f_init, warm, max_iter, tol, newton, warmup, ti
                     trial_u[k] = u[k] + delta[k]
                 _evaluate(ci, scale, trial_u, bi, row_floor, trial_soft, trial_rows)
                 trial_error = _row_error(trial_rows, ai)
-                if trial_error < error or trial_error < tol:
+                # Only where it does not lower the semi-dual either (sinkhorn.py: a full step
+                # that descends F while lowering the error makes a 2-cycle with the damped one).
+                if (trial_error < error and _line_search(soft, ai, bi, delta, full, gains)[1] > 0.0) or trial_error < tol:
                     u, trial_u = trial_u, u
                     soft, trial_soft = trial_soft, soft
                     rows, trial_rows = trial_rows, rows
