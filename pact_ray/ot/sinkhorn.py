@@ -529,33 +529,30 @@ class _Solver:
         factor, _ = torch.linalg.cholesky_ex(self.jacobian(soft, plan, r))
         return torch.cholesky_solve(self.a - r, factor).clamp_(-MAX_STEP, MAX_STEP)
 
-    def full_step_gain(self, soft, delta):
-        """F(u + delta) - F(u) [..., 1, 1], from the current soft (as in :meth:`newton_step`)."""
-        mixed = (soft * delta.exp()).sum(dim=-2, keepdim=True)  # [..., 1, P]
-        return (self.a * delta).sum(dim=-2, keepdim=True) - (mixed.log() * self.b).sum(dim=-1, keepdim=True)
+    def gains(self, soft, step):
+        """F(u + d) - F(u) [..., T, 1] for each column d of ``step`` [..., K, T], measured from
+        the current soft = softmax_k(log_kernel + u), with no cancellation between large values
+        of F: F(u + d) - F(u) = <a, d> - sum_p b_p log(sum_k soft_kp exp(d_k))."""
+        # sum_k soft_kp exp(d_k) is at least min_k exp(d_k) >= e^-50 (soft sums to at least 1
+        # over k, d is clamped to +-MAX_STEP), a normal float32: its log needs no guard.
+        mixed = torch.bmm(_batched(step.exp()).mT, _batched(soft))  # [..., T, P]
+        spread = (mixed.log_().view(step.shape[:-2] + mixed.shape[-2:]) * self.b).sum(dim=-1, keepdim=True)
+        return (self.a * step).sum(dim=-2, keepdim=True).mT - spread
 
     def newton_step(self, u, soft, r, delta, host_check: bool = False):
-        """The next u: a damped Newton step on the semi-dual F, or a Sinkhorn step.
-
-        F(u) = <a, u> + <b, v(u)>. Its gain along a step d is measured from the current
-        soft = softmax_k(log_kernel + u), with no cancellation between large values of F:
-        F(u + d) - F(u) = <a, d> - sum_p b_p log(sum_k soft_kp exp(d_k)).
+        """The next u: a damped Newton step on the semi-dual F(u) = <a, u> + <b, v(u)>, the
+        candidate t delta that gains most (:meth:`gains`), or a Sinkhorn step.
         ``host_check``: whether reading a value on the host is free (CPU), which lets the
         step skip computing the Sinkhorn fallback when no problem needs it.
         """
-        step = delta * self.steps  # [..., K, T]: the candidate steps t delta
-        # sum_k soft_kp exp(t delta_k) is at least min_k exp(t delta_k) >= e^-50 (soft
-        # sums to at least 1 over k), a normal float32: its log needs no guard.
-        mixed = torch.bmm(_batched(step.exp()).mT, _batched(soft))  # [..., T, P]
-        spread = (mixed.log_().view(step.shape[:-2] + mixed.shape[-2:]) * self.b).sum(dim=-1, keepdim=True)
-        gain = (self.a * step).sum(dim=-2, keepdim=True).mT - spread  # [..., T, 1]
+        gain = self.gains(soft, delta * self.steps)  # [..., T, 1], the candidates t delta
         # The candidate that gains most; if none gains (or delta is NaN), the Sinkhorn step.
         best_gain, best = gain.max(dim=-2, keepdim=True)  # [..., 1, 1]
         newton = torch.addcmul(u, self.steps[best], delta)
-        gains = best_gain > 0
-        if host_check and bool(gains.all()):  # on CPU: skip the Sinkhorn steps nobody takes
+        gained = best_gain > 0
+        if host_check and bool(gained.all()):  # on CPU: skip the Sinkhorn steps nobody takes
             return newton
-        return torch.where(gains, newton, self.sinkhorn_step(u, r))
+        return torch.where(gained, newton, self.sinkhorn_step(u, r))
 
     def run(self, u, max_iter, tol, newton, warmup, early_stop) -> "_State":
         if u is None:
@@ -593,7 +590,7 @@ class _Solver:
                     # A full step that lowers the row error can still lower F, and the damped
                     # step, which climbs F, then leads back: a 2-cycle that never converged
                     # (found by the POT property test: 7 parts, 36 patches, eps 0.01).
-                    take = ((trial[3] < error) & (self.full_step_gain(soft, delta) > 0)) | (trial[3] < tol)
+                    take = ((trial[3] < error) & (self.gains(soft, delta) > 0)) | (trial[3] < tol)
                     if bool(take.all()):
                         u = trial_u
                         soft, plan, r, error = trial
