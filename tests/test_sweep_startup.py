@@ -76,7 +76,8 @@ if sys.argv[1] == "ray":
     ray.nodes()
     ray.shutdown()
 else:
-    sweep._import_driver_modules(("stage1", "stage2", "world_model"))
+    from pact_ray.runs.kinds import RUN_KINDS
+    sweep._import_driver_modules(tuple(k.trainer.module for k in RUN_KINDS.values() if k.trainer))
 print(json.dumps(sorted(set(sys.modules) - before)))
 """
 

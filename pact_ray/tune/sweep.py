@@ -487,8 +487,8 @@ def _run(kind: RunKind, args: argparse.Namespace) -> int:
             stop_ray()  # nothing of Ray's is printed after the summary
 
 
-def _import_driver_modules(kinds: tuple[str, ...] = ("stage1",)) -> None:
-    """The modules the driver needs once Ray is up (torch and the trainers of ``kinds``, whose
+def _import_driver_modules(trainers: tuple[str, ...] = ()) -> None:
+    """The modules the driver needs once Ray is up (torch and the ``trainers`` modules, whose
     datasets it describes and generates: 1.2 s; MLflow's store, the report: matplotlib, scipy,
     statsmodels; Ray Tune and the sweep's callbacks: 0.5 s), none of which ``ray.init``
     imports once :data:`_IMPORTED_BY_BOTH` are. The driver reads every config before, without
@@ -499,8 +499,8 @@ def _import_driver_modules(kinds: tuple[str, ...] = ("stage1",)) -> None:
     import torch  # noqa: F401
     from ray import tune  # noqa: F401
 
-    for kind in kinds:
-        importlib.import_module(f"pact_ray.training.{kind}")
+    for module in trainers:
+        importlib.import_module(module)
     import pact_ray.report.ablation  # noqa: F401
     import pact_ray.report.summary  # noqa: F401
     import pact_ray.tracking.callback  # noqa: F401
@@ -543,7 +543,7 @@ class _StorePreparation:
         from pact_ray.tracking.store import store_files
 
         self.uri = plan.tracking_uri
-        self.kinds = tuple(dict.fromkeys(kind.name for kind, _ in plan.configs))
+        self.trainers = tuple(dict.fromkeys(kind.trainer.module for kind, _ in plan.configs))  # RunKind's _Lazy
         self.announce = bool(plan.args.verbose)
         self.early = early
         self._new = [p for p in store_files(self.uri) if not p.exists()] if early else []
@@ -553,7 +553,7 @@ class _StorePreparation:
 
     def _prepare(self) -> None:
         with contextlib.suppress(Exception):  # an import failing here fails again, with its message, where it is needed
-            _import_driver_modules(self.kinds)
+            _import_driver_modules(self.trainers)
         if self.early:
             from pact_ray.tracking.store import prepare_store
 
