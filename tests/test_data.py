@@ -514,3 +514,39 @@ def test_cli(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "x"), "--grid", "5", "5"]) == 1
     assert "times one patch size" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("kind_name, variant", [("stage1", "baseline"), ("stage2", "baseline"), ("world_model", "mae")])
+def test_a_configs_data_folder_is_found_without_torch_only_once_its_synthetic_set_is_complete(tmp_path, monkeypatch, kind_name, variant):
+    """``RunConfig.data_folder`` (what the sweep driver describes without importing torch) is
+    None until the trainer's ``dataset_for`` has generated the set, then exactly that folder;
+    a half-made set (no marker file) does not count; ``data`` wins when given."""
+    from pact_ray.runs.kinds import get_kind
+
+    monkeypatch.setenv("PACT_RAY_DATA_CACHE", str(tmp_path / "cache"))
+    kind = get_kind(kind_name)
+    cfg = kind.config_cls.for_variant(variant, "smoke", "tiny", 0)
+    assert cfg.data_folder() is None
+    folder = Path(kind.dataset(cfg).folder)
+    assert cfg.data_folder() == folder and folder.parent == tmp_path / "cache"
+    marker = next(p for p in (folder / "dataset.json", folder / "meta" / "info.json") if p.is_file())
+    marker.rename(marker.with_suffix(".moved"))
+    assert cfg.data_folder() is None
+    assert kind.config_cls.for_variant(variant, "smoke", "tiny", 0, data=str(tmp_path / "mine")).data_folder() == tmp_path / "mine"
+
+
+def test_the_synthetic_cache_names_are_unchanged_so_existing_caches_stay_valid():
+    """The cache folder names, now computed torch-free in pact_ray.data.cache, are the ones
+    every earlier version wrote (a change would regenerate every machine's data)."""
+    from pact_ray.runs.stage1 import Stage1RunConfig
+    from pact_ray.runs.stage2 import Stage2RunConfig
+    from pact_ray.runs.world_model import WorldModelRunConfig
+
+    names = {"stage1": Stage1RunConfig.for_variant("baseline", "quick", "small", 0).synthetic_settings(),
+             "stage2": Stage2RunConfig.for_variant("baseline", "quick", "small", 0).synthetic_settings()}
+    from pact_ray.data.cache import arm_set_name, object_set_name
+
+    assert object_set_name(**names["stage1"]) == "n32-s0-r8-img64x64-g8x8-c256-p5-o0.2"
+    assert object_set_name(**names["stage2"]) == "n32-s0-r8-img64x64-g8x8-c256-p5-o0.2-v16"
+    wm = WorldModelRunConfig.for_variant("mae", "quick", "small", 0)
+    assert arm_set_name(wm.synthetic_episodes, wm.episode_length, wm.data_seed) == "arm-e24-t24-s0"

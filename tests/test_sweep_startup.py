@@ -337,3 +337,44 @@ def test_a_sweep_reads_and_checks_every_config_without_torch_so_ray_starts_first
     bad = subprocess.run(base + ["--set", "lr=-1"], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode != 0 and "lr" in bad.stderr and "TORCH_BEFORE_RAY" not in bad.stdout, bad.stdout + bad.stderr[-2000:]
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+_WATCH_TORCH = """
+import runpy, sys, traceback
+
+class WatchTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.stderr.write("TORCH IMPORTED BY THE DRIVER\\n" + "".join(traceback.format_stack(limit=15)))
+            sys.meta_path.remove(self)
+        return None
+
+sys.meta_path.insert(0, WatchTorch())
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_sweep_on_cached_data_never_imports_torch_in_the_driver_nor_writes_tensorboard_files(tmp_path):
+    """With its data set cached, the driver describes it without the generators, hands Tune
+    torch-free trainables and leaves Tune's TensorBoard logger (tensorboardX imports torch) out:
+    torch is imported by the trials only, which saves every sweep's start-up a second. Ray's
+    result files that --resume and Ray's own API read are still written."""
+    from pact_ray.runs.kinds import STAGE1
+    from pact_ray.runs.stage1 import Stage1RunConfig
+
+    STAGE1.dataset(Stage1RunConfig.for_variant("baseline", "smoke", "tiny", 0))  # in the session's data cache
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", _WATCH_TORCH, str(root / "sweeps" / "stage1_router.py"), "--profile", "smoke",
+                          "--model", "tiny", "--variants", "baseline", "--name", "notorch", "--quiet",
+                          "--storage-path", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+                         capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "TORCH IMPORTED BY THE DRIVER" not in out.stderr, out.stderr[-3000:]
+    (trial,) = [p for p in (tmp_path / "runs" / "notorch").iterdir() if p.name.startswith("baseline_s0")]
+    names = {p.name for p in trial.iterdir()}
+    assert {"result.json", "params.json", "progress.csv"} <= names, names
+    assert not [n for n in names if n.startswith("events.out.tfevents")], names
+    assert len((trial / "result.json").read_text().splitlines()) == Stage1RunConfig.for_variant("baseline", "smoke", "tiny", 0).steps

@@ -13,8 +13,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
+from pact_ray.data.cache import OBJECTS_MARKER, object_set_name, ready
 from pact_ray.errors import ConfigError
 from pact_ray.runs.coerce import CoercionError, coerce_fields
 from pact_ray.runs.registry import Profile, Variant, get_profile, get_variant
@@ -177,6 +179,19 @@ class RunConfig:
         return self
 
 
+    def data_folder(self) -> "Path | None":
+        """The folder of this run's data when it exists already: ``data``, or the cached
+        synthetic set; None when the synthetic set is still to be generated (by the trainer's
+        ``dataset_for``, which needs torch). Torch-free: the sweep driver uses it to describe
+        the data without importing torch (a second of its start-up)."""
+        if self.data:
+            return Path(self.data)
+        return self._cached_synthetic()
+
+    def _cached_synthetic(self) -> "Path | None":
+        raise NotImplementedError
+
+
 @dataclass
 class PActRunConfig(RunConfig):
     """What the two PAct stages share besides the base: official initialisation, CFG
@@ -204,3 +219,11 @@ class PActRunConfig(RunConfig):
         if self.synthetic_samples < self.batch_size:
             raise ConfigError(f"synthetic_samples ({self.synthetic_samples}) must be >= batch_size ({self.batch_size})")
         return self
+
+    def synthetic_settings(self) -> dict[str, Any]:
+        """The arguments of :func:`pact_ray.data.objects.synthetic.ensure_synthetic` that make
+        this run's synthetic object set (the preset's sizes)."""
+        raise NotImplementedError
+
+    def _cached_synthetic(self) -> Path | None:
+        return ready(object_set_name(**self.synthetic_settings()), OBJECTS_MARKER)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pact_ray.errors import ConfigError
-from pact_ray.models.presets import STAGE1_PRESETS
+from pact_ray.models.presets import CONDITION_PRESETS, STAGE1_PRESETS
 from pact_ray.ot.config import RouterConfig, resolve_blocks
 from pact_ray.runs.config import PActRunConfig
 from pact_ray.runs.registry import STAGE1_PROFILES, STAGE1_VARIANTS, get_variant
@@ -42,3 +42,9 @@ class Stage1RunConfig(PActRunConfig):
             self.router.validate()
             resolve_blocks(self.router.blocks, STAGE1_PRESETS[self.model]["num_blocks"])
         return self
+
+    def synthetic_settings(self) -> dict[str, Any]:
+        preset, cond = STAGE1_PRESETS[self.model], CONDITION_PRESETS[self.model]
+        return dict(num_samples=self.synthetic_samples, seed=self.data_seed, resolution=preset["resolution"],
+                    image_size=cond["image_size"], grid=cond["grid"], cond_channels=preset["cond_channels"],
+                    prefix_tokens=cond["prefix_tokens"])

@@ -4,10 +4,10 @@ the spatial variants."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pact_ray.errors import ConfigError
-from pact_ray.models.presets import STAGE2_PRESETS
+from pact_ray.models.presets import CONDITION_PRESETS, STAGE1_PRESETS, STAGE2_PRESETS
 from pact_ray.runs.config import PActRunConfig
 from pact_ray.runs.registry import STAGE2_PROFILES, STAGE2_VARIANTS
 
@@ -33,3 +33,10 @@ class Stage2RunConfig(PActRunConfig):
         if not self.art_weight >= 0:
             raise ConfigError(f"art_weight must be >= 0, got {self.art_weight}")
         return self
+
+    def synthetic_settings(self) -> dict[str, Any]:
+        """Stage1's object set at this preset, with voxel sets at the Stage2 flow's resolution."""
+        flow, cond = STAGE2_PRESETS[self.model]["flow"], CONDITION_PRESETS[self.model]
+        return dict(num_samples=self.synthetic_samples, seed=self.data_seed, resolution=STAGE1_PRESETS[self.model]["resolution"],
+                    image_size=cond["image_size"], grid=cond["grid"], cond_channels=flow["cond_channels"],
+                    prefix_tokens=cond["prefix_tokens"], voxel_resolution=flow["resolution"])

@@ -9,8 +9,10 @@ set their own.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
+from pact_ray.data.cache import ARM_MARKER, arm_set_name, ready
 from pact_ray.errors import ConfigError
 from pact_ray.models.world_model_config import MASKS, PRESET_NAMES, WorldModelConfig, preset_config
 from pact_ray.runs.config import RunConfig
@@ -76,3 +78,6 @@ class WorldModelRunConfig(RunConfig):
         return preset_config(self.model_type, self.model, image_size=self.image_size, patch_size=self.patch_size,
                              context_frames=self.context_frames, mask=self.mask,
                              context_mask_ratio=self.context_mask_ratio, **sizes)
+
+    def _cached_synthetic(self) -> Path | None:
+        return ready(arm_set_name(self.synthetic_episodes, self.episode_length, self.data_seed), ARM_MARKER)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pact_ray.data.objects.loader import ArticulatedDataset, collate_parts
 from pact_ray.data.objects.synthetic import ensure_synthetic
 from pact_ray.metrics import names as M
-from pact_ray.models.stage1 import CONDITION_PRESETS, STAGE1_PRESETS, PartStructureFlow, build_stage1
+from pact_ray.models.stage1 import STAGE1_PRESETS, PartStructureFlow, build_stage1
 from pact_ray.runs.stage1 import Stage1RunConfig
 from pact_ray.training import flow
 from pact_ray.training.base import Trainer, step_generator
@@ -33,14 +33,8 @@ def build_model(cfg: Stage1RunConfig) -> PartStructureFlow:
 def dataset_for(cfg: Stage1RunConfig) -> ArticulatedDataset:
     """The run's dataset: ``cfg.data`` if given, else the preset's synthetic data (cached)."""
     preset = STAGE1_PRESETS[cfg.model]
-    cond = CONDITION_PRESETS[cfg.model]
     expect = {"resolution": preset["resolution"], "cond_channels": preset["cond_channels"], "latent_channels": preset["in_channels"]}
-    if cfg.data:
-        folder = Path(cfg.data)
-    else:
-        folder = ensure_synthetic(cfg.synthetic_samples, cfg.data_seed, resolution=preset["resolution"],
-                                  image_size=cond["image_size"], grid=cond["grid"], cond_channels=preset["cond_channels"],
-                                  prefix_tokens=cond["prefix_tokens"])
+    folder = Path(cfg.data) if cfg.data else ensure_synthetic(**cfg.synthetic_settings())
     return ArticulatedDataset(folder, expect=expect)
 
 

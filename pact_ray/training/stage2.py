@@ -24,7 +24,7 @@ from pact_ray.data.objects.articulation import SLOT_GROUPS, decode_articulation
 from pact_ray.data.objects.loader import ArticulatedDataset, collate_voxels
 from pact_ray.data.objects.synthetic import ensure_synthetic
 from pact_ray.metrics import names as M
-from pact_ray.models.presets import CONDITION_PRESETS, STAGE1_PRESETS, STAGE2_MAX_TOKENS, STAGE2_PRESETS
+from pact_ray.models.presets import STAGE2_MAX_TOKENS, STAGE2_PRESETS
 from pact_ray.models.stage2 import PART_SLOTS, ArticulatedSLatFlow, FeatureAverage, VoxelLayout, build_stage2, mask_moments
 from pact_ray.runs.stage2 import Stage2RunConfig
 from pact_ray.training import flow
@@ -53,13 +53,7 @@ def dataset_for(cfg: Stage2RunConfig) -> ArticulatedDataset:
     # The model's latents are the stored channels plus the ownership channel (collate_voxels).
     expect = {"cond_channels": preset["cond_channels"], "voxel_resolution": preset["resolution"],
               "voxel_channels": preset["in_channels"] - 1, "max_parts": PART_SLOTS}
-    if cfg.data:
-        folder = Path(cfg.data)
-    else:
-        cond = CONDITION_PRESETS[cfg.model]
-        folder = ensure_synthetic(cfg.synthetic_samples, cfg.data_seed, resolution=STAGE1_PRESETS[cfg.model]["resolution"],
-                                  image_size=cond["image_size"], grid=cond["grid"], cond_channels=preset["cond_channels"],
-                                  prefix_tokens=cond["prefix_tokens"], voxel_resolution=preset["resolution"])
+    folder = Path(cfg.data) if cfg.data else ensure_synthetic(**cfg.synthetic_settings())
     return ArticulatedDataset(folder, expect=expect)
 
 

@@ -162,10 +162,7 @@ def _check_adaptive(kind: RunKind, args: argparse.Namespace, variants: list[str]
 def validate_inputs(plan: SweepPlan) -> None:
     """Data folder and official checkpoint are read and checked in the driver, before Ray starts
     (once for each run kind of the sweep: the matrix holds Stage1 and Stage2 trials)."""
-    first_of_kind: dict[str, tuple[RunKind, RunConfig]] = {}
-    for kind, cfg in plan.configs:
-        first_of_kind.setdefault(kind.name, (kind, cfg))
-    for kind, cfg in first_of_kind.values():
+    for kind, cfg in _first_of_each_kind(plan):
         if cfg.data:
             kind.dataset(cfg).validate_all()
         if getattr(cfg, "init", "scratch") == "official":
@@ -173,6 +170,14 @@ def validate_inputs(plan: SweepPlan) -> None:
 
             model = kind.build_model(cfg)
             load_core_weights(model, cfg.init_checkpoint, model.core_state_dict_keys(), what=f"the {kind.title} '{cfg.model}' preset")
+
+
+def _first_of_each_kind(plan: SweepPlan) -> list[tuple[RunKind, RunConfig]]:
+    """The first grid point of each run kind of the sweep (the matrix holds Stage1 and Stage2)."""
+    first: dict[str, tuple[RunKind, RunConfig]] = {}
+    for kind, cfg in plan.configs:
+        first.setdefault(kind.name, (kind, cfg))
+    return list(first.values())
 
 
 def check_cluster_paths(plan: SweepPlan) -> None:
@@ -488,15 +493,15 @@ def _run(kind: RunKind, args: argparse.Namespace) -> int:
 
 
 def _import_driver_modules(trainers: tuple[str, ...] = ()) -> None:
-    """The modules the driver needs once Ray is up (torch and the ``trainers`` modules, whose
-    datasets it describes and generates: 1.2 s; MLflow's store, the report: matplotlib, scipy,
-    statsmodels; Ray Tune and the sweep's callbacks: 0.5 s), none of which ``ray.init``
-    imports once :data:`_IMPORTED_BY_BOTH` are. The driver reads every config before, without
-    torch (pact_ray.runs), so that Ray starts a second sooner."""
+    """The modules the driver needs once Ray is up (MLflow's store, the report: matplotlib,
+    scipy, statsmodels; Ray Tune and the sweep's callbacks: 0.5 s; the ``trainers`` modules,
+    with torch, only where a synthetic data set is still to be generated: 1.2 s), none of which
+    ``ray.init`` imports once :data:`_IMPORTED_BY_BOTH` are. The driver reads every config
+    before, without torch (pact_ray.runs), so that Ray starts a second sooner; with its data
+    cached it never imports torch (the trials do)."""
     import importlib
 
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-    import torch  # noqa: F401
     from ray import tune  # noqa: F401
 
     for module in trainers:
@@ -543,7 +548,8 @@ class _StorePreparation:
         from pact_ray.tracking.store import store_files
 
         self.uri = plan.tracking_uri
-        self.trainers = tuple(dict.fromkeys(kind.trainer.module for kind, _ in plan.configs))  # RunKind's _Lazy
+        # The trainers (and torch) only for the data sets the driver must generate (describe_datasets).
+        self.trainers = tuple(kind.trainer.module for kind, cfg in _first_of_each_kind(plan) if cfg.data_folder() is None)
         self.announce = bool(plan.args.verbose)
         self.early = early
         self._new = [p for p in store_files(self.uri) if not p.exists()] if early else []
@@ -699,14 +705,11 @@ def check_resources(plan: SweepPlan) -> None:
 
 def describe_datasets(plan: SweepPlan) -> dict[str, Any]:
     """Each run kind's data set as an MLflow dataset input. Synthetic data is generated (once,
-    here in the driver, before any trial starts) where the cache does not hold it yet."""
+    here in the driver, before any trial starts) where the cache does not hold it yet; data
+    that is there is described without torch (``RunConfig.data_folder``)."""
     from pact_ray.tracking.datasets import describe_dataset
 
-    out: dict[str, Any] = {}
-    for kind, cfg in plan.configs:
-        if kind.name not in out:
-            out[kind.name] = describe_dataset(kind.dataset(cfg).folder)
-    return out
+    return {kind.name: describe_dataset(cfg.data_folder() or kind.dataset(cfg).folder) for kind, cfg in _first_of_each_kind(plan)}
 
 
 def _train_and_report(plan: SweepPlan, client, experiment_id: str, parent_id: str, datasets: dict[str, Any],
@@ -728,7 +731,7 @@ def _train_and_report(plan: SweepPlan, client, experiment_id: str, parent_id: st
     mlflow_callback = MlflowSweepCallback(plan.tracking_uri, experiment_id, parent_id, kind.name, plan.name, git_commit(),
                                           datasets=datasets, optuna_storage=optuna_url)
     interrupts = DriverInterrupts(plan.name)
-    callbacks: list = [mlflow_callback, RetryOnlyFailures(interrupts, args.max_failures)]
+    callbacks: list = [mlflow_callback, RetryOnlyFailures(interrupts, args.max_failures), *_result_loggers()]
     if plan.local_dir is not None:
         callbacks.append(StateBackup(str(plan.local_dir)))
     if not args.quiet:
@@ -818,6 +821,19 @@ def _train_and_report(plan: SweepPlan, client, experiment_id: str, parent_id: st
             print(f"Interrupted: the unfinished trials saved a checkpoint. Continue with: {resume_command(plan)}")
             return EXIT_INTERRUPTED
         return 0 if results.num_errors == 0 else 1
+
+
+def _result_loggers() -> list:
+    """The result files Ray Tune writes in each trial's folder: ``result.json`` and
+    ``params.json`` (``--resume`` replays them into MLflow) and ``progress.csv`` (Ray's
+    ``Result.metrics_dataframe``), but not the TensorBoard event files Tune adds by default:
+    MLflow is where runs are compared, and tensorboardX imports torch into the driver (1.2 s
+    of every sweep's start-up, before the first trial) and writes every result once more.
+    ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0`` brings Tune's default loggers back."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    return [JsonLoggerCallback(), CSVLoggerCallback()]
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ import numpy as np
 
 from pact_ray.data.arm.lerobot import Episode, write_lerobot
 from pact_ray.data.arm.strip import JOINT_NAMES, MOVE_NEG, MOVE_POS, NUM_JOINTS, PAN, STAY
-from pact_ray.data.cache import cached
+from pact_ray.data.cache import ARM_MARKER, arm_set_name, cached
 
 DEFAULT_CAMERA_SIZE = (56, 64)  # (H, W) of the synthetic camera image; + STRIP_ROWS = 64 x 64 frames
 DEFAULT_FPS = 10.0
@@ -215,7 +215,7 @@ def generate_arm_dataset(
 def ensure_arm_dataset(episodes: int, length: int, seed: int, root: Path | None = None) -> Path:
     """The cached synthetic data set with these settings (:func:`pact_ray.data.cache.cached`),
     generated once per machine (``$PACT_RAY_DATA_CACHE``; concurrent trials share one copy)."""
-    return cached(f"arm-e{episodes}-t{length}-s{seed}", "meta/info.json",
+    return cached(arm_set_name(episodes, length, seed), ARM_MARKER,
                   lambda out: generate_arm_dataset(out, episodes, seed, ArmEpisodeConfig(length=length)), root)
 
 

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pact_ray.data.cache import cached
+from pact_ray.data.cache import OBJECTS_MARKER, cached, object_set_name
 from pact_ray.data.objects.articulation import JOINT_TYPES, LABEL_IDS, encode_articulation_batch
 from pact_ray.data.objects.encoder import StandInImageEncoder, StandInStructureEncoder
 from pact_ray.data.objects.format import DATASET_FILE, DatasetSpec, write_dataset_spec, write_sample
@@ -545,9 +545,9 @@ def ensure_synthetic(num_samples: int, seed: int, *, resolution: int, image_size
                      root: Path | None = None) -> Path:
     """Path of the cached synthetic dataset with these settings (:func:`pact_ray.data.cache.cached`),
     generating it once if missing (with Stage2 voxel sets when ``voxel_resolution`` is given)."""
-    name = (f"n{num_samples}-s{seed}-r{resolution}-img{image_size[0]}x{image_size[1]}-g{grid[0]}x{grid[1]}"
-            f"-c{cond_channels}-p{prefix_tokens}-o{occlusion_prob:g}" + (f"-v{voxel_resolution}" if voxel_resolution else ""))
-    return cached(name, "dataset.json", lambda out: generate_dataset(
+    name = object_set_name(num_samples, seed, resolution=resolution, image_size=image_size, grid=grid, cond_channels=cond_channels,
+                           prefix_tokens=prefix_tokens, occlusion_prob=occlusion_prob, voxel_resolution=voxel_resolution)
+    return cached(name, OBJECTS_MARKER, lambda out: generate_dataset(
         out, num_samples, seed=seed, resolution=resolution, image_size=tuple(image_size), grid=tuple(grid),
         cond_channels=cond_channels, prefix_tokens=prefix_tokens, occlusion_prob=occlusion_prob,
         voxel_resolution=voxel_resolution), root)
