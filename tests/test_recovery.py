@@ -519,8 +519,10 @@ def test_a_store_prepared_while_ray_starts_is_removed_when_the_sweep_is_refused(
 
     db = tmp_path / "mlflow.db"
     from pact_ray.runs.kinds import STAGE1
+    from pact_ray.runs.stage1 import Stage1RunConfig
 
-    plan = SimpleNamespace(tracking_uri=f"sqlite:///{db}", args=SimpleNamespace(verbose=False), configs=[(STAGE1, None)])
+    plan = SimpleNamespace(tracking_uri=f"sqlite:///{db}", args=SimpleNamespace(verbose=False),
+                           configs=[(STAGE1, Stage1RunConfig.for_variant("baseline", "smoke", "tiny", 0))])
     early = _StorePreparation(plan, early=True)
     early.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == []

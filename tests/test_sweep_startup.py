@@ -101,10 +101,8 @@ def test_the_preparation_thread_imports_nothing_that_rays_start_up_imports():
     assert ray_side & preparation == set(), sorted(ray_side & preparation)
 
 
-_IDLE_WORKERS = """
+_WORKERS = """
 import json, os, time
-import pact_ray.tune.sweep as sweep
-import ray
 
 
 def workers():
@@ -133,7 +131,11 @@ def workers():
         if (len(argv) > 1 and argv[1].endswith("default_worker.py")) or (title.startswith("ray::") and not title.endswith("Agent")):
             out.append(pid)
     return out
+"""
 
+_IDLE_WORKERS = _WORKERS + """
+import pact_ray.tune.sweep as sweep
+import ray
 
 sweep.init_ray(None)
 idle = []
@@ -155,9 +157,10 @@ print(json.dumps({"idle": idle, "after_a_task": after_a_task}))
 
 
 @pytest.mark.slow
-def test_a_local_ray_starts_no_idle_workers():
-    """Ray prestarts one worker per CPU for the first driver, which Tune's trial actors never
-    use: the sweep's own Ray starts none (the task after shows that the measure sees workers)."""
+def test_a_local_ray_starts_no_idle_workers_unless_asked():
+    """Ray prestarts one worker per CPU for the first driver: a sweep's own Ray starts none
+    unless its trials will run in them all (_prestart_fits; the task after shows that the
+    measure sees workers)."""
     out = subprocess.run([sys.executable, "-c", _IDLE_WORKERS], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     assert out.returncode == 0, out.stderr[-2000:]
@@ -378,3 +381,113 @@ def test_a_sweep_on_cached_data_never_imports_torch_in_the_driver_nor_writes_ten
     assert {"result.json", "params.json", "progress.csv"} <= names, names
     assert not [n for n in names if n.startswith("events.out.tfevents")], names
     assert len((trial / "result.json").read_text().splitlines()) == Stage1RunConfig.for_variant("baseline", "smoke", "tiny", 0).steps
+
+
+_PRESTARTED = _WORKERS + """
+import contextlib, runpy, sys
+import pact_ray.tune.sweep as sweep
+from ray._private.utils import get_num_cpus
+
+original = sweep._trials_in_prestarted_workers
+
+
+@contextlib.contextmanager
+def watched(prestarted):
+    idle = []
+    for _ in range(50):  # the prestarted workers boot with Ray: wait for them (at most 10 s)
+        idle = workers()
+        if len(idle) >= int(get_num_cpus()):
+            break
+        time.sleep(0.2)
+    print("IDLE_AT_FIT", json.dumps(idle), flush=True)
+    with original(prestarted):
+        yield
+
+
+sweep._trials_in_prestarted_workers = watched
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_trials_that_fill_the_machine_run_in_the_workers_ray_prestarted(tmp_path):
+    """Where the trials fill every CPU, the sweep's Ray boots its idle workers while the sweep
+    starts, and Tune's trial actors run in them (PL_DISABLE_FORK left out of their environment)
+    rather than in new workers booted after Tune starts. Each trial's pid (Tune's result
+    field) is one of the workers that were idle when Tune began."""
+    from ray._private.utils import get_num_cpus
+
+    cpus = int(get_num_cpus())
+    if cpus > 4:
+        pytest.skip("the sweep below fills 2 to 4 CPUs")
+    variants = ["baseline", "ot_first", "mask_prior", "rgb_edge"][:max(cpus, 2)]
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", _PRESTARTED, str(root / "sweeps" / "stage1_router.py"), "--profile", "smoke",
+                          "--model", "tiny", "--variants", ",".join(variants), "--name", "pre", "--quiet",
+                          "--storage-path", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+                         capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    idle = set(json.loads(out.stdout.split("IDLE_AT_FIT ", 1)[1].splitlines()[0]))
+    pids = {json.loads(line)["pid"] for folder in (tmp_path / "runs" / "pre").iterdir() if (folder / "result.json").is_file()
+            for line in (folder / "result.json").read_text().splitlines()}
+    assert len(idle) == cpus and pids and pids <= idle, (idle, pids)
+
+
+def test_a_sweep_prestarts_workers_only_where_its_trials_fill_every_cpu(monkeypatch):
+    """A prestarted worker that hosts no trial only takes CPU from the start-up: none for a
+    cluster, GPU trials, a resume, fewer trials (or a lower --max-concurrent) than CPUs, or
+    trials of several CPUs each."""
+    from types import SimpleNamespace
+
+    import ray._private.utils
+
+    from pact_ray.tune.sweep import _prestart_fits
+
+    monkeypatch.setattr(ray._private.utils, "get_num_cpus", lambda **_: 2.0)
+
+    def fits(trials=8, **changed):
+        args = dict(address=None, gpus_per_trial=0, resume=False, search="grid", until_conclusive=0, max_concurrent=0,
+                    cpus_per_trial=1, num_samples=8)
+        return _prestart_fits(SimpleNamespace(args=SimpleNamespace(**{**args, **changed}), trial_configs=[{}] * trials))
+
+    assert fits() and fits(trials=2) and fits(cpus_per_trial=0.5) and fits(search="optuna", trials=1)
+    assert not fits(address="127.0.0.1:6379") and not fits(gpus_per_trial=1) and not fits(resume=True)
+    assert not fits(trials=1) and not fits(max_concurrent=1) and not fits(cpus_per_trial=2)
+    assert not fits(search="optuna", trials=1, num_samples=1)
+
+
+_PRELOADED = """
+import json, sys
+import pact_ray.tune.sweep as sweep
+import ray
+
+sweep.init_ray(None, preload=["pact_ray.tune.trial", "torch._dynamo", "pact_ray.ot.preload"])
+
+
+@ray.remote(num_cpus=1)
+def seen():
+    # What the worker held before this task ran: nothing here imports them.
+    solver = sys.modules.get("pact_ray.ot.cpu_solver")
+    return {"modules": [m for m in ("torch", "ray.tune", "pact_ray.tune.trial", "torch._dynamo", "pact_ray.ot.preload")
+                        if m in sys.modules],
+            "kernels": len(solver.solve_batch.signatures) if solver else 0}
+
+
+print(json.dumps(ray.get(seen.remote())))
+sweep.stop_ray()
+"""
+
+
+@pytest.mark.slow
+def test_the_sweeps_ray_boots_its_workers_with_the_trials_imports_and_the_ot_kernel_loaded():
+    """The idle workers a sweep's Ray prestarts import what a first trial would (the trial's
+    body with torch and Ray Tune, torch._dynamo) and load the OT kernel from numba's cache
+    (float32 and float64, cold and warm-started) as they boot."""
+    out = subprocess.run([sys.executable, "-c", _PRELOADED], capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["modules"] == ["torch", "ray.tune", "pact_ray.tune.trial", "torch._dynamo", "pact_ray.ot.preload"], seen
+    assert seen["kernels"] >= 2, seen

@@ -325,10 +325,12 @@ def _trial_name(trial) -> str:
     return f"{cfg.get('variant', 'trial')}_s{cfg.get('seed', 0)}_{trial.trial_id}"
 
 
-def init_ray(address: str | None, verbose: bool = False) -> bool:
+def init_ray(address: str | None, verbose: bool = False, preload: list[str] | None = None) -> bool:
     """Connect to ``address`` or start a local Ray instance; False when one was already up.
     Workers' output reaches the terminal only with ``verbose``; Ray's own log lines only
-    from warnings up."""
+    from warnings up. ``preload``: a local instance boots its idle workers (one per CPU) at
+    once, each importing these modules, for trial actors that run in them
+    (:func:`_worker_preload`, :func:`_trials_in_prestarted_workers`)."""
     import ray
 
     if not verbose:
@@ -341,11 +343,19 @@ def init_ray(address: str | None, verbose: bool = False) -> bool:
     kw: dict[str, Any] = dict(include_dashboard=False, log_to_driver=verbose, configure_logging=True,
                               logging_level=logging.INFO if verbose else logging.WARNING)
     if address in (None, "local"):
-        # Ray starts one idle worker per CPU for the first driver. Tune's trial actors never
-        # run in them (each starts a worker of its own, with Tune's runtime environment), so
-        # they only take CPU from the sweep's start-up: 0.5-1.4 s each, measured on 2 cores.
+        # Ray starts one idle worker per CPU for the first driver, booted while the sweep
+        # starts. Where the trials will not run in them all (see _prestart_fits), they would
+        # only take CPU from the start-up (0.5-1.4 s each, measured on 2 cores): none then.
         # A cluster keeps its own settings (and refuses a _system_config from a client).
-        kw["_system_config"] = {"prestart_worker_first_driver": False}
+        kw["_system_config"] = {"prestart_worker_first_driver": preload is not None, "preload_python_modules": preload or []}
+        if preload is not None:
+            # Ray keeps at most one idle worker per *available* CPU and kills the others after
+            # a second idle: once Tune's placement groups hold every CPU, the prestarted workers
+            # would be killed before the trial actors reach them, and new ones started (seen in
+            # about 1 test sweep in 4). Keep one idle worker per CPU of the machine instead.
+            from ray._private.utils import get_num_cpus
+
+            kw["_system_config"]["num_workers_soft_limit"] = int(get_num_cpus())
     # "local": always a private instance. Without it ray.init() joins whatever local cluster
     # /tmp/ray/ray_current_cluster names (another sweep's, which may end under this one).
     ray.init(address=address or "local", **kw)
@@ -360,6 +370,62 @@ def init_ray(address: str | None, verbose: bool = False) -> bool:
         # num_to_keep or the sync period) fires for short steps that checkpoint often; its errors stay.
         logging.getLogger("ray.tune.execution.experiment_state").setLevel(logging.ERROR)
     return True
+
+
+def _prestart_fits(plan: SweepPlan) -> bool:
+    """Whether every idle worker a local Ray prestarts (one per CPU) will host a trial actor:
+    CPU trials, as many at once as there are CPUs (each actor takes one worker, whatever its
+    CPUs), in a new sweep (a resume may have fewer trials left)."""
+    from ray._private.utils import get_num_cpus  # how many a local Ray counts (and prestarts)
+
+    args = plan.args
+    if args.address not in (None, "local") or args.gpus_per_trial or args.resume:
+        return False
+    trials = _num_samples(plan) if _searched(args) else len(plan.trial_configs)
+    cpus = int(get_num_cpus())
+    at_once = min(trials, args.max_concurrent or trials, int(cpus / args.cpus_per_trial))
+    return at_once >= cpus
+
+
+def _searched(args: argparse.Namespace) -> bool:
+    """Whether a searcher (Optuna, or adaptive seeds) proposes the trials, rather than the grid."""
+    return args.search != "grid" or bool(args.until_conclusive)
+
+
+def _worker_preload(plan: SweepPlan) -> list[str] | None:
+    """What each idle worker of the sweep's own Ray imports as it boots, while the driver is
+    still starting (None: no idle workers, see :func:`_prestart_fits`): the trial's body
+    (torch, Ray Tune, the run kinds), the trainers of the sweep's kinds, ``torch._dynamo``
+    (which torch.optim imports with the first optimizer: 1 s) and, for router variants, the OT
+    kernel from numba's cache (:mod:`pact_ray.ot.preload`). A trial would pay each of these at
+    its start otherwise, after Tune started it: 2.5-3.5 s of a first trial on 2 cores."""
+    if not _prestart_fits(plan):
+        return None
+    trainers = [kind.trainer.module for kind, _ in _first_of_each_kind(plan)]
+    router = any(getattr(cfg, "router", None) is not None for _, cfg in plan.configs)
+    return ["pact_ray.tune.trial", *trainers, "torch._dynamo", *(["pact_ray.ot.preload"] if router else [])]
+
+
+@contextlib.contextmanager
+def _trials_in_prestarted_workers(prestarted: bool):
+    """Tune starts every trial actor with PL_DISABLE_FORK=1 set (for PyTorch Lightning,
+    ray-project/ray#28197), which gives each actor a runtime environment of its own, so Ray
+    boots a new worker for it (1.5-2.5 s on 2 cores, before the first step) and leaves the idle
+    workers it prestarted unused. pact-ray's trainables are not Lightning: while the sweep's own
+    local Ray runs them, the variable is left out (Ray 2.60's ray.tune.execution.class_cache),
+    and the trials start in the workers Ray booted during the start-up. Variables Tune copies
+    from the driver's environment (AWS credentials) still give the actors their own workers."""
+    if not prestarted:
+        yield
+        return
+    from ray.tune.execution import class_cache
+
+    saved = dict(class_cache.DEFAULT_ENV_VARS)
+    class_cache.DEFAULT_ENV_VARS.clear()
+    try:
+        yield
+    finally:
+        class_cache.DEFAULT_ENV_VARS.update(saved)
 
 
 def stop_ray() -> None:
@@ -467,7 +533,7 @@ def _run(kind: RunKind, args: argparse.Namespace) -> int:
     env_fast_fail()
     store = _prepare_while_ray_starts(plan)
     with store.undone_on_error():
-        started_ray = connect_ray(args.address, verbose=args.verbose)
+        started_ray = connect_ray(args.address, verbose=args.verbose, preload=_worker_preload(plan))
     parent_id = None
     client = None
     try:
@@ -669,7 +735,7 @@ def create_sweep_folder(exp_dir: Path, manifest: dict[str, Any]) -> None:
         raise SweepError(f"cannot create the sweep folder {exp_dir} ({e.strerror})") from None
 
 
-def connect_ray(address: str | None, verbose: bool = False) -> bool:
+def connect_ray(address: str | None, verbose: bool = False, preload: list[str] | None = None) -> bool:
     """:func:`init_ray`, failing in one sentence (not retrying for minutes) when ``address``
     does not answer."""
     if address and address not in ("auto", "local"):
@@ -682,7 +748,7 @@ def connect_ray(address: str | None, verbose: bool = False) -> bool:
             raise SweepError(f"--address {address}: no Ray cluster answers there ({reason}); start it (ray start --head) "
                              "or fix the address") from None
     try:
-        return init_ray(address, verbose)
+        return init_ray(address, verbose, preload)
     except ConnectionError as e:
         raise SweepError(f"--address {address}: {first_line(e)}") from None
 
@@ -747,9 +813,10 @@ def _train_and_report(plan: SweepPlan, client, experiment_id: str, parent_id: st
             with tempfile.TemporaryDirectory(prefix="pact-ray-replay-") as d:
                 plan.store.fetch_results(Path(d))
                 replay_results(Path(d), mlflow_callback)
-    searched = args.search != "grid" or bool(args.until_conclusive)  # param_space's searchers
+    searched = _searched(args)  # param_space's searchers
     try:
-        with interrupts, _searcher_metric_at_evaluations(searched):
+        prestarted = started_ray and _prestart_fits(plan)
+        with interrupts, _searcher_metric_at_evaluations(searched), _trials_in_prestarted_workers(prestarted):
             results = tuner.fit()
     except Exception as e:
         if not storage_full(plan, e):
