@@ -314,7 +314,7 @@ _UNTIL_RAY = """
 import runpy, sys
 import pact_ray.tune.sweep as sweep
 
-def connect_ray(address, verbose=False):
+def connect_ray(address, verbose=False, preload=None):
     print("TORCH_BEFORE_RAY", "torch" in sys.modules)
     raise SystemExit(0)
 
