@@ -179,7 +179,7 @@ class RunConfig:
         return self
 
 
-    def data_folder(self) -> "Path | None":
+    def data_folder(self) -> Path | None:
         """The folder of this run's data when it exists already: ``data``, or the cached
         synthetic set; None when the synthetic set is still to be generated (by the trainer's
         ``dataset_for``, which needs torch). Torch-free: the sweep driver uses it to describe
@@ -188,7 +188,7 @@ class RunConfig:
             return Path(self.data)
         return self._cached_synthetic()
 
-    def _cached_synthetic(self) -> "Path | None":
+    def _cached_synthetic(self) -> Path | None:
         raise NotImplementedError
 
 

@@ -349,10 +349,10 @@ def init_ray(address: str | None, verbose: bool = False, preload: list[str] | No
         # A cluster keeps its own settings (and refuses a _system_config from a client).
         kw["_system_config"] = {"prestart_worker_first_driver": preload is not None, "preload_python_modules": preload or []}
         if preload is not None:
-            # Ray keeps at most one idle worker per *available* CPU and kills the others after
-            # a second idle: once Tune's placement groups hold every CPU, the prestarted workers
-            # would be killed before the trial actors reach them, and new ones started (seen in
-            # about 1 test sweep in 4). Keep one idle worker per CPU of the machine instead.
+            # Without an explicit soft limit, the raylet's idle-worker culling killed the
+            # prestarted workers ("idle for a long time", a second after Tune's placement groups
+            # took every CPU) before the trial actors reached them, and started new ones: seen
+            # in about 1 test sweep in 4, none in 8 with the limit. One idle worker per CPU.
             from ray._private.utils import get_num_cpus
 
             kw["_system_config"]["num_workers_soft_limit"] = int(get_num_cpus())
