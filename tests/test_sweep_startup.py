@@ -310,6 +310,13 @@ def test_stopping_the_sweeps_ray_ends_the_autoscaler_monitor_before_its_gcs():
     assert "autoscaler failed" not in out.stdout + out.stderr
 
 
+# The end of each wrapper below: run the sweep script named by the first argument, as `python script ...` would.
+_RUN_SCRIPT = """
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+"""
+
 _UNTIL_RAY = """
 import runpy, sys
 import pact_ray.tune.sweep as sweep
@@ -319,9 +326,7 @@ def connect_ray(address, verbose=False, preload=None):
     raise SystemExit(0)
 
 sweep.connect_ray = connect_ray
-script = sys.argv[1]
-sys.argv = sys.argv[1:]
-runpy.run_path(script, run_name="__main__")
+""" + _RUN_SCRIPT + """
 print("RAY NOT REACHED")
 """
 
@@ -353,10 +358,7 @@ class WatchTorch:
         return None
 
 sys.meta_path.insert(0, WatchTorch())
-script = sys.argv[1]
-sys.argv = sys.argv[1:]
-runpy.run_path(script, run_name="__main__")
-"""
+""" + _RUN_SCRIPT
 
 
 @pytest.mark.slow
@@ -405,10 +407,7 @@ def watched(prestarted):
 
 
 sweep._trials_in_prestarted_workers = watched
-script = sys.argv[1]
-sys.argv = sys.argv[1:]
-runpy.run_path(script, run_name="__main__")
-"""
+""" + _RUN_SCRIPT
 
 
 @pytest.mark.slow

@@ -533,7 +533,8 @@ def _run(kind: RunKind, args: argparse.Namespace) -> int:
     env_fast_fail()
     store = _prepare_while_ray_starts(plan)
     with store.undone_on_error():
-        started_ray = connect_ray(args.address, verbose=args.verbose, preload=_worker_preload(plan))
+        preload = _worker_preload(plan)
+        started_ray = connect_ray(args.address, verbose=args.verbose, preload=preload)
     parent_id = None
     client = None
     try:
@@ -547,7 +548,8 @@ def _run(kind: RunKind, args: argparse.Namespace) -> int:
 
         client = MlflowClient(plan.tracking_uri)
         experiment_id, parent_id = _open_sweep(plan, client, manifest)
-        return _train_and_report(plan, client, experiment_id, parent_id, datasets, started_ray)
+        return _train_and_report(plan, client, experiment_id, parent_id, datasets, started_ray,
+                                 prestarted=started_ray and preload is not None)
     except KeyboardInterrupt:  # a second Ctrl-C, or one during start-up
         if client is not None and parent_id is not None:
             client.set_terminated(parent_id, status="KILLED")
@@ -779,7 +781,7 @@ def describe_datasets(plan: SweepPlan) -> dict[str, Any]:
 
 
 def _train_and_report(plan: SweepPlan, client, experiment_id: str, parent_id: str, datasets: dict[str, Any],
-                      started_ray: bool) -> int:
+                      started_ray: bool, prestarted: bool = False) -> int:
     from pact_ray.report.ablation import write_report
     from pact_ray.report.ablation.route import print_verdicts, route_status
     from pact_ray.report.summary import collect_sweep
@@ -815,7 +817,6 @@ def _train_and_report(plan: SweepPlan, client, experiment_id: str, parent_id: st
                 replay_results(Path(d), mlflow_callback)
     searched = _searched(args)  # param_space's searchers
     try:
-        prestarted = started_ray and _prestart_fits(plan)
         with interrupts, _searcher_metric_at_evaluations(searched), _trials_in_prestarted_workers(prestarted):
             results = tuner.fit()
     except Exception as e:
