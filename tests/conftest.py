@@ -1,4 +1,8 @@
-"""Shared test set-up: fixture paths, a private synthetic-data cache, one Ray instance."""
+"""Shared test set-up: fixture paths, a private synthetic-data cache, one Ray instance.
+
+Every numerical tolerance in these tests is derived (tests/numerics.py, or an error analysis
+written beside it), never a literal that happened to pass on this CPU: tests/README.md.
+"""
 
 from __future__ import annotations
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 from conftest import fixture_path
-from numerics import assert_within_rounding, rounding_bound, transformer_ops
+from numerics import Float32Bound, assert_within_rounding, float32_error_bound, rounding_bound, transformer_ops
 from safetensors.torch import save_file
 
 from pact_ray.models.checkpoint import CheckpointError, load_core_weights, read_weights
-from pact_ray.models.layers import absolute_position_embedding, patchify, unpatchify
+from pact_ray.models.layers import TimestepEmbedder, absolute_position_embedding, patchify, unpatchify
 from pact_ray.models.stage1 import CONDITION_PRESETS, STAGE1_PRESETS, PartStructureFlow, build_stage1
 from pact_ray.ot.router import RouterConfig
 
@@ -32,26 +33,74 @@ def test_official_config_has_exact_key_set_and_shapes():
     assert model.mask_group_emb is model.part_pe and model.mask_group_emb_proj is model.part_pe_proj
 
 
-GOLDEN_ATOL = 1e-5  # the spec's fidelity target (docs/specs/stage1_pact.md)
+SPEC_TARGET = 1e-5  # the spec's fidelity target (docs/specs/stage1_pact.md)
 
 
 def _in_float64(inputs: dict) -> dict:
     return {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inputs.items()}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_golden_forward_reproduced(golden, dtype):
-    """The reference ran in float32. In float64 our side adds no rounding of its own, so what
-    is left is the fixture's float32 rounding (measured 3.5e-7), on any CPU; in float32 (what
-    training runs in) our own rounding adds about as much again, still 14x inside the spec."""
+def _golden_model(golden, dtype=torch.float32) -> PartStructureFlow:
     model = PartStructureFlow(**golden["config"])
     model.load_state_dict(golden["state_dict"], strict=True)
-    model = model.eval().to(dtype)
-    inputs = golden["inputs"] if dtype == torch.float32 else _in_float64(golden["inputs"])
+    return model.eval().to(dtype)
+
+
+def _golden_error(model, golden, masks=True) -> float:
+    inputs = golden["inputs"] if model.pos_emb.dtype == torch.float32 else _in_float64(golden["inputs"])
+    if not masks:
+        inputs = {**inputs, "masks": None}
     with torch.no_grad():
         out = model(**inputs)
-    assert out.shape == golden["output"].shape and out.dtype == dtype
-    torch.testing.assert_close(out, golden["output"].to(dtype), atol=GOLDEN_ATOL, rtol=0)
+    assert out.shape == golden["output"].shape and out.dtype == model.pos_emb.dtype
+    return float((out.double() - golden["output"].double()).abs().max())
+
+
+@pytest.fixture(scope="module")
+def rounding(golden) -> Float32Bound:
+    """How far float32 rounding can move the golden output on any CPU (tests/numerics.py):
+    measured here as 1.1e-4 for two evaluations, while this CPU reproduces the fixture
+    bit for bit."""
+    model = _golden_model(golden)
+    with torch.no_grad():
+        return float32_error_bound(lambda: {"output": model(**golden["inputs"])})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_golden_forward_reproduced(golden, rounding, dtype):
+    """The reference ran in float32. In float32 ours and the fixture are two rounded
+    evaluations, within the derived bound for two; in float64 ours is exact next to float32,
+    so what is left is the fixture's own rounding (3.5e-7 on any CPU), within the bound for
+    one and the spec's 1e-5."""
+    error = _golden_error(_golden_model(golden, dtype), golden)
+    bound = rounding("output", 2 if dtype == torch.float32 else 1)
+    assert error <= bound, (error, bound)
+    if dtype == torch.float64:
+        assert error <= SPEC_TARGET
+
+
+@pytest.mark.parametrize("defect", ["wrong frequency base", "dropped mask embedding"])
+def test_golden_catches_real_defects(golden, rounding, monkeypatch, defect):
+    """A defect moves the output by more than 100 times the bound (measured: 310 times for a
+    timestep embedding with base 1,000 instead of 10,000, 210 times without the mask
+    embedding); every weight one ulp off moves it by less than the bound."""
+    masks = defect != "dropped mask embedding"
+    if defect == "wrong frequency base":
+        embed = TimestepEmbedder.timestep_embedding
+        monkeypatch.setattr(TimestepEmbedder, "timestep_embedding",
+                            staticmethod(lambda t, dim, max_period=10000.0: embed(t, dim, max_period=1000.0)))
+    assert _golden_error(_golden_model(golden), golden, masks=masks) > 100 * rounding("output", 2)
+
+
+def test_golden_passes_a_rounding_level_change(golden, rounding):
+    model = _golden_model(golden)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            up = torch.rand(p.shape, generator=g) < 0.5
+            p.copy_(torch.where(up, torch.nextafter(p, torch.full_like(p, math.inf)),
+                                torch.nextafter(p, torch.full_like(p, -math.inf))))
+    assert _golden_error(model, golden) <= rounding("output", 2)
 
 
 def test_position_embedding_matches_reference_buffer(golden):

@@ -7,12 +7,13 @@ and a real Ray sweep of the three variants."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 from conftest import fixture_path
-from numerics import FLOAT64, assert_within_rounding, transformer_ops
+from numerics import FLOAT64, Float32Bound, assert_within_rounding, float32_error_bound, transformer_ops
 from safetensors.torch import save_file
 
 from pact_ray.data.objects.articulation import SLOT_GROUPS, encode_articulation_batch, validity_mask
@@ -21,8 +22,9 @@ from pact_ray.data.objects.synthetic import PRESETS, generate_dataset
 from pact_ray.errors import ConfigError
 from pact_ray.metrics import names as M
 from pact_ray.models.checkpoint import CheckpointError, load_core_weights
-from pact_ray.models.layers import absolute_position_embedding
+from pact_ray.models.layers import TimestepEmbedder, absolute_position_embedding
 from pact_ray.models.presets import STAGE2_PRESETS
+from pact_ray.models.sparse import SubMConv3d
 from pact_ray.models.stage2 import FeatureAverage, build_stage2, mask_moments, pact_rows, voxel_position_embedding
 from pact_ray.runs.registry import STAGE2_VARIANTS
 from pact_ray.runs.stage2 import Stage2RunConfig
@@ -88,22 +90,60 @@ def test_official_config_has_exact_key_set_and_shapes():
     assert preset.flow.use_checkpoint and 600e6 < sum(p.numel() for p in preset.parameters()) < 610e6
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_golden_forward_reproduced(golden, dtype):
-    """PAct's outputs to 1e-5. In float64 only the fixture's own float32 rounding is left,
-    so the check does not depend on this CPU's kernels."""
-    model, i = golden_model(golden, dtype), golden_inputs(golden, dtype)
+SPEC_TARGET = 1e-5  # docs/specs/stage2.md: PAct's golden outputs reproduced to 1e-5
+
+
+def golden_pass(model, golden, dtype=torch.float32, masks=True) -> dict[str, torch.Tensor]:
+    """The golden inputs through ``model``: the fixture's outputs and intermediates by name."""
+    i = golden_inputs(golden, dtype)
+    rows, num_rows = pact_rows(i["coords"], i["part_layouts"])
+    layout = model.layout(rows, num_rows)
+    masks = i["masks"] if masks else None
     with torch.no_grad():
-        feats, arti = model.forward_pact(i["coords"], i["feats"], i["part_layouts"], i["t"], i["cond"], i["masks"])
-    out = golden["outputs"]
-    assert feats.shape == out["feats"].shape and arti.shape == out["arti"].shape
-    torch.testing.assert_close(feats, out["feats"].to(dtype), atol=1e-5, rtol=0)
-    torch.testing.assert_close(arti, out["arti"].to(dtype), atol=1e-5, rtol=0)
+        out = model(i["feats"], i["t"], i["cond"], layout, masks)
+        pooled = model.pool_rows(out.features, layout)
+        feats, arti = model.forward_pact(i["coords"], i["feats"], i["part_layouts"], i["t"], i["cond"], masks)
+        half = pooled.shape[1] // 2
+        return {"t_emb": model.flow.t_embedder(i["t"]), "transformer_out": out.features,
+                "pooled_mean": pooled[:, :half], "pooled_max": pooled[:, half:], "feats": feats, "arti": arti}
 
 
-def test_golden_intermediates(golden):
-    """The steps in between, to localise a mismatch: the timestep embedding, the downsampled
-    cells and their order, the transformer's output and the head's pooled features."""
+def golden_reference(golden) -> dict[str, torch.Tensor]:
+    return {**golden["intermediates"], **golden["outputs"]}
+
+
+@pytest.fixture(scope="module")
+def rounding(golden) -> Float32Bound:
+    """How far float32 rounding can move each golden output on any CPU (tests/numerics.py):
+    measured here as t_emb 6.9e-4, transformer_out 4.2e-3, feats 1.7e-3, arti 1.5e-3 for two
+    evaluations, while this CPU reproduces the fixture to 1e-6 and another (AVX-512) its
+    t_emb to 3.8e-6."""
+    model = golden_model(golden)
+    return float32_error_bound(lambda: golden_pass(model, golden))
+
+
+def golden_errors(ours: dict, golden) -> dict[str, float]:
+    ref = golden_reference(golden)
+    return {k: float((v.double() - ref[k].double()).abs().max()) for k, v in ours.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_golden_forward_reproduced(golden, rounding, dtype):
+    """PAct's outputs and intermediates (the timestep embedding, the transformer's output, the
+    head's pooled features, to localise a mismatch). In float32 ours and the fixture are two
+    rounded evaluations, within the derived bound for two; in float64 ours is exact next to
+    float32, so only the fixture's own rounding is left (within the bound for one), the same
+    on every CPU, and the spec's 1e-5 applies to it."""
+    errors = golden_errors(golden_pass(golden_model(golden, dtype), golden, dtype), golden)
+    evaluations = 2 if dtype == torch.float32 else 1
+    for name, error in errors.items():
+        assert error <= rounding(name, evaluations), (name, error, rounding(name, evaluations))
+    if dtype == torch.float64:
+        assert max(errors[k] for k in ("feats", "arti")) <= SPEC_TARGET, errors
+
+
+def test_golden_layout_reproduced(golden):
+    """The downsampled cells, their order and their rows: integers, exact."""
     model, i = golden_model(golden), golden_inputs(golden)
     inter = golden["intermediates"]
     rows, num_rows = pact_rows(i["coords"], i["part_layouts"])
@@ -112,14 +152,62 @@ def test_golden_intermediates(golden):
     assert torch.equal(top[:, 1:], inter["low_coords"][:, 1:].long())
     assert torch.equal(layout.row_obj[top[:, 0]], inter["low_coords"][:, 0].long())
     assert torch.equal(layout.row_idx[top[:, 0]], inter["low_part"])
+
+
+def _wrong_frequency_base(monkeypatch, golden):
+    embed = TimestepEmbedder.timestep_embedding
+    monkeypatch.setattr(TimestepEmbedder, "timestep_embedding",
+                        staticmethod(lambda t, dim, max_period=10000.0: embed(t, dim, max_period=1000.0)))
+    return golden_model(golden), True
+
+
+def _transposed_kernels(monkeypatch, golden):
+    model = golden_model(golden)
     with torch.no_grad():
-        torch.testing.assert_close(model.flow.t_embedder(i["t"]), inter["t_emb"], atol=1e-6, rtol=0)
-        out = model(i["feats"], i["t"], i["cond"], layout, i["masks"])
-        torch.testing.assert_close(out.features, inter["transformer_out"], atol=1e-5, rtol=0)
-        pooled = model.pool_rows(out.features, layout)
-    half = pooled.shape[1] // 2
-    torch.testing.assert_close(pooled[:, :half], inter["pooled_mean"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(pooled[:, half:], inter["pooled_max"], atol=1e-5, rtol=0)
+        for m in model.modules():
+            if isinstance(m, SubMConv3d):
+                m.weight.copy_(m.weight.transpose(1, 3).clone())  # kernel offsets (dx, dy, dz) read as (dz, dy, dx)
+    return model, True
+
+
+def _dropped_mask_embedding(monkeypatch, golden):
+    return golden_model(golden), False
+
+
+def _one_ulp_weights(monkeypatch, golden):
+    """A rounding-level change: every weight moved by one float32 ulp, up or down at random."""
+    model = golden_model(golden)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            up = torch.rand(p.shape, generator=g) < 0.5
+            p.copy_(torch.where(up, torch.nextafter(p, torch.full_like(p, math.inf)),
+                                torch.nextafter(p, torch.full_like(p, -math.inf))))
+    return model, True
+
+
+@pytest.mark.parametrize("defect, outputs, margin", [
+    # Measured, as multiples of the bound: t_emb 1921, feats 964, arti 335.
+    (_wrong_frequency_base, ("t_emb", "feats", "arti"), 100),
+    # transformer_out 679, feats 1468, arti 240 (the timestep embedding does not see kernels).
+    (_transposed_kernels, ("transformer_out", "feats", "arti"), 100),
+    # transformer_out 767, feats 578, arti 494 (nor the masks).
+    (_dropped_mask_embedding, ("transformer_out", "feats", "arti"), 100),
+], ids=["wrong frequency base", "transposed convolution kernel", "dropped mask embedding"])
+def test_golden_catches_real_defects(golden, rounding, monkeypatch, defect, outputs, margin):
+    """Each defect moves the outputs it touches by more than ``margin`` times the bound."""
+    model, masks = defect(monkeypatch, golden)
+    errors = golden_errors(golden_pass(model, golden, masks=masks), golden)
+    for name in outputs:
+        assert errors[name] > margin * rounding(name, 2), (name, errors[name], rounding(name, 2))
+
+
+def test_golden_passes_a_rounding_level_change(golden, rounding, monkeypatch):
+    """Every weight one ulp off moves the outputs by 3e-7 to 3e-6, far inside the bound."""
+    model, _ = _one_ulp_weights(monkeypatch, golden)
+    errors = golden_errors(golden_pass(model, golden), golden)
+    for name, error in errors.items():
+        assert error <= rounding(name, 2), (name, error, rounding(name, 2))
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
