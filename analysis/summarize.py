@@ -14,11 +14,15 @@ import sys
 from pathlib import Path
 
 from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 from pact_ray.cli import OneLineParser, user_errors
 from pact_ray.report.ablation import collect_results, write_report
 from pact_ray.report.ablation.build import status_counts
-from pact_ray.report.summary import SummaryData, collect
+from pact_ray.report.ablation.route import route_status
+from pact_ray.report.summary import SummaryData, collect, search_all
+from pact_ray.tracking.tags import ROLE_TAG
+from pact_ray.verdicts import Design, Margin
 from pact_ray.tracking.store import check_tracking_uri, default_tracking_uri, sqlite_path
 
 
@@ -31,7 +35,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", action="append", default=None,
                    help="MLflow experiment name (repeatable; default: every pact-ray/* experiment)")
     p.add_argument("--out", default="summary", help="output folder")
+    p.add_argument("--metric", default=None, help="the validation metric the verdicts compare on (default: each kind's primary)")
+    p.add_argument("--margin", default="1%", help="the margin of practical difference: relative (1%%) or absolute (0.005)")
+    p.add_argument("--until-conclusive", type=int, default=None, metavar="MAX_SEEDS",
+                   help="the runs come from an adaptive sweep with this MAX_SEEDS: verdicts spend alpha over its looks "
+                        "(default: read from the sweeps' parent runs in MLflow; 0 for a fixed design)")
     return p
+
+
+def design_for(args: argparse.Namespace, data: SummaryData, uri: str | None) -> Design:
+    """The verdicts' design: the flags, and for MLflow sources the largest --until-conclusive of
+    the sweeps the runs come from (an adaptive sweep's verdicts must spend alpha over its looks;
+    assuming 2 as the first look only makes them more conservative)."""
+    margin = Margin.parse(args.margin)
+    max_seeds = args.until_conclusive
+    if max_seeds is None and uri is not None:
+        client = MlflowClient(uri)
+        experiments = [e for name in {r["experiment"] for r in data.rows} if (e := client.get_experiment_by_name(name))]
+        parents = search_all(client, [e.experiment_id for e in experiments], f"tags.`{ROLE_TAG}` = 'sweep'") if experiments else []
+        max_seeds = max((int(p.data.params.get("until_conclusive") or 0) for p in parents), default=0)
+    if max_seeds is not None and max_seeds < 0:
+        raise ValueError(f"--until-conclusive must be >= 0, got {max_seeds}")
+    return Design(margin=margin, max_seeds=max_seeds or None, first_look=2)
 
 
 def load(args: argparse.Namespace) -> tuple[SummaryData, str]:
@@ -40,11 +65,11 @@ def load(args: argparse.Namespace) -> tuple[SummaryData, str]:
         if args.experiment:
             raise ValueError("--experiment selects MLflow experiments; it does not apply to --results")
         path = Path(args.results).resolve()
-        return collect_results(path), str(path)
+        return collect_results(path, [args.metric] if args.metric else ()), str(path)
     uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
     if uri.startswith("sqlite:///") and not sqlite_path(uri).is_file():
         raise ValueError(f"tracking store {uri} does not exist (pass --tracking-uri, or --results for Ray's result folders)")
-    data = collect(uri, args.experiment)
+    data = collect(uri, args.experiment, metrics=[args.metric] if args.metric else ())
     return data, uri
 
 
@@ -58,7 +83,9 @@ def _summarize(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
     data, source = load(args)
-    files = write_report(data, out, source)
+    design = design_for(args, data, None if args.results else source)
+    metrics = {kind: args.metric for kind in {r["kind"] for r in data.rows}} if args.metric else None
+    files = write_report(data, out, source, entries=route_status(data, design, metrics))
     status = ", ".join(f"{n} {s}" for s, n in status_counts(data.rows).items())
     print(f"{len(data.rows)} runs ({status}) from {source}")
     print(f"wrote {len(files)} files to {out}")

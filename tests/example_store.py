@@ -254,7 +254,8 @@ def example_specs() -> list[TrialSpec]:
             final = 3.2 - 0.3 * (variant != "baseline") + {"baseline": (0.05, 0.11), "spatial_diag": (0.03, 0.12),
                                                           "spatial_adapter": (0.1, 0.3)}[variant][seed]
             art_l2 = 0.1 - 0.02 * (variant == "spatial_adapter") + 0.004 * seed
-            history = {M.LOSS: loss_curve(final, 5, start=6.0), M.ART_L2: [art_l2 + 0.01 * (4 - i) for i in range(5)]}
+            history = {M.LOSS: loss_curve(final, 5, start=6.0), M.ART_L2: [art_l2 + 0.01 * (4 - i) for i in range(5)],
+                       M.VAL_ART_L2: [art_l2 + 0.002 + 0.01 * (4 - i) for i in range(5)]}  # Stage2's primary metric
             if variant != "baseline":
                 history.update({M.MASK_PARTS: [5.0 + seed] * 5, M.EMPTY: [1.0 + seed] * 5})
             specs.append(TrialSpec(variant, history, seed, "quick", kind="stage2", phase=phase, note=note))

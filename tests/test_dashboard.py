@@ -26,6 +26,7 @@ from pact_ray.report.ablation.build import COUNT_LABELS, INDEX_HTML, REPORT_JSON
 from pact_ray.report.ablation.groups import router_on
 from pact_ray.report.ablation.plots import PLOTS, placeholder, plots_for
 from pact_ray.report.ablation.route import NO_BASELINE, route_status
+from pact_ray.verdicts import NOT_FOR_CONCLUSIONS
 from pact_ray.report.ablation.stats import BETTER, INCONCLUSIVE, ONE_SEED, WORSE, difference, mean_interval, verdict
 from pact_ray.report.ablation.tuning import tuned_variants
 from pact_ray.report.summary import CSV_NAME, JSON_NAME, STATUSES, SummaryData, collect
@@ -118,14 +119,16 @@ def test_route_status_verdicts_deltas_and_diagnostics(example):
         assert e.delta.method == "paired" and e.diagnostics[M.ART_L2] is not None and e.diagnostics[M.GATE] is None
     # Each configuration of the tuned variant is its own entry (one seed each).
     tuned = [e for k, e in entries.items() if k[:3] == ("stage1", "smoke", "rgb_edge")]
-    assert len(tuned) == sum(1 for s in specs if s.overrides) and all(e.verdict == ONE_SEED for e in tuned)
+    assert len(tuned) == sum(1 for s in specs if s.overrides)
+    # Smoke runs are not meant for conclusions: one seed each, no interval, and no verdict.
+    assert all(e.verdict == NOT_FOR_CONCLUSIONS and e.decision.verdict == ONE_SEED for e in tuned)
     assert all(set(e.knobs) == {"router.eps", "router.strength"} and "eps=" in e.label for e in tuned)
 
 
 def test_variant_without_a_baseline_says_so(example):
     data, _, _ = example
     rows = [r for r in data.rows if r["variant"] != "baseline"]
-    entries = route_status(SummaryData(rows, data.curves, data.params, data.val_curves))
+    entries = route_status(SummaryData(rows, data.curves, data.params, data.val_curves, data.metric_curves))
     assert entries and all(e.verdict == NO_BASELINE and e.delta is None for e in entries)
 
 
@@ -166,7 +169,10 @@ def test_report_writes_tables_json_and_plots(example, report):
     assert {e["verdict"] for e in route} >= {BETTER, WORSE, INCONCLUSIVE, ONE_SEED}
     required = {"variant", "baseline", "metric", "step", "seeds", "delta", "delta_pct", "ci_low", "ci_high", "verdict",
                 "verdict_corrected", "valid", "reason"}
-    assert all(required <= set(e) for e in route) and {e["metric"] for e in route} == {M.VAL_LOSS}
+    required |= {"corrected_ci_low", "corrected_ci_high", "margin", "mde", "design", "secondary"}
+    # Each kind's primary metric: Stage1 the flow loss, Stage2 the articulation error.
+    assert all(required <= set(e) for e in route)
+    assert {(e["kind"], e["metric"]) for e in route} == {("stage1", M.VAL_LOSS), ("stage2", M.VAL_ART_L2)}
     assert summary["param_importance"][0]["importances"]
     pngs = [f"{p.name}.png" for p in plots_for(data)] + [summary["param_importance"][0]["parallel_coordinates"]]
     for name in pngs:

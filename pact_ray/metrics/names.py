@@ -77,3 +77,10 @@ VAL_SAMPLES = "val_samples"  # validation samples scored
 EVAL_TIME_S = "eval_time_s"  # seconds the evaluation took
 BEST_VAL_MSE = "best_val_mse"  # lowest val_mse so far (the weights kept as the best checkpoint)
 BEST_STEP = "best_step"  # the step of those weights
+
+
+def metric_mode(metric: str) -> str:
+    """"max" for a metric where higher is better (accuracies, scores, SSIM, PSNR), "min" for
+    the losses and errors."""
+    higher = ("_acc", "accuracy", "score", SSIM, PSNR)
+    return "max" if metric.endswith(higher) or metric in (SSIM, PSNR) else "min"

@@ -59,6 +59,25 @@ class SummaryData:
     curves: dict[str, Curve] = field(default_factory=dict)
     params: dict[str, dict[str, str]] = field(default_factory=dict)
     val_curves: dict[str, Curve] = field(default_factory=dict)
+    # The other validation metrics the verdicts read (each kind's primary and secondary
+    # metrics, and a --metric), metric -> run_id -> curve; val_loss is ``val_curves``.
+    metric_curves: dict[str, dict[str, Curve]] = field(default_factory=dict)
+
+    def curves_of(self, metric: str) -> dict[str, Curve]:
+        """run_id -> the curve of validation metric ``metric``."""
+        return self.val_curves if metric == M.VAL_LOSS else self.metric_curves.get(metric, {})
+
+
+def verdict_metrics(kinds: Iterable[str], extra: Iterable[str] = ()) -> list[str]:
+    """The validation metrics the verdicts of runs of ``kinds`` read, besides val_loss."""
+    out: dict[str, None] = {}
+    for name in kinds:
+        kind = RUN_KINDS.get(name)
+        if kind is not None:
+            out.update(dict.fromkeys((kind.val_metric, *kind.secondary_metrics)))
+    out.update(dict.fromkeys(extra))
+    out.pop(M.VAL_LOSS, None)
+    return list(out)
 
 
 def kind_title(kind: str) -> str:
@@ -235,7 +254,7 @@ def _experiments(client: MlflowClient, tracking_uri: str, names: list[str] | Non
     return exps
 
 
-def _summary_data(tracking_uri: str, runs: Iterable[tuple[Run, str]], curves: bool) -> SummaryData:
+def _summary_data(tracking_uri: str, runs: Iterable[tuple[Run, str]], curves: bool, metrics: Iterable[str] = ()) -> SummaryData:
     rows, params = [], {}
     for run, experiment_name in runs:
         row = row_from_run(run, experiment_name)
@@ -246,6 +265,8 @@ def _summary_data(tracking_uri: str, runs: Iterable[tuple[Run, str]], curves: bo
         return SummaryData(rows, {}, params, {})
     ids = {r["run_id"]: r["mlflow_run_id"] for r in rows}
     data = SummaryData(rows, fetch_curves(tracking_uri, ids), params, fetch_curves(tracking_uri, ids, M.VAL_LOSS))
+    for metric in verdict_metrics({r["kind"] for r in rows}, metrics):
+        data.metric_curves[metric] = fetch_curves(tracking_uri, ids, metric)
     set_val_steps(data)
     return data
 
@@ -257,21 +278,22 @@ def set_val_steps(data: SummaryData) -> None:
         row["val_step"] = curve[-1][0] if curve else None
 
 
-def collect(tracking_uri: str, experiments: list[str] | None = None, curves: bool = True) -> SummaryData:
+def collect(tracking_uri: str, experiments: list[str] | None = None, curves: bool = True, metrics: Iterable[str] = ()) -> SummaryData:
     """Rows, loss curves and params of every trial run in the named experiments
     (default: the ablation sweeps' experiments, :data:`ABLATION_KINDS`)."""
     client = MlflowClient(tracking_uri)
     runs = [(run, exp.name) for exp in _experiments(client, tracking_uri, experiments)
             for run in search_all(client, [exp.experiment_id], f"tags.`{ROLE_TAG}` = 'trial'")]
-    return _summary_data(tracking_uri, runs, curves)
+    return _summary_data(tracking_uri, runs, curves, metrics)
 
 
-def collect_sweep(tracking_uri: str, experiment_id: str, parent_run_id: str, curves: bool = True) -> SummaryData:
+def collect_sweep(tracking_uri: str, experiment_id: str, parent_run_id: str, curves: bool = True,
+                  metrics: Iterable[str] = ()) -> SummaryData:
     """Rows, loss curves and params of the trials of one sweep (children of its parent run)."""
     client = MlflowClient(tracking_uri)
     name = client.get_experiment(experiment_id).name
     runs = [(run, name) for run in search_all(client, [experiment_id], f"tags.`{SWEEP_TAG}` = '{parent_run_id}'")]
-    return _summary_data(tracking_uri, runs, curves)
+    return _summary_data(tracking_uri, runs, curves, metrics)
 
 
 def collect_sweep_rows(tracking_uri: str, experiment_id: str, parent_run_id: str, kind: RunKind | None = None) -> list[dict[str, Any]]:

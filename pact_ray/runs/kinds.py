@@ -56,7 +56,18 @@ class RunKind:
     knobs: Mapping[str, Knob]  # what --search optuna may tune, by flat config key
     metric: str = M.LOSS  # what Tune's searchers and schedulers read: reported at every step
     mode: str = "min"
-    val_metric: str = M.VAL_LOSS  # what the report compares variants on: held-out, at equal steps
+    # The primary metric: what the verdicts compare variants on (held-out, at equal steps), what
+    # Optuna optimises and adaptive seeds decide on. --metric picks another of val_metrics.
+    val_metric: str = M.VAL_LOSS
+    # Shown beside the primary metric with their intervals, outside the verdicts' family.
+    secondary_metrics: tuple[str, ...] = ()
+    # Every validation metric the kind logs at its evaluation steps (what --metric accepts).
+    val_metrics: tuple[str, ...] = (M.VAL_LOSS, M.VAL_FLOW_LOSS)
+
+    @property
+    def val_mode(self) -> str:
+        """"min" or "max" for the primary metric."""
+        return M.metric_mode(self.val_metric)
 
     @property
     def variants(self) -> Mapping[str, Variant]:
@@ -83,15 +94,22 @@ STAGE1 = RunKind(
     name="stage1", script="stage1_router", title="Stage1", config_cls=Stage1RunConfig,
     **_training("stage1", "Stage1Trainer"), knobs=STAGE1_KNOBS,
 )
+# Stage2 exists to regress articulation: PAct's Stage2 is judged on it (the articulation
+# error over the valid slots), with the decoded joint-type and label accuracies beside it; the
+# flow loss is the latent half of the objective.
 STAGE2 = RunKind(
     name="stage2", script="stage2_spatial", title="Stage2", config_cls=Stage2RunConfig,
-    **_training("stage2", "Stage2Trainer"), knobs={},
+    **_training("stage2", "Stage2Trainer"), knobs={}, val_metric=M.VAL_ART_L2,
+    secondary_metrics=(M.VAL_ART_TYPE_ACC, M.VAL_ART_LABEL_ACC, M.VAL_LOSS),
+    val_metrics=(M.VAL_ART_L2, M.VAL_ART_TYPE_ACC, M.VAL_ART_LABEL_ACC, M.VAL_LOSS, M.VAL_FLOW_LOSS),
 )
 # Tuned and early-stopped on the training loss: Tune checks its metric in every result, and
 # the validation metrics come only every eval_every steps (the best weights follow val_mse).
 WORLD_MODEL = RunKind(
     name="world_model", script="mae_world_model", title="World model", config_cls=WorldModelRunConfig,
     **_training("world_model", "WorldModelTrainer"), knobs=WM_KNOBS, val_metric=M.VAL_MSE,
+    secondary_metrics=(M.VAL_MSE_VISUAL, M.VAL_MSE_MOTOR_STRIP),
+    val_metrics=(M.VAL_MSE, M.VAL_MSE_VISUAL, M.VAL_MSE_MOTOR_STRIP, M.VAL_MSE_STATIC, M.VAL_MSE_DYNAMIC),
 )
 RUN_KINDS: dict[str, RunKind] = {k.name: k for k in (STAGE1, STAGE2, WORLD_MODEL)}
 

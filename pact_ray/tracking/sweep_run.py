@@ -48,12 +48,14 @@ def create_parent(client: MlflowClient, experiment_id: str, name: str, tags: dic
 
 def verdict_table(entries: Iterable[Any]) -> str:
     """The route status as a Markdown table (what the parent's description shows)."""
-    lines = ["| setting | variant | step | seeds | Δ val (95% CI) | verdict | corrected (Holm) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| setting | variant | metric | step | seeds | Δ (simultaneous CI) | margin δ | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
     for e in entries:
-        delta = e.delta.estimate.text(signed=True) if e.delta else "-"
-        verdict = e.verdict if e.valid else f"{e.verdict}: {e.reason}"
-        lines.append(f"| {e.setting[1]} · {e.setting[2]} | {e.label} | {e.step if e.step is not None else '-'} | "
-                     f"{len(e.seeds)}/{len(e.baseline_seeds)} | {delta} | {verdict} | {e.verdict_corrected} |")
+        delta = e.corrected_delta.text(signed=True) if e.delta else "-"
+        margin = f"±{e.decision.margin:.3g}" if e.decision and e.decision.margin is not None else "-"
+        verdict = e.verdict_text if e.valid and not e.reason else f"{e.verdict_corrected}: {e.reason}"
+        lines.append(f"| {e.setting[1]} · {e.setting[2]} | {e.label} | {e.metric} | {e.step if e.step is not None else '-'} | "
+                     f"{len(e.seeds)}/{len(e.baseline_seeds)} | {delta} | {margin} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -74,8 +76,8 @@ def ablation_headline(rows: list[dict[str, Any]], entries: list[Any]) -> dict[st
         "trials_finished": sum(r["status"] == "finished" for r in rows),
         "trials_errored": sum(r["status"] == "errored" for r in rows),
     }
-    for verdict in ("better", "worse", "inconclusive"):
-        out[f"variants_{verdict}"] = sum(e.verdict_corrected == verdict for e in entries)
+    for verdict in ("better", "worse", "equivalent", "identical", "inconclusive"):
+        out[f"variants_{verdict}"] = sum(e.decision is not None and e.decision.verdict == verdict and not e.reason for e in entries)
     out["variants_without_verdict"] = sum(not e.valid or e.delta is None for e in entries)
     for e in entries:
         if e.valid and e.delta_pct is not None and not e.knobs:

@@ -27,7 +27,8 @@ def build_parser(kind: RunKind, description: str, examples: str = "") -> argpars
     g.add_argument("--profile", default="quick", choices=list(kind.profiles), help="steps, optimiser, validation and export of each run")
     g.add_argument("--model", default="small", help=f"model preset: {', '.join(kind.presets)}")
     g.add_argument("--variants", default="all", help="comma-separated variants for the grid, or 'all': " + ", ".join(kind.variants))
-    g.add_argument("--seeds", default="0", help="comma-separated seeds; the grid is variants x seeds")
+    g.add_argument("--seeds", default=None, help="comma-separated seeds; the grid is variants x seeds (default: the profile's: "
+                   + ", ".join(f"{p.name} {','.join(map(str, range(p.seeds)))}" for p in kind.profiles.values()) + ")")
     g.add_argument("--search", default="grid", choices=["grid", "optuna"], help="grid over named variants, or Optuna over one variant's continuous knobs")
     g.add_argument("--variant", default=None, help="the variant whose knobs --search optuna tunes")
     g.add_argument("--num-samples", type=positive_int, default=8, help="Optuna trials")
@@ -38,6 +39,13 @@ def build_parser(kind: RunKind, description: str, examples: str = "") -> argpars
                             "inconclusive, up to MAX_SEEDS per variant")
     else:
         p.set_defaults(until_conclusive=0)
+    metrics = _val_metrics(kind)
+    g.add_argument("--metric", default=None, choices=metrics or None,
+                   help="the validation metric the verdicts compare on (default: each kind's primary metric: "
+                        + _primaries(kind) + ")")
+    g.add_argument("--margin", default="1%", metavar="DELTA",
+                   help="the margin of practical difference: relative to the baseline (1%%) or absolute (0.005); a difference "
+                        "inside it is 'equivalent' or 'within' (default: 1%%)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a config field for every trial (e.g. {SET_EXAMPLES[kind.name]}); repeatable")
     g.add_argument("--data", default=None, help="dataset folder (default: synthetic data generated once and cached)")
@@ -91,3 +99,28 @@ def parse_seeds(text: str) -> list[int]:
     if bad:
         raise ConfigError(f"--seeds must be in 0..{MAX_SEED}, got {bad[0]}")
     return list(dict.fromkeys(seeds))
+
+
+def _kinds_of(kind: RunKind) -> list[RunKind]:
+    """The run kinds whose trials a sweep of ``kind`` runs (the matrix: Stage1 and Stage2)."""
+    from pact_ray.runs.kinds import RUN_KINDS
+
+    cells = getattr(kind, "cells", None)
+    if cells:
+        return [RUN_KINDS[k] for k in dict.fromkeys(k for k, _ in cells.values())]
+    return [kind]
+
+
+def _val_metrics(kind: RunKind) -> list[str]:
+    """The validation metrics every kind of the sweep logs (what --metric accepts)."""
+    kinds = _kinds_of(kind)
+    return [m for m in kinds[0].val_metrics if all(m in k.val_metrics for k in kinds)]
+
+
+def _primaries(kind: RunKind) -> str:
+    return ", ".join(f"{k.title} {k.val_metric}" for k in _kinds_of(kind))
+
+
+def verdict_metrics(kind: RunKind, metric: str | None) -> dict[str, str]:
+    """kind name -> the metric its verdicts compare on, for ``--metric`` (empty: the primaries)."""
+    return {k.name: metric for k in _kinds_of(kind)} if metric else {}

@@ -61,15 +61,19 @@ class LinkedOptunaSearch(OptunaSearch):
 
 
 def linked_optuna_search(metric: str, mode: str, seed: int, storage_url: str | None, study_name: str,
-                         steps: int | None = None, verbose: bool = False) -> LinkedOptunaSearch:
+                         steps: int | None = None, verbose: bool = False,
+                         defaults: dict | None = None) -> LinkedOptunaSearch:
     """The searcher of an Optuna sweep: persistent in ``storage_url`` (an RDB URL) when given;
-    ``metric`` at step ``steps`` is each trial's objective. Optuna's INFO lines ("A new study
-    created in RDB ...") only with ``verbose``: the sweep prints the study's command itself."""
+    ``metric`` at step ``steps`` is each trial's objective; ``defaults``: the variant's own
+    knob values, evaluated as the study's first trial (Optuna's enqueued trial), so that the
+    best trial is compared with what the variant does untuned. Optuna's INFO lines ("A new
+    study created in RDB ...") only with ``verbose``: the sweep prints the study's command."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
 
+    first = {"points_to_evaluate": [dict(defaults)]} if defaults else {}
     if storage_url:
         return LinkedOptunaSearch(metric=metric, mode=mode, seed=seed, storage=optuna.storages.RDBStorage(storage_url),
-                                  study_name=study_name, link_runs=True, steps=steps)
-    return LinkedOptunaSearch(metric=metric, mode=mode, seed=seed, steps=steps)
+                                  study_name=study_name, link_runs=True, steps=steps, **first)
+    return LinkedOptunaSearch(metric=metric, mode=mode, seed=seed, steps=steps, **first)

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import functools
 import logging
+import math
 import os
 import shutil
 import socket
@@ -28,12 +30,14 @@ from typing import Any, Callable
 
 from pact_ray.cli import user_errors
 from pact_ray.errors import ConfigError, first_line
+from pact_ray.metrics import names as M
 from pact_ray.runs.config import RunConfig
 from pact_ray.runs.kinds import WORLD_MODEL, RunKind, get_kind, resolve_kind
 from pact_ray.runs.registry import parse_variants
-from pact_ray.tune.flags import build_parser, parse_overrides, parse_seeds
+from pact_ray.tune.flags import build_parser, parse_overrides, parse_seeds, verdict_metrics
 from pact_ray.tune.manifest import MANIFEST, load_manifest, write_manifest
 from pact_ray.tune.storage import Storage, check_visible_on_every_node, is_uri, join, open_storage, staged_folder
+from pact_ray.verdicts import Design, Margin
 
 
 class SweepError(ValueError):
@@ -54,6 +58,8 @@ class SweepPlan:
     base: dict[str, Any]  # fixed trial-config entries
     trial_configs: list[dict[str, Any]]  # grid points (or one Optuna template)
     configs: list[tuple[RunKind, RunConfig]]  # each grid point's own kind and config, built once
+    design: Design = Design()  # when and how verdicts are taken (--margin, --until-conclusive)
+    metrics: dict[str, str] = dataclasses.field(default_factory=dict)  # kind -> its --metric (empty: the primaries)
 
     @property
     def local_dir(self) -> Path | None:
@@ -117,6 +123,8 @@ def make_plan(kind: RunKind, args: argparse.Namespace) -> SweepPlan:
     if args.checkpoint:
         base["init_checkpoint"] = str(Path(args.checkpoint).resolve())
 
+    if args.seeds is None:  # the profile's seeds, written into args so that MLflow and --resume see them
+        args.seeds = ",".join(str(s) for s in range(kind.profiles[args.profile].seeds))
     seeds = parse_seeds(args.seeds)
     if args.search == "optuna":
         if not args.variant:
@@ -130,17 +138,32 @@ def make_plan(kind: RunKind, args: argparse.Namespace) -> SweepPlan:
         variants = parse_variants(args.variants, kind.variants)
     if args.until_conclusive:
         _check_adaptive(kind, args, variants, seeds)
-    trial_configs = [{**base, "variant": v, "seed": s} for v in variants for s in seeds]
-    configs = []
-    for tc in trial_configs:  # every config error surfaces before anything starts
-        own_kind, own = resolve_kind(kind, tc)
-        configs.append((own_kind, own_kind.config(own)))
+    design = Design(margin=Margin.parse(args.margin), max_seeds=args.until_conclusive or None,
+                    first_look=max(2, len(seeds)))
+    trial_configs, configs = _grid(kind, base, variants, seeds)
+    if args.scheduler == "asha":  # every trial validates at ASHA's rungs, where ASHA compares them
+        rungs = asha_rungs(max(cfg.steps for _, cfg in configs))[2]
+        own = sorted(set(rungs).union(*(cfg.extra_eval_steps() for _, cfg in configs)))
+        base["eval_steps"] = ",".join(map(str, own))
+        trial_configs, configs = _grid(kind, base, variants, seeds)
 
     tracking_uri = args.tracking_uri or default_tracking_uri()
     check_tracking_uri(tracking_uri)
     summary_dir = join(exp_dir, "summary") if not args.summary_dir else open_storage(
         args.summary_dir if is_uri(args.summary_dir) else str(Path(args.summary_dir).resolve())).uri
-    return SweepPlan(kind, args, name, storage, exp_dir, tracking_uri, summary_dir, base, trial_configs, configs)
+    return SweepPlan(kind, args, name, storage, exp_dir, tracking_uri, summary_dir, base, trial_configs, configs, design,
+                     verdict_metrics(kind, args.metric))
+
+
+def _grid(kind: RunKind, base: dict[str, Any], variants: list[str], seeds: list[int]) -> tuple[list[dict], list[tuple[RunKind, RunConfig]]]:
+    """The trial configs of variants x seeds, and each one's kind and run config (built here,
+    so that every config error surfaces before anything starts)."""
+    trial_configs = [{**base, "variant": v, "seed": s} for v in variants for s in seeds]
+    configs = []
+    for tc in trial_configs:
+        own_kind, own = resolve_kind(kind, tc)
+        configs.append((own_kind, own_kind.config(own)))
+    return trial_configs, configs
 
 
 def _check_adaptive(kind: RunKind, args: argparse.Namespace, variants: list[str], seeds: list[int]) -> None:
@@ -208,8 +231,9 @@ def param_space(plan: SweepPlan) -> tuple[dict[str, Any], Any]:
     if args.until_conclusive:
         from pact_ray.tune.adaptive import AdaptiveSeedSearcher
 
-        return dict(plan.base), AdaptiveSeedSearcher(plan.base, variants, seeds, args.until_conclusive,
-                                                     metric=plan.kind.val_metric, mode=plan.kind.mode)
+        metric = verdict_metric(plan)
+        return dict(plan.base), AdaptiveSeedSearcher(plan.base, variants, seeds, args.until_conclusive, metric=metric,
+                                                     mode=M.metric_mode(metric), margin=plan.design.margin)
     if args.search == "grid":
         return {**plan.base, "variant": tune.grid_search(variants), "seed": tune.grid_search(seeds)}, None
     tc = plan.trial_configs[0]
@@ -225,8 +249,28 @@ def param_space(plan: SweepPlan) -> tuple[dict[str, Any], Any]:
             space[key] = tune.loguniform(knob.low, knob.high) if knob.log else tune.uniform(knob.low, knob.high)
     from pact_ray.tune.optuna import linked_optuna_search
 
-    return space, linked_optuna_search(plan.kind.val_metric, plan.kind.mode, args.optuna_seed, optuna_storage_url(plan), plan.name,
-                                       steps=plan.configs[0][1].steps, verbose=args.verbose)
+    metric = verdict_metric(plan)
+    defaults = {k: v for k, v in plan.configs[0][1].flat().items() if k in space and k not in plan.base}
+    return space, linked_optuna_search(metric, M.metric_mode(metric), args.optuna_seed, optuna_storage_url(plan), plan.name,
+                                       steps=plan.configs[0][1].steps, verbose=args.verbose, defaults=defaults)
+
+
+def verdict_metric(plan: SweepPlan) -> str:
+    """The metric the sweep's decisions read (verdicts, Optuna's objective, ASHA's rungs): its
+    --metric, or its kind's primary metric."""
+    return plan.metrics.get(plan.kind.name, plan.kind.val_metric)
+
+
+def asha_rungs(steps: int) -> tuple[int, int, list[int]]:
+    """(grace period, reduction factor, the steps where ASHA compares trials) for trials of
+    ``steps`` steps: Ray's AsyncHyperBand rungs, grace * factor^k below ``steps``. The trials
+    validate at these steps, so that ASHA prunes on the held-out metric the study optimises."""
+    grace, factor = max(1, steps // 4), 2
+    rungs, step = [], grace
+    while step < steps:
+        rungs.append(step)
+        step *= factor
+    return grace, factor, rungs
 
 
 def optuna_storage_url(plan: SweepPlan) -> str | None:
@@ -272,10 +316,12 @@ def _tuner(plan: SweepPlan, callbacks: list, resume: bool, client=None, parent_i
         _restart(plan, client, parent_id)
     space, searcher = param_space(plan)
     steps = max(cfg.steps for _, cfg in plan.configs)
-    # ASHA stops trials on the training loss, which every step reports; the searchers (Optuna,
-    # adaptive seeds) judge finished trials on the held-out metric, which the last step reports.
-    scheduler = ASHAScheduler(metric=kind.metric, mode=kind.mode, time_attr="training_iteration", max_t=steps,
-                              grace_period=max(1, steps // 4), reduction_factor=2) if args.scheduler == "asha" else None
+    # ASHA compares trials on the metric the searchers judge them by (the held-out verdict
+    # metric), at its rungs, where every trial validates (make_plan adds them to eval_steps).
+    grace, factor, _ = asha_rungs(steps)
+    metric = verdict_metric(plan)
+    scheduler = ASHAScheduler(metric=metric, mode=M.metric_mode(metric), time_attr="training_iteration", max_t=steps,
+                              grace_period=grace, reduction_factor=factor) if args.scheduler == "asha" else None
     tune_config = tune.TuneConfig(
         search_alg=searcher, scheduler=scheduler,
         num_samples=_num_samples(plan),
@@ -872,15 +918,16 @@ def _train_and_report(plan: SweepPlan, client, experiment_id: str, parent_id: st
                         "trials_errored": sum(r["status"] == "errored" for r in wm.rows),
                         **{f"val_mse.{m['variant']}": m["val_mse"].mean for m in wm.means if m["val_mse"] is not None}}
         else:
-            data = collect_sweep(plan.tracking_uri, experiment_id, parent_id)
+            data = collect_sweep(plan.tracking_uri, experiment_id, parent_id, metrics=plan.metrics.values())
+            entries = route_status(data, plan.design, plan.metrics)
             files = write_summary(plan, client, parent_id,
-                                  lambda out: write_report(data, out, plan.tracking_uri, optuna=optuna_dashboard_command(plan)))
-            entries = route_status(data)
+                                  lambda out: write_report(data, out, plan.tracking_uri, optuna=optuna_dashboard_command(plan),
+                                                           entries=entries))
             ray_stopped()
             _print_header(plan, results, data.rows, time.time() - t0)
             print_verdicts(entries)
             if args.search == "optuna":
-                _print_best_knobs(plan, data.rows, data.params)
+                _print_best_knobs(plan, data, client)
             description, headline = verdict_table(entries), ablation_headline(data.rows, entries)
         status = "KILLED" if interrupted else "FINISHED"
         finish_parent(client, parent_id, description=description, metrics=headline, status=status)
@@ -1017,24 +1064,91 @@ def optuna_dashboard_command(plan: SweepPlan) -> str | None:
     return f"optuna-dashboard {url} --host 127.0.0.1 --port 8080" if url else None
 
 
-def _print_best_knobs(plan: SweepPlan, rows: list[dict], params: dict[str, dict[str, str]]) -> None:
-    """An Optuna sweep's best finished trial: its knobs and its held-out value."""
-    metric, steps = plan.kind.val_metric, plan.configs[0][1].steps
-    # Like with like: only trials validated at the last step (not those ASHA stopped earlier).
-    scored = [r for r in rows if r["status"] == "finished" and r.get(metric) is not None and r.get("val_step") == steps]
-    if not scored:
-        print(f"Optuna: no trial reported a validation value at step {steps}.")
-    else:
-        best = (min if plan.kind.mode == "min" else max)(scored, key=lambda r: r[metric])
-        knobs = plan.kind.variants[best["variant"]].knobs
-        values = ", ".join(f"{k}={float(params[best['run_id']][k]):.4g}" for k in knobs if k in params[best["run_id"]])
-        stopped = len(rows) - len(scored)
-        print(f"Optuna best of {len(scored)} trial{'s' * (len(scored) != 1)} at step {steps}"
-              f"{f' ({stopped} stopped early or failed)' if stopped else ''}: "
-              f"{values} -> {metric} {best[metric]:.6g} (one seed; confirm with --seeds)")
+def _print_best_knobs(plan: SweepPlan, data, client) -> None:
+    """An Optuna sweep's best trial, like with like (validated at the last step): its knobs,
+    its value against the variant's defaults (the study's first trial), whether the spread of
+    the trial values stands out of the seed noise, the command that confirms the winner over
+    seeds; its MLflow run is tagged."""
+    from pact_ray.tracking.sweep_run import command_line
+    from pact_ray.tracking.tags import OPTUNA_BEST_TAG
+
+    metric, steps = verdict_metric(plan), plan.configs[0][1].steps
+    curves = data.curves_of(metric)
+    value = {r["run_id"]: dict(curves.get(r["run_id"], [])).get(steps) for r in data.rows if r["status"] == "finished"}
+    scored = [r for r in data.rows if value.get(r["run_id"]) is not None]
     command = optuna_dashboard_command(plan)
+    if not scored:
+        print(f"Optuna: no trial reported {metric} at step {steps}.")
+        if command:
+            print(f"Optuna study: {command}")
+        return
+    mode = M.metric_mode(metric)
+    best = (min if mode == "min" else max)(scored, key=lambda r: value[r["run_id"]])
+    variant = plan.kind.variants[best["variant"]]
+    knobs = [k for k in variant.knobs if k in data.params[best["run_id"]] and k not in plan.base]
+    chosen = {k: data.params[best["run_id"]][k] for k in knobs}
+    shown = ", ".join(f"{k}={float(v):.4g}" for k, v in chosen.items())
+    stopped = len(data.rows) - len(scored)
+    print(f"Optuna best of {len(scored)} trial{'s' * (len(scored) != 1)} at step {steps}"
+          f"{f' ({stopped} stopped early or failed)' if stopped else ''}: {shown} -> {metric} {value[best['run_id']]:.6g}")
+    defaults = {k: str(v) for k, v in plan.configs[0][1].flat().items() if k in knobs}
+    first = next((r for r in scored if all(_same(data.params[r["run_id"]].get(k), v) for k, v in defaults.items())), None)
+    values = [value[r["run_id"]] for r in scored]
+    spread = max(values) - min(values)
+    if first is not None and first is not best:
+        gap = value[best["run_id"]] - value[first["run_id"]]
+        pct = f" ({100 * gap / abs(value[first['run_id']]):+.2g} %)" if value[first["run_id"]] else ""
+        print(f"  vs the variant's defaults (the first trial): {metric} {value[first['run_id']]:.6g}, Δ {gap:+.3g}{pct}")
+    elif first is best:
+        print("  the variant's defaults (the first trial) are the best trial: tuning found nothing better")
+    noise = _seed_noise(plan, metric, steps)
+    if noise is None:
+        print(f"  the trial values span {spread:.3g}; every trial ran one seed, and no sweep in this store measured the seed "
+              "noise of this setting, so the spread may be noise")
+    elif spread <= 2 * noise:
+        print(f"  the trial values span {spread:.3g}, within the seed noise (2 x {noise:.2g}, the seed-to-seed spread of "
+              "this setting's runs): the objective is flat here, and the best trial is no evidence")
+    else:
+        print(f"  the trial values span {spread:.3g}, more than the seed noise (2 x {noise:.2g})")
+    confirm = " ".join([command_line().split(" --")[0], "--profile", plan.args.profile, "--model", plan.args.model,
+                        "--variants", f"baseline,{best['variant']}", "--seeds", "0,1,2",
+                        *[f"--set {k}={v}" for k, v in chosen.items()]])
+    print(f"  confirm it against the baseline over seeds: {confirm}")
+    with contextlib.suppress(Exception):  # a store that is away must not hide the summary
+        client.set_tag(best["mlflow_run_id"], OPTUNA_BEST_TAG, "true")
     if command:
         print(f"Optuna study: {command}")
+
+
+def _same(a: str | None, b: str) -> bool:
+    """Two parameter values as MLflow stores them (strings), numerically where both are numbers."""
+    try:
+        return a is not None and math.isclose(float(a), float(b), rel_tol=1e-9)
+    except ValueError:
+        return a == b
+
+
+def _seed_noise(plan: SweepPlan, metric: str, steps: int) -> float | None:
+    """The seed-to-seed standard deviation of ``metric`` at ``steps`` in this setting (kind,
+    profile, model), from the grid sweeps of this tracking store that ran a configuration over
+    several seeds (the largest such spread); None when none did."""
+    import statistics
+
+    from pact_ray.report.summary import collect
+
+    try:
+        data = collect(plan.tracking_uri, [plan.kind.experiment], metrics=[metric])
+    except Exception:  # noqa: BLE001  (the store answered a moment ago; without it there is simply no estimate)
+        return None
+    curves = data.curves_of(metric)
+    groups: dict[tuple, list[float]] = {}
+    for r in data.rows:
+        config = tuple(sorted((k, v) for k, v in data.params.get(r["run_id"], {}).items() if k != "seed"))
+        at = dict(curves.get(r["run_id"], [])).get(steps)
+        if r["status"] == "finished" and at is not None and r["profile"] == plan.args.profile and r["model"] == plan.args.model:
+            groups.setdefault(config, []).append(at)
+    spreads = [statistics.stdev(v) for v in groups.values() if len(v) >= 2]
+    return max(spreads) if spreads else None
 
 
 def _print_header(plan: SweepPlan, results, rows: list[dict], wall: float) -> None:

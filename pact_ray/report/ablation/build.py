@@ -17,7 +17,7 @@ from pact_ray.fileio import atomic_write
 from pact_ray.report.ablation.groups import STAGE1, STAGE2, router_on
 from pact_ray.report.ablation.page import PlotLink, render_page
 from pact_ray.report.ablation.plots import parallel_coordinates, plots_for
-from pact_ray.report.ablation.route import route_status
+from pact_ray.report.ablation.route import RouteEntry, route_status
 from pact_ray.report.ablation.tuning import tuned_variants
 from pact_ray.report.summary import CSV_NAME, JSON_NAME, STATUSES, SummaryData, kind_title, to_csv, to_json
 
@@ -44,10 +44,13 @@ def status_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
     return {s: sum(r["status"] == s for r in rows) for s in STATUSES}
 
 
-def render_report(data: SummaryData, source: str = "", optuna: str | None = None) -> dict[str, str | bytes]:
+def render_report(data: SummaryData, source: str = "", optuna: str | None = None,
+                  entries: list[RouteEntry] | None = None) -> dict[str, str | bytes]:
     """File name -> content of every report file (nothing is written); ``optuna``: the
-    command that opens the sweep's Optuna study, which the page shows."""
-    entries, tuned = route_status(data), tuned_variants(data)
+    command that opens the sweep's Optuna study, which the page shows; ``entries``: the route
+    status, when the caller computed it with its own design (default: a fixed design)."""
+    entries = route_status(data) if entries is None else entries
+    tuned = tuned_variants(data)
     counts, status = run_counts(data.rows), status_counts(data.rows)
     files: dict[str, str | bytes] = {CSV_NAME: to_csv(data.rows), JSON_NAME: to_json(data.rows)}
     files[ROUTE_JSON] = json.dumps([e.to_json() for e in entries], indent=1)
@@ -66,10 +69,11 @@ def render_report(data: SummaryData, source: str = "", optuna: str | None = None
     return files
 
 
-def write_report(data: SummaryData, out_dir: str | os.PathLike, source: str = "", optuna: str | None = None) -> list[Path]:
+def write_report(data: SummaryData, out_dir: str | os.PathLike, source: str = "", optuna: str | None = None,
+                 entries: list[RouteEntry] | None = None) -> list[Path]:
     """Render the report of ``data`` and write it into ``out_dir``; returns the paths in
     writing order (the page last, once everything it links is there)."""
-    files = render_report(data, source, optuna)
+    files = render_report(data, source, optuna, entries)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, content in files.items():

@@ -108,37 +108,57 @@ def _p(value: float | None) -> str:
 
 
 def _verdict_badge(verdict: str) -> str:
-    return _badge(verdict, {BETTER: "better", WORSE: "worse"}.get(verdict, "neutral"))
+    return _badge(verdict, {BETTER: "better", WORSE: "worse"}.get(verdict.split(",")[0], "neutral"))
+
+
+def _interval(interval: tuple[float, float] | None) -> str:
+    return MISSING if interval is None else f"[{interval[0]:+.3g}, {interval[1]:+.3g}]"
+
+
+def _of_baseline(e: RouteEntry, value: float | None) -> str:
+    if value is None:
+        return MISSING
+    pct = e.percent(value)
+    return f"{value:.3g}" + (f" ({pct:.2g} %)" if pct is not None else "")
 
 
 def _route_row(e: RouteEntry) -> str:
     seeds = f"{len(e.seeds)} / {len(e.baseline_seeds)}"
     unfinished = f'<span class="error">{e.unfinished} run(s) errored or running, left out</span>' if e.unfinished else ""
     reason = f'<span class="error">{escape(e.reason)}</span>' if e.reason else ""
-    interval = e.delta.estimate.interval if e.delta else None
-    ci = MISSING if interval is None else f"[{interval[0]:+.3g}, {interval[1]:+.3g}]"
-    cells = [escape(setting_label(e.setting)), escape(e.label) + unfinished + reason]
-    nums = [MISSING if e.step is None else str(e.step), seeds, fmt_estimate(e.value), fmt_estimate(e.baseline),
-            fmt_estimate(e.delta.estimate if e.delta else None, signed=True), ci,
-            fmt_estimate(e.delta_pct, signed=True, suffix="%"), _p(e.delta.p_value if e.delta else None), _p(e.p_corrected)]
+    d = e.decision
+    secondary = "".join(f'<br><span class="meta">{escape(m)} Δ {escape(x.estimate.text(signed=True))}</span>'
+                        for m, x in e.secondary.items() if x is not None)
+    cells = [escape(setting_label(e.setting)), escape(e.label) + unfinished + reason + secondary]
+    nums = [escape(e.metric), MISSING if e.step is None else str(e.step), seeds, fmt_estimate(e.value), fmt_estimate(e.baseline),
+            fmt_estimate(e.delta.estimate if e.delta else None, signed=True), _interval(e.delta.estimate.interval if e.delta else None),
+            _interval(d.interval if d else None), fmt_estimate(e.delta_pct, signed=True, suffix="%"),
+            _of_baseline(e, d.margin if d else None), _of_baseline(e, d.mde if d else None),
+            _p(e.delta.p_value if e.delta else None), _p(e.p_corrected)]
     nums += [fmt_estimate(e.diagnostics[m]) for m in DIAGNOSTICS]
     return (f"<tr>{_cells(cells)}{_cells((escape(n) for n in nums), cls='num')}"
-            f"<td>{_verdict_badge(e.verdict)}</td><td>{_verdict_badge(e.verdict_corrected)}</td></tr>")
+            f"<td>{_verdict_badge(e.verdict_text)}</td></tr>")
 
 
 def route_section(entries: Sequence[RouteEntry]) -> str:
-    hint = ("Each variant against the baseline of the same kind, profile and model preset, on the held-out validation loss "
-            "(the same samples, timesteps and noise for every run) at the <b>same step</b>: where the variant last validated, "
-            "which is where the baseline also validated. Values are mean ± half width of the 95% t interval over seeds; Δ is "
-            "paired by seed where both sides have the seed, else Welch. The verdict is <b>better</b> / <b>worse</b> when the "
-            "95% interval of Δ excludes 0; the corrected verdict applies Holm's correction over the variants of the setting "
-            "(p Holm), so that testing many variants does not make a chance “better”. A variant whose runs diverged or whose "
-            "OT plans did not converge gets no verdict.")
+    design = next((e.design for e in entries if e.design), None)
+    how = f" This sweep: {escape(design.describe())}, margin δ {escape(design.margin.text())} of the baseline." if design else ""
+    hint = ("Each variant against the baseline of the same kind, profile and model preset, on the kind's primary held-out "
+            "validation metric (the same samples, timesteps and noise for every run) at the <b>same step</b>: where the "
+            "variant last validated, which is where the baseline also validated. Values are mean ± half width of the 95% t "
+            "interval over seeds; Δ is paired by seed where both sides have the seed, else Welch. The verdict is read off the "
+            "<b>simultaneous interval</b> of Δ (95% for all the comparisons of the setting together, and over every look of "
+            "an adaptive sweep), against the margin of practical difference δ: <b>better</b> / <b>worse</b> when it excludes "
+            "0 (beyond ±δ, within ±δ: too small to matter, or size unclear), <b>equivalent</b> when it lies inside ±δ, "
+            "<b>identical</b> when the runs equal the baseline's exactly, inconclusive otherwise. MDE: the difference these "
+            "seeds could detect with 80% power. Secondary metrics are shown under the variant with their 95% intervals, "
+            "without a verdict. A variant whose runs diverged or whose OT plans did not converge gets no verdict, nor does "
+            "a run not meant for conclusions (the smoke profile)." + how)
     if not entries:
         return f'<section id="route-status"><h2>Route status</h2><p class="hint">{hint}</p><p>No finished variant runs to compare.</p></section>'
-    metric = entries[0].metric
-    headers = ["Setting", "Variant", "Step", "Seeds (variant / baseline)", metric, "Baseline", f"Δ {metric}", "95% CI of Δ", "Δ %",
-               "p", "p Holm", *[DIAGNOSTIC_HEADERS[m] for m in DIAGNOSTICS], "Verdict", "Corrected verdict"]
+    headers = ["Setting", "Variant", "Metric", "Step", "Seeds (variant / baseline)", "Value", "Baseline", "Δ", "95% CI of Δ",
+               "Simultaneous CI of Δ", "Δ %", "Margin δ", "MDE", "p", "p adjusted", *[DIAGNOSTIC_HEADERS[m] for m in DIAGNOSTICS],
+               "Verdict"]
     return (f'<section id="route-status"><h2>Route status</h2><p class="hint">{hint}</p>'
             f"{_table(headers, (_route_row(e) for e in entries))}</section>")
 

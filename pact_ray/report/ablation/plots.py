@@ -289,15 +289,16 @@ def loss_curves(data: SummaryData, kind: str, title: str, empty: str, validation
 
 
 VERDICT_COLORS = {BETTER: "#2E7D32", WORSE: "#C62828"}
+EQUIVALENT_BAND = "#90CAF9"  # the margin of practical difference, behind the intervals
 NEUTRAL = "#6B7280"
 
 
 @styled
 def delta_forest(entries: Sequence[RouteEntry], kind: str, title: str, empty: str) -> bytes:
     """Each configuration's difference from the baseline at equal steps, one panel per
-    setting: the point is the mean difference, the line its 95% interval, the colour the
-    corrected verdict; the text right of the axes gives Δ ± half width, the seeds and the
-    corrected verdict (or why there is none)."""
+    setting: the point is the mean difference, the line its simultaneous interval (what the
+    verdict reads), the shaded band the margin ±δ, the colour the verdict; the text right of
+    the axes gives Δ ± half width, the seeds and the verdict (or why there is none)."""
     shown = [e for e in entries if e.setting[0] == kind and e.delta is not None]
     if not shown:
         missing = [e for e in entries if e.setting[0] == kind]
@@ -317,15 +318,18 @@ def delta_forest(entries: Sequence[RouteEntry], kind: str, title: str, empty: st
     fig = Figure(figsize=(WIDTH_IN, 1.7 + 0.75 * len(panels) + BAR_IN * sum(heights)), layout="constrained")
     axes = fig.subplots(len(panels), 1, squeeze=False, gridspec_kw={"height_ratios": heights}).ravel()
     for ax, (setting, es) in zip(axes, panels.items()):
+        margins = [e.decision.margin for e in es if e.decision and e.decision.margin is not None]
+        if margins:
+            ax.axvspan(-max(margins), max(margins), color=EQUIVALENT_BAND, alpha=0.35, linewidth=0)
         for y, e in enumerate(es):
-            est = e.delta.estimate
-            color = VERDICT_COLORS.get(e.verdict_corrected, NEUTRAL) if e.valid else "#B0B0B0"
+            est = e.corrected_delta
+            color = VERDICT_COLORS.get(e.verdict_corrected, NEUTRAL) if e.valid and not e.reason else "#B0B0B0"
             if est.half_width is not None:
                 ax.errorbar([est.mean], [y], xerr=[[est.half_width], [est.half_width]], fmt="o", color=color, capsize=4,
                             linewidth=1.6, markersize=6)
             else:
                 ax.scatter([est.mean], [y], color=color, marker="D", s=30, zorder=3)
-            said = e.verdict_corrected if e.valid else "no verdict"
+            said = e.verdict_text if e.valid and not e.reason else "no verdict"
             ax.annotate(f"{est.text(signed=True)} · n={len(e.seeds)} · {said}", xy=(1.0, y), xycoords=("axes fraction", "data"),
                         xytext=(6, 0), textcoords="offset points", va="center", ha="left", fontsize=8.5)
         ax.axvline(0, color="#222222", linewidth=1.0)
@@ -336,11 +340,12 @@ def delta_forest(entries: Sequence[RouteEntry], kind: str, title: str, empty: st
         ax.set_title(f"{setting_label(setting)}  (@ step: where variant and baseline are compared)", fontsize=10.5, loc="left")
     axes[-1].set_xlabel(f"Δ {shown[0].metric} = variant − baseline (negative: lower loss)")
     fig.suptitle(title, x=0.01, ha="left")
-    handles = [Line2D([], [], color=VERDICT_COLORS[BETTER], marker="o", label="better (Holm-corrected)"),
-               Line2D([], [], color=VERDICT_COLORS[WORSE], marker="o", label="worse (Holm-corrected)"),
-               Line2D([], [], color=NEUTRAL, marker="o", label="inconclusive"),
-               Line2D([], [], color="#B0B0B0", marker="o", label="no verdict (validity gate)"),
-               Line2D([], [], color="black", marker="|", markersize=8, linewidth=1, label="95% interval (paired t)"),
+    handles = [Line2D([], [], color=VERDICT_COLORS[BETTER], marker="o", label="better"),
+               Line2D([], [], color=VERDICT_COLORS[WORSE], marker="o", label="worse"),
+               Line2D([], [], color=NEUTRAL, marker="o", label="equivalent / inconclusive"),
+               Line2D([], [], color="#B0B0B0", marker="o", label="no verdict (validity gate, smoke)"),
+               Line2D([], [], color="black", marker="|", markersize=8, linewidth=1, label="simultaneous 95% interval"),
+               Patch(color=EQUIVALENT_BAND, alpha=0.35, label="margin ±δ"),
                Line2D([], [], color=NEUTRAL, marker="D", linewidth=0, label="one seed: no interval")]
     fig.legend(handles=handles, loc="outside lower center", ncol=3, frameon=False)
     return to_png(fig)

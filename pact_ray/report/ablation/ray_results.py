@@ -19,11 +19,22 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from pact_ray.errors import ConfigError, error_line
 from pact_ray.metrics import names as M
-from pact_ray.report.summary import DEFAULT_KIND, ERRORED, FINISHED, RUNNING, Curve, SummaryData, make_row, set_val_steps, sort_rows
+from pact_ray.report.summary import (
+    DEFAULT_KIND,
+    ERRORED,
+    FINISHED,
+    RUNNING,
+    Curve,
+    SummaryData,
+    make_row,
+    set_val_steps,
+    sort_rows,
+    verdict_metrics,
+)
 from pact_ray.runs.config import RunConfig
 from pact_ray.runs.kinds import RUN_KINDS, resolve_kind
 from pact_ray.tune.manifest import MANIFEST
@@ -160,8 +171,8 @@ def _own_config(sweep_kind: str, trial_config: dict[str, Any], folder: Path) -> 
         return sweep_kind, trial_config, None
 
 
-def _trial(folder: Path, sweep_kind: str, experiment: str, state: TrialState | None) -> tuple[dict[str, Any], Curve, Curve, dict[str, str]]:
-    """(row, loss curve, validation curve, flat params) of one trial folder of a ``sweep_kind`` sweep."""
+def _trial(folder: Path, sweep_kind: str, experiment: str, state: TrialState | None) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, str]]:
+    """(row, reported results, flat params) of one trial folder of a ``sweep_kind`` sweep."""
     results = read_results(folder / "result.json")
     params_file = folder / "params.json"
     trial_config = read_json(params_file) if params_file.is_file() else (results[-1].get("config", {}) if results else {})
@@ -178,7 +189,7 @@ def _trial(folder: Path, sweep_kind: str, experiment: str, state: TrialState | N
         error=error_line(_ErrorFile(str(folder / "error.txt"))) if status == ERRORED else None, metrics=metrics,
     )
     flat = cfg.flat() if cfg else own
-    return row, _curve(results), _curve(results, M.VAL_LOSS), {k: "" if v is None else str(v) for k, v in flat.items()}
+    return row, results, {k: "" if v is None else str(v) for k, v in flat.items()}
 
 
 def _experiment(sweep_kind: str) -> str:
@@ -187,17 +198,20 @@ def _experiment(sweep_kind: str) -> str:
     return kind.experiment if kind else f"pact-ray/{sweep_kind}"
 
 
-def collect_results(path: str | Path) -> SummaryData:
+def collect_results(path: str | Path, metrics: Iterable[str] = ()) -> SummaryData:
     """Rows, loss curves and params of every trial in the sweep folder ``path``, or in every
     sweep folder directly inside ``path`` (a storage path)."""
-    rows, curves, val_curves, params = [], {}, {}, {}
+    rows, results, params = [], {}, {}
     for exp_dir in experiment_dirs(Path(path)):
         sweep_kind = str(read_json(exp_dir / MANIFEST).get("kind") or DEFAULT_KIND)
         states = trial_states(exp_dir)
         for folder in sorted(p for p in exp_dir.iterdir() if (p / "params.json").is_file() or (p / "result.json").is_file()):
-            row, curve, val_curve, flat = _trial(folder, sweep_kind, _experiment(sweep_kind), states.get(folder.name))
+            row, reported, flat = _trial(folder, sweep_kind, _experiment(sweep_kind), states.get(folder.name))
             rows.append(row)
-            curves[row["run_id"]], val_curves[row["run_id"]], params[row["run_id"]] = curve, val_curve, flat
-    data = SummaryData(sort_rows(rows), curves, params, val_curves)
+            results[row["run_id"]], params[row["run_id"]] = reported, flat
+    data = SummaryData(sort_rows(rows), {k: _curve(r) for k, r in results.items()}, params,
+                       {k: _curve(r, M.VAL_LOSS) for k, r in results.items()})
+    for metric in verdict_metrics({r["kind"] for r in rows}, metrics):
+        data.metric_curves[metric] = {k: _curve(r, metric) for k, r in results.items()}
     set_val_steps(data)
     return data
