@@ -41,7 +41,7 @@ def test_failing_trials_retry_from_checkpoint_or_error_out(tmp_path, ray_address
     time and ends errored, with its error in the summary; baseline is untouched."""
     fail_step = random.Random().randint(3, 9)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    common = ["--model", "tiny", "--profile", "quick", "--storage-path", str(tmp_path / "runs"), "--tracking-uri", uri,
+    common = ["--model", "tiny", "--profile", "quick", "--seeds", "0", "--storage-path", str(tmp_path / "runs"), "--tracking-uri", uri,
               "--quiet", "--set", "steps=12", "--set", "checkpoint_every=2", "--set", f"fail_at_step={fail_step}",
               "--max-failures", "2"]
     rc = run_sweep("stage1", common + ["--name", "once", "--variants", "baseline,ot_first", "--set", "fail_variants=ot_first"])
@@ -189,7 +189,7 @@ def test_tracking_server_down_for_30_s_mid_sweep(tmp_path, ray_address):
     thread = threading.Thread(target=outage, daemon=True)
     thread.start()
     try:
-        rc = run_sweep("stage1", ["--model", "tiny", "--profile", "quick", "--variants", "baseline", "--name", "outage",
+        rc = run_sweep("stage1", ["--model", "tiny", "--profile", "quick", "--seeds", "0", "--variants", "baseline", "--name", "outage",
                                   "--storage-path", str(tmp_path / "runs"), "--tracking-uri", server.uri, "--quiet",
                                   "--set", "steps=400", "--set", "checkpoint_every=100"])
         thread.join(timeout=120)
@@ -219,7 +219,7 @@ def test_worker_node_removed_mid_sweep(tmp_path):
     cluster.wait_for_nodes()
     db = tmp_path / "mlflow.db"
     script = Path(__file__).resolve().parents[1] / "sweeps" / "stage1_router.py"
-    cmd = [sys.executable, str(script), "--address", cluster.address, "--model", "tiny", "--profile", "quick",
+    cmd = [sys.executable, str(script), "--address", cluster.address, "--model", "tiny", "--profile", "quick", "--seeds", "0",
            "--variants", "baseline,ot_first", "--name", "nodes", "--storage-path", str(tmp_path / "runs"),
            "--tracking-uri", f"sqlite:///{db}", "--quiet", "--max-failures", "3",
            "--set", "steps=80", "--set", "checkpoint_every=5"]

@@ -355,7 +355,7 @@ def test_sigkilled_driver_resumes_from_another_folder_with_only_the_store(s3, tr
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir()
     second.mkdir()
-    proc = _sweep(["--address", cluster.address, "--model", "tiny", "--profile", "quick", "--variants", "baseline,ot_first",
+    proc = _sweep(["--address", cluster.address, "--model", "tiny", "--profile", "quick", "--seeds", "0", "--variants", "baseline,ot_first",
                    "--name", name, "--storage-path", storage, "--tracking-uri", tracking.uri, "--quiet",
                    "--set", f"steps={steps}", "--set", "checkpoint_every=5"],
                   cwd=first, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

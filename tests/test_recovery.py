@@ -356,7 +356,7 @@ def test_a_store_that_stays_down_ends_the_sweep_in_bounded_time_and_resume_repla
 
     thread = threading.Thread(target=outage, daemon=True)
     thread.start()
-    args = ["--model", "tiny", "--profile", "quick", "--variants", "baseline", "--name", "down", "--storage-path",
+    args = ["--model", "tiny", "--profile", "quick", "--seeds", "0", "--variants", "baseline", "--name", "down", "--storage-path",
             str(tmp_path / "runs"), "--tracking-uri", server.uri, "--quiet", "--set", "steps=60"]
     started = time.time()
     rc = run_sweep("stage1", args)

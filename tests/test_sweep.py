@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from pact_ray.report.summary import ALL_COLUMNS, COLUMNS, JSON_NAME
 from pact_ray.runs.registry import STAGE1_VARIANTS
+from pact_ray.runs.stage1 import Stage1RunConfig
 from pact_ray.tracking.tags import CHECKPOINT_TAG, STEP_TAG, SWEEP_TAG, TRIAL_TAG
 from pact_ray.tune.manifest import MANIFEST
 from pact_ray.tune.sweep import run_sweep
@@ -65,7 +66,7 @@ def test_smoke_sweep_of_every_variant(tmp_path, ray_address, capsys):
     # The parent: the summary as artifacts, the verdicts as its description, headline numbers as metrics.
     summary_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
     assert {"summary/index.html", "summary/ablation_summary.csv", "summary/route_status.json"} <= summary_artifacts
-    assert "| setting | variant | step |" in parent.data.tags["mlflow.note.content"]
+    assert "| setting | variant | metric | step |" in parent.data.tags["mlflow.note.content"]
     assert parent.data.metrics["trials_finished"] == len(STAGE1_VARIANTS) and parent.data.metrics["trials_errored"] == 0
     # The summary files hold one row per trial, matching MLflow.
     rows = json.loads((tmp_path / "runs" / "smoke-all" / "summary" / JSON_NAME).read_text())
@@ -80,7 +81,7 @@ def test_smoke_sweep_of_every_variant(tmp_path, ray_address, capsys):
     assert csv_lines[0].split(",")[: len(COLUMNS)] == COLUMNS and len(csv_lines) == 1 + len(STAGE1_VARIANTS)
     assert all(row["val_loss"] is not None and row["val_step"] == 1 for row in rows)
     # One seed: no interval, so no verdict and no "best"; the sweep says so.
-    assert "Route status (val_loss" in out and "No Stage1 variant beats the baseline at 1 seed(s)" in out and "Best" not in out
+    assert "Route status (primary metric" in out and "Stage1: intervals only, no verdicts: the smoke profile" in out and "Best" not in out
     assert "mlflow ui --backend-store-uri sqlite:///" in out
     # The UI command (its environment on a continued line of its own) is one command to paste.
     from pact_ray.tracking.store import ui_command
@@ -133,13 +134,27 @@ def test_optuna_search_with_asha_and_persistent_study(tmp_path, ray_address, cap
     stopped = f" ({3 - len(done)} stopped early or failed)" if len(done) < 3 else ""
     best = min(t.value for t in done)
     assert f"Optuna best of {len(done)} trial{'s' * (len(done) != 1)} at step 3{stopped}: router.eps=" in out
-    assert f"-> val_loss {best:.6g} (one seed" in out and f"optuna-dashboard sqlite:///{db}" in out
+    assert f"-> val_loss {best:.6g}" in out and f"optuna-dashboard sqlite:///{db}" in out
     assert "optuna-dashboard sqlite:///" in (tmp_path / "runs" / "opt" / "summary" / "index.html").read_text()
+    # The study starts from the variant's defaults, and the summary compares the best with them.
+    defaults = Stage1RunConfig.for_variant("rgb_edge", "smoke", "tiny").flat()
+    assert study.trials[0].params["router.eps"] == pytest.approx(defaults["router.eps"])
+    assert "the variant's defaults" in out or study.trials[0].state != optuna.trial.TrialState.COMPLETE
+    # One seed per trial and no grid sweep of this setting in the store: the seed noise is unknown, and it says so.
+    assert "no sweep in this store measured the seed noise" in out
+    best_trial = min(done, key=lambda t: t.value)
+    assert ("confirm it against the baseline over seeds: python " in out and "--variants baseline,rgb_edge --seeds 0,1,2"
+            in out and f"--set router.eps={best_trial.params['router.eps']}" in out)
+    tagged = [r.info.run_id for r in child_runs(tmp_path, "opt")[2] if r.data.tags.get("pact_ray.optuna_best") == "true"]
+    assert tagged == [best_trial.user_attrs["mlflow_run_id"]]
+    # ASHA compares trials on the validation metric at its rungs (steps 1 and 2 of 3): every trial validated there.
+    for t in study.trials:
+        assert {m.step for m in client.get_metric_history(t.user_attrs["mlflow_run_id"], "val_loss")} >= {1}
 
 
 def test_until_conclusive_adds_seeds_within_the_cap(tmp_path, ray_address, capsys):
-    rc = run_sweep("stage1", sweep_args(tmp_path, "adapt", "--profile", "smoke", "--variants", "baseline,ot_first",
-                                        "--seeds", "0,1", "--until-conclusive", "3", "--set", "steps=2"))  # validation at step 2 only
+    rc = run_sweep("stage1", sweep_args(tmp_path, "adapt", "--profile", "stability", "--variants", "baseline,ot_first",
+                                        "--seeds", "0,1", "--until-conclusive", "3", "--set", "steps=3"))  # validation at step 3 only
     out = capsys.readouterr().out
     assert rc == 0, out
     _, _, runs = child_runs(tmp_path, "adapt")
@@ -150,6 +165,11 @@ def test_until_conclusive_adds_seeds_within_the_cap(tmp_path, ray_address, capsy
     [entry] = json.loads((tmp_path / "runs" / "adapt" / "summary" / "route_status.json").read_text())
     assert entry["variant"] == "ot_first" and entry["seeds"] == seeds["ot_first"]
     assert entry["verdict_corrected"] != "inconclusive" or len(seeds["ot_first"]) == 3  # settled, or at the cap
+    assert entry["design"]["max_seeds"] == 3 and entry["design"]["first_look"] == 2  # the intervals of its looks
+    # A smoke run is not meant for verdicts, so it cannot run until they are conclusive.
+    assert run_sweep("stage1", sweep_args(tmp_path, "adapt2", "--profile", "smoke", "--variants", "baseline,ot_first",
+                                          "--until-conclusive", "3")) == 2
+    assert "not meant for conclusions" in capsys.readouterr().err
 
 
 def _step_counts(db: Path) -> dict[str, list[int]]:
@@ -164,7 +184,7 @@ def _step_counts(db: Path) -> dict[str, list[int]]:
 def test_sigkilled_sweep_resumes_without_duplicates(tmp_path, ray_address):
     """The driver is killed with SIGKILL mid-sweep; --resume finishes every trial, each step logged once."""
     name = "killed"
-    args = sweep_args(tmp_path, name, "--profile", "quick", "--variants", "baseline,ot_first,mask_prior",
+    args = sweep_args(tmp_path, name, "--profile", "quick", "--seeds", "0", "--variants", "baseline,ot_first,mask_prior",
                       "--max-concurrent", "1", "--set", "steps=40", "--set", "checkpoint_every=5", "--address", ray_address)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

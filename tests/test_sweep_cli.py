@@ -67,6 +67,10 @@ def assert_rejected(tmp_path: Path, capsys, args: list[str], *fragments: str) ->
     (["--set", "data_seed=-3"], "data_seed must be in 0..4294967295"),
     (["--cpus-per-trial", "inf"], "is not a finite number"),
     (["--summary-dir", "/proc/1/summary"], "--summary-dir /proc/1/summary is not writable"),
+    (["--margin", "abc"], "--margin 'abc' is not a number or a percentage"),
+    (["--margin", "0%"], "--margin must be positive"),
+    (["--metric", "val_art_l2"], "invalid choice: 'val_art_l2'"),  # Stage1 does not log it
+    (["--until-conclusive", "3", "--variants", "baseline,ot_first"], "not meant for conclusions"),
 ])
 def test_bad_flags_and_values(tmp_path, capsys, extra, fragment):
     assert_rejected(tmp_path, capsys, base(tmp_path, *extra), fragment)

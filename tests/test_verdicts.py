@@ -233,7 +233,7 @@ def test_world_model_summary_compares_mae_with_gpt_on_val_mse(tmp_path):
     rows = _wm_rows()
     comparisons = {c["variant"]: c for c in compare_to_gpt(rows)}
     assert set(comparisons) == {"mae", "mae_random"} and all(c["baseline"] == "gpt" for c in comparisons.values())
-    assert comparisons["mae"]["verdict_corrected"] == BETTER and comparisons["mae"]["delta"] == pytest.approx(-0.004, abs=1e-12)
+    assert comparisons["mae"]["verdict_corrected"].startswith(BETTER) and comparisons["mae"]["delta"] == pytest.approx(-0.004, abs=1e-12)
     assert comparisons["mae_random"]["verdict_corrected"] in (INCONCLUSIVE, WORSE)
     wm = WorldModelSweep(rows, variant_means(rows), compare_to_gpt(rows), "sqlite:////x/mlflow.db")
     files = {f.name for f in write_world_model_summary(wm, tmp_path)}

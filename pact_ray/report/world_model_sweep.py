@@ -18,6 +18,7 @@ import io
 import json
 import os
 import shlex
+import statistics
 import time
 from dataclasses import dataclass
 from html import escape
@@ -29,7 +30,8 @@ from mlflow.tracking import MlflowClient
 from pact_ray.fileio import atomic_write
 from pact_ray.metrics import names as M
 from pact_ray.report.ablation.page import CSS, MISSING, _badge, _table, fmt
-from pact_ray.report.ablation.stats import BETTER, WORSE, Estimate, corrected_verdicts, difference, mean_interval, verdict
+from pact_ray.report.ablation.stats import BETTER, WORSE, Estimate, difference, mean_interval, verdict
+from pact_ray.verdicts import Design, decide_family
 from pact_ray.report.summary import FINISHED, row_from_run, search_all
 from pact_ray.tracking.tags import SWEEP_TAG
 
@@ -55,7 +57,8 @@ def eval_report_command(run_id: str, tracking_uri: str, storage: str, name: str)
                                              "--storage-path", storage, "--out", out])
 
 
-def collect_world_model_sweep(tracking_uri: str, experiment_id: str, parent_run_id: str, storage: str) -> WorldModelSweep:
+def collect_world_model_sweep(tracking_uri: str, experiment_id: str, parent_run_id: str, storage: str,
+                              design: Design | None = None) -> WorldModelSweep:
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment(experiment_id).name
     rows = []
@@ -70,7 +73,7 @@ def collect_world_model_sweep(tracking_uri: str, experiment_id: str, parent_run_
         row["eval_report"] = eval_report_command(run.info.run_id, tracking_uri, storage, slug)
         rows.append(row)
     rows.sort(key=lambda r: (r["variant"], r["seed"] if r["seed"] is not None else -1))
-    return WorldModelSweep(rows, variant_means(rows), compare_to_gpt(rows), tracking_uri)
+    return WorldModelSweep(rows, variant_means(rows), compare_to_gpt(rows, design), tracking_uri)
 
 
 def _finished(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
@@ -88,9 +91,11 @@ def variant_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def compare_to_gpt(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each MAE variant against the GPT variant of its model preset on val_mse, paired by
-    seed, Holm-corrected over the MAE variants that meet that GPT."""
+def compare_to_gpt(rows: list[dict[str, Any]], design: Design | None = None) -> list[dict[str, Any]]:
+    """Each MAE variant against the GPT variant of its model preset on val_mse (the world
+    model's primary metric), paired by seed; the verdict is read off the simultaneous interval
+    of the MAE variants that meet that GPT, against the margin (``pact_ray.verdicts``)."""
+    design = design or Design()
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
         of_model = [r for r in rows if r["model"] == model]
@@ -105,14 +110,23 @@ def compare_to_gpt(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             values = {r["seed"]: r[COMPARED] for r in _finished([r for r in of_model if r["variant"] == mae], COMPARED)}
             diff = difference(values, base) if values and base else None
             family.append((mae, values, diff))
-        corrected, adjusted = corrected_verdicts([d for _, _, d in family])
-        for (mae, values, diff), v_corr, p_adj in zip(family, corrected, adjusted):
+        base_mean = statistics.fmean(base.values()) if base else None
+        decided = decide_family([d for _, _, d in family], [len(set(v) & set(base)) for _, v, _ in family],
+                                [base_mean] * len(family), design)
+        margin = design.margin.text() if design.margin.relative else f"±{design.margin.value:g}"
+        for (mae, values, diff), d in zip(family, decided):
             lo, hi = (diff.estimate.interval if diff else None) or (None, None)
+            p = diff.p_value if diff else None
+            p_adj = None if p is None or d is None or d.level <= 0 else min(1.0, p * design.alpha / d.level)
+            v_corr = d.describe(margin) if d else None
             out.append({"variant": mae, "baseline": gpt, "model": model, "metric": COMPARED, "seeds": sorted(values),
                         "baseline_seeds": sorted(base), "delta": diff.estimate.mean if diff else None,
                         "ci_low": lo, "ci_high": hi, "method": diff.method if diff else None,
                         "p_value": diff.p_value if diff else None, "p_corrected": p_adj,
-                        "verdict": verdict(diff) if diff else "no baseline", "verdict_corrected": v_corr or "no baseline"})
+                        "verdict": verdict(diff) if diff else "no baseline", "verdict_corrected": v_corr or "no baseline",
+                        "corrected_ci_low": d.interval[0] if d and d.interval else None,
+                        "corrected_ci_high": d.interval[1] if d and d.interval else None,
+                        "margin": d.margin if d else None, "mde": d.mde if d else None})
     return out
 
 
@@ -183,7 +197,7 @@ def render_page(wm: WorldModelSweep) -> str:
 
 
 def _verdict(v: str) -> str:
-    return _badge(v, {BETTER: "better", WORSE: "worse"}.get(v, "neutral"))
+    return _badge(v, {BETTER: "better", WORSE: "worse"}.get(v.split(",")[0], "neutral"))
 
 
 def summary_lines(wm: WorldModelSweep) -> list[str]:

@@ -103,8 +103,8 @@ STAGE2 = RunKind(
     secondary_metrics=(M.VAL_ART_TYPE_ACC, M.VAL_ART_LABEL_ACC, M.VAL_LOSS),
     val_metrics=(M.VAL_ART_L2, M.VAL_ART_TYPE_ACC, M.VAL_ART_LABEL_ACC, M.VAL_LOSS, M.VAL_FLOW_LOSS),
 )
-# Tuned and early-stopped on the training loss: Tune checks its metric in every result, and
-# the validation metrics come only every eval_every steps (the best weights follow val_mse).
+# Compared, tuned and early-stopped on val_mse (ASHA at validated rungs); the best weights
+# follow val_mse too.
 WORLD_MODEL = RunKind(
     name="world_model", script="mae_world_model", title="World model", config_cls=WorldModelRunConfig,
     **_training("world_model", "WorldModelTrainer"), knobs=WM_KNOBS, val_metric=M.VAL_MSE,

@@ -177,6 +177,10 @@ def _check_adaptive(kind: RunKind, args: argparse.Namespace, variants: list[str]
                           "(use stage1_router.py or stage2_spatial.py)")
     if BASELINE not in variants or len(variants) < 2:
         raise ConfigError("--until-conclusive compares variants with the baseline: --variants must name baseline and at least one other")
+    profile = kind.profiles.get(args.profile)
+    if profile is not None and not profile.verdicts:
+        raise ConfigError(f"--until-conclusive adds seeds until the verdicts are conclusive, but the {args.profile} profile is not "
+                          "meant for conclusions (it gets no verdicts); use --profile quick or longer")
     if args.until_conclusive < max(2, len(seeds)):
         raise ConfigError(f"--until-conclusive {args.until_conclusive} must be at least 2 (a paired interval needs 2 seeds) "
                           f"and at least the {len(seeds)} seed(s) of --seeds")
@@ -250,7 +254,7 @@ def param_space(plan: SweepPlan) -> tuple[dict[str, Any], Any]:
     from pact_ray.tune.optuna import linked_optuna_search
 
     metric = verdict_metric(plan)
-    defaults = {k: v for k, v in plan.configs[0][1].flat().items() if k in space and k not in plan.base}
+    defaults = {k: v for k, v in plan.configs[0][1].flat().items() if k in variant.knobs and k not in plan.base}
     return space, linked_optuna_search(metric, M.metric_mode(metric), args.optuna_seed, optuna_storage_url(plan), plan.name,
                                        steps=plan.configs[0][1].steps, verbose=args.verbose, defaults=defaults)
 
@@ -906,7 +910,7 @@ def _train_and_report(plan: SweepPlan, client, experiment_id: str, parent_id: st
                 write_world_model_summary,
             )
 
-            wm = collect_world_model_sweep(plan.tracking_uri, experiment_id, parent_id, storage=plan.storage)
+            wm = collect_world_model_sweep(plan.tracking_uri, experiment_id, parent_id, storage=plan.storage, design=plan.design)
             files = write_summary(plan, client, parent_id, lambda out: write_world_model_summary(wm, out))
             ray_stopped()
             _print_header(plan, results, wm.rows, time.time() - t0)
@@ -1110,10 +1114,11 @@ def _print_best_knobs(plan: SweepPlan, data, client) -> None:
               "this setting's runs): the objective is flat here, and the best trial is no evidence")
     else:
         print(f"  the trial values span {spread:.3g}, more than the seed noise (2 x {noise:.2g})")
+    # Against the baseline where the kind has one (the world model compares MAE with GPT in its own summary).
+    against = f"baseline,{best['variant']}" if "baseline" in plan.kind.variants else best["variant"]
     confirm = " ".join([command_line().split(" --")[0], "--profile", plan.args.profile, "--model", plan.args.model,
-                        "--variants", f"baseline,{best['variant']}", "--seeds", "0,1,2",
-                        *[f"--set {k}={v}" for k, v in chosen.items()]])
-    print(f"  confirm it against the baseline over seeds: {confirm}")
+                        "--variants", against, "--seeds", "0,1,2", *[f"--set {k}={v}" for k, v in chosen.items()]])
+    print(f"  confirm it {'against the baseline ' if ',' in against else ''}over seeds: {confirm}")
     with contextlib.suppress(Exception):  # a store that is away must not hide the summary
         client.set_tag(best["mlflow_run_id"], OPTUNA_BEST_TAG, "true")
     if command:

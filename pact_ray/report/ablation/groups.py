@@ -34,7 +34,7 @@ def objective(kind: str) -> tuple[str, str]:
     """(metric, mode) that compares runs of ``kind``: the kind's held-out validation metric
     (val_loss when the kind is unknown), lower is better for mode "min"."""
     k = RUN_KINDS.get(kind)
-    return (k.val_metric, k.mode) if k else (M.VAL_LOSS, "min")
+    return (k.val_metric, k.val_mode) if k else (M.VAL_LOSS, "min")
 
 
 def router_on(row: Row) -> bool:

@@ -130,14 +130,12 @@ def _route_row(e: RouteEntry) -> str:
     secondary = "".join(f'<br><span class="meta">{escape(m)} Δ {escape(x.estimate.text(signed=True))}</span>'
                         for m, x in e.secondary.items() if x is not None)
     cells = [escape(setting_label(e.setting)), escape(e.label) + unfinished + reason + secondary]
-    nums = [escape(e.metric), MISSING if e.step is None else str(e.step), seeds, fmt_estimate(e.value), fmt_estimate(e.baseline),
-            fmt_estimate(e.delta.estimate if e.delta else None, signed=True), _interval(e.delta.estimate.interval if e.delta else None),
-            _interval(d.interval if d else None), fmt_estimate(e.delta_pct, signed=True, suffix="%"),
-            _of_baseline(e, d.margin if d else None), _of_baseline(e, d.mde if d else None),
-            _p(e.delta.p_value if e.delta else None), _p(e.p_corrected)]
-    nums += [fmt_estimate(e.diagnostics[m]) for m in DIAGNOSTICS]
-    return (f"<tr>{_cells(cells)}{_cells((escape(n) for n in nums), cls='num')}"
-            f"<td>{_verdict_badge(e.verdict_text)}</td></tr>")
+    first = [e.metric, MISSING if e.step is None else str(e.step), seeds, fmt_estimate(e.value), fmt_estimate(e.baseline),
+             fmt_estimate(e.delta.estimate if e.delta else None, signed=True), fmt_estimate(e.delta_pct, signed=True, suffix="%"),
+             _interval(d.interval if d else None), _of_baseline(e, d.margin if d else None), _of_baseline(e, d.mde if d else None)]
+    last = [_p(e.delta.p_value if e.delta else None), _p(e.p_corrected), *[fmt_estimate(e.diagnostics[m]) for m in DIAGNOSTICS]]
+    return (f"<tr>{_cells(cells)}{_cells((escape(n) for n in first), cls='num')}"
+            f"<td>{_verdict_badge(e.verdict_text)}</td>{_cells((escape(n) for n in last), cls='num')}</tr>")
 
 
 def route_section(entries: Sequence[RouteEntry]) -> str:
@@ -156,9 +154,8 @@ def route_section(entries: Sequence[RouteEntry]) -> str:
             "a run not meant for conclusions (the smoke profile)." + how)
     if not entries:
         return f'<section id="route-status"><h2>Route status</h2><p class="hint">{hint}</p><p>No finished variant runs to compare.</p></section>'
-    headers = ["Setting", "Variant", "Metric", "Step", "Seeds (variant / baseline)", "Value", "Baseline", "Δ", "95% CI of Δ",
-               "Simultaneous CI of Δ", "Δ %", "Margin δ", "MDE", "p", "p adjusted", *[DIAGNOSTIC_HEADERS[m] for m in DIAGNOSTICS],
-               "Verdict"]
+    headers = ["Setting", "Variant", "Metric", "Step", "Seeds (variant / baseline)", "Value", "Baseline", "Δ (95%)", "Δ %",
+               "Simultaneous CI of Δ", "Margin δ", "MDE", "Verdict", "p", "p adjusted", *[DIAGNOSTIC_HEADERS[m] for m in DIAGNOSTICS]]
     return (f'<section id="route-status"><h2>Route status</h2><p class="hint">{hint}</p>'
             f"{_table(headers, (_route_row(e) for e in entries))}</section>")
 

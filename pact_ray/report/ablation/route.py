@@ -357,8 +357,8 @@ def _kind_lines(of_kind: list[RouteEntry], kind: str) -> list[str]:
         return [f"No {title} baseline ran in this sweep: its {title} variants are not compared with one."]
     held = [e for e in of_kind if e.verdict == NOT_FOR_CONCLUSIONS]
     if held and len(held) == len(of_kind):
-        return [f"{title}: intervals only, no verdicts: {held[0].reason}. For verdicts, run the quick profile or "
-                "longer with --seeds 0,1,2."]
+        return [f"{title}: intervals only, no verdicts: {held[0].reason}.",
+                "For verdicts, run the quick profile or longer with --seeds 0,1,2."]
     decided = [e for e in of_kind if e.decision is not None and e.verdict != NOT_FOR_CONCLUSIONS]
     counts: dict[str, int] = {}
     for e in decided:
