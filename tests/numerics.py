@@ -85,6 +85,18 @@ def assert_within_rounding(actual: torch.Tensor, expected: torch.Tensor, *, ops:
     )
 
 
+def one_ulp_off(model: torch.nn.Module, seed: int = 5) -> torch.nn.Module:
+    """A rounding-level change to ``model``: every parameter moved by one ulp of its dtype, up
+    or down at random (in place; returns the model). A golden test must pass it."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            up = torch.rand(p.shape, generator=g) < 0.5
+            p.copy_(torch.where(up, torch.nextafter(p, torch.full_like(p, math.inf)),
+                                torch.nextafter(p, torch.full_like(p, -math.inf))))
+    return model
+
+
 def transformer_ops(width: int, tokens: int, blocks: int, mlp_ratio: float = 4, cond_tokens: int = 0) -> int:
     """The longest chain of dependent operations through ``blocks`` transformer blocks:
     per block, the projections and norms (reductions over ``width``), self-attention's

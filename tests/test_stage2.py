@@ -7,13 +7,12 @@ and a real Ray sweep of the three variants."""
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
 from conftest import fixture_path
-from numerics import FLOAT64, Float32Bound, assert_within_rounding, float32_error_bound, transformer_ops
+from numerics import FLOAT64, Float32Bound, assert_within_rounding, float32_error_bound, one_ulp_off, transformer_ops
 from safetensors.torch import save_file
 
 from pact_ray.data.objects.articulation import SLOT_GROUPS, encode_articulation_batch, validity_mask
@@ -174,18 +173,6 @@ def _dropped_mask_embedding(monkeypatch, golden):
     return golden_model(golden), False
 
 
-def _one_ulp_weights(monkeypatch, golden):
-    """A rounding-level change: every weight moved by one float32 ulp, up or down at random."""
-    model = golden_model(golden)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            up = torch.rand(p.shape, generator=g) < 0.5
-            p.copy_(torch.where(up, torch.nextafter(p, torch.full_like(p, math.inf)),
-                                torch.nextafter(p, torch.full_like(p, -math.inf))))
-    return model, True
-
-
 @pytest.mark.parametrize("defect, outputs, margin", [
     # Measured, as multiples of the bound: t_emb 1921, feats 964, arti 335.
     (_wrong_frequency_base, ("t_emb", "feats", "arti"), 100),
@@ -202,10 +189,9 @@ def test_golden_catches_real_defects(golden, rounding, monkeypatch, defect, outp
         assert errors[name] > margin * rounding(name, 2), (name, errors[name], rounding(name, 2))
 
 
-def test_golden_passes_a_rounding_level_change(golden, rounding, monkeypatch):
+def test_golden_passes_a_rounding_level_change(golden, rounding):
     """Every weight one ulp off moves the outputs by 3e-7 to 3e-6, far inside the bound."""
-    model, _ = _one_ulp_weights(monkeypatch, golden)
-    errors = golden_errors(golden_pass(model, golden), golden)
+    errors = golden_errors(golden_pass(one_ulp_off(golden_model(golden)), golden), golden)
     for name, error in errors.items():
         assert error <= rounding(name, 2), (name, error, rounding(name, 2))
 

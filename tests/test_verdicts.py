@@ -13,11 +13,10 @@ from hypothesis import strategies as st
 from scipy import stats as sps
 import torch
 from example_store import TrialSpec, log_sweep, loss_curve, router_history
-from statsmodels.stats.multitest import multipletests
 
 from pact_ray.metrics import names as M
 from pact_ray.report.ablation.route import MARGINAL_ERROR_MAX, NO_VERDICT, route_status, verdict_lines
-from pact_ray.report.ablation.stats import BETTER, INCONCLUSIVE, ONE_SEED, WORSE, corrected_verdicts, difference, holm
+from pact_ray.report.ablation.stats import BETTER, INCONCLUSIVE, WORSE, difference
 from pact_ray.report.summary import collect
 from pact_ray.report.world_model_sweep import (
     COMPARISON_JSON,
@@ -35,35 +34,6 @@ from pact_ray.training.validation import split_indices, stratified_timesteps
 from pact_ray.errors import ConfigError
 from pact_ray.tune.adaptive import BASELINE, AdaptiveSeedSearcher
 from pact_ray.verdicts import NOT_FOR_CONCLUSIONS, Design, Margin, decide, decide_family
-
-# ---------------------------------------------------------------- the correction
-
-def test_holm_on_known_p_values():
-    # Holm: sort, p_(i) * (m - i + 1), running maximum, capped at 1 (Holm 1979; worked by hand).
-    p = [0.01, 0.04, 0.03, 0.005]
-    reject, adjusted = holm(p)
-    assert adjusted == pytest.approx([0.03, 0.06, 0.06, 0.02], abs=1e-12)
-    assert reject == [True, False, False, True]
-    rng = np.random.default_rng(0)
-    for _ in range(20):  # and statsmodels' own implementation on random families
-        ps = list(rng.uniform(0, 0.2, size=int(rng.integers(1, 9))))
-        ref_reject, ref_adjusted, _, _ = multipletests(ps, alpha=0.05, method="holm")
-        assert holm(ps) == (list(ref_reject), pytest.approx(list(ref_adjusted), abs=1e-12))
-
-
-def test_corrected_verdicts_are_stricter_than_the_uncorrected_ones():
-    base = {0: 1.00, 1: 1.02, 2: 0.99, 3: 1.01}
-    clear = difference({s: v - 0.05 for s, v in base.items()}, base)  # every seed 0.05 lower: p = 0
-    marginal = difference({0: 0.99, 1: 1.015, 2: 0.975, 3: 1.004}, base)  # better at 5 %, not after 4 tests
-    noise = [difference({0: 1.01, 1: 1.0, 2: 1.0, 3: 1.02}, base), difference({0: 0.99, 1: 1.03, 2: 1.0, 3: 1.0}, base)]
-    family = [clear, marginal, *noise]
-    assert [d.p_value < 0.05 for d in family[:2]] == [True, True]
-    verdicts, adjusted = corrected_verdicts(family)
-    assert verdicts[0] == BETTER and verdicts[1] == INCONCLUSIVE and adjusted[1] > 0.05
-    # Comparisons without a test stay out of the family.
-    verdicts, adjusted = corrected_verdicts([clear, None, difference({0: 0.9}, {0: 1.0})])
-    assert verdicts == [BETTER, None, ONE_SEED] and adjusted[1:] == [None, None]
-
 
 # ------------------------------------------------------------ like for like
 

@@ -612,7 +612,7 @@ def _run(kind: RunKind, args: argparse.Namespace) -> int:
 
 def _import_driver_modules(trainers: tuple[str, ...] = ()) -> None:
     """The modules the driver needs once Ray is up (MLflow's store, the report: matplotlib,
-    scipy, statsmodels; Ray Tune and the sweep's callbacks: 0.5 s; the ``trainers`` modules,
+    scipy; Ray Tune and the sweep's callbacks: 0.5 s; the ``trainers`` modules,
     with torch, only where a synthetic data set is still to be generated: 1.2 s), none of which
     ``ray.init`` imports once :data:`_IMPORTED_BY_BOTH` are. The driver reads every config
     before, without torch (pact_ray.runs), so that Ray starts a second sooner; with its data

@@ -1,5 +1,5 @@
-"""Means with 95% t intervals, the difference of a variant from its baseline with its test,
-and the family-wise correction over the variants compared with one baseline.
+"""Means with 95% t intervals, and the difference of a variant from its baseline with its
+standard error, interval and test (the verdicts read them: ``pact_ray.verdicts``).
 
 With n values x_i the interval is mean ± t_{0.975, n-1} · s / sqrt(n) (s the sample
 standard deviation). A variant and its baseline are compared on the seeds both have: the
@@ -10,14 +10,12 @@ unequal-variance interval and test (Welch-Satterthwaite degrees of freedom), whe
 has at least two seeds. With fewer seeds there is no interval and no verdict beyond
 "inconclusive (1 seed)".
 
-The verdict of one comparison is better / worse when its 95% interval excludes 0 (the
-two-sided t test at 5%). Comparing several variants with one baseline makes several tests,
-and with m tests at 5% some "better" turns up by chance; the corrected verdict controls the
-family-wise error rate with Holm's step-down method (Holm 1979) over the tests of one family
-(the variants of one setting compared on one metric), computed by statsmodels. Holm is as
-strong as Bonferroni and uniformly more powerful, and needs no assumption about how the
-tests depend on each other (they share the baseline). Dunnett's many-to-one procedure would
-be sharper, but it assumes independent groups and our design is paired by seed.
+:func:`verdict` is the plain per-comparison reading of the 95% interval (better / worse when
+it excludes 0), kept beside the verdicts for reference. The verdicts themselves, corrected
+for the number of variants and for the looks of an adaptive sweep and read against a margin
+of practical difference, are :mod:`pact_ray.verdicts`'. Dunnett's many-to-one procedure
+would be sharper than their Bonferroni split, but it assumes independent groups, and the
+design is paired by seed.
 """
 
 from __future__ import annotations
@@ -29,7 +27,6 @@ from functools import cached_property, lru_cache
 from typing import Mapping, Sequence
 
 from scipy import stats as sps
-from statsmodels.stats.multitest import multipletests
 
 from pact_ray.verdicts import BETTER, INCONCLUSIVE, ONE_SEED, WORSE  # noqa: F401  (the verdicts' words, defined once)
 
@@ -160,26 +157,3 @@ def verdict(diff: Difference, mode: str = "min") -> str:
     if lo > 0 or hi < 0:
         return _direction(diff.estimate.mean, mode)
     return INCONCLUSIVE
-
-
-def holm(p_values: Sequence[float], alpha: float = ALPHA) -> tuple[list[bool], list[float]]:
-    """Holm's step-down correction of one family of tests: (rejected at family-wise level
-    ``alpha``, adjusted p-values), in the order given."""
-    if not p_values:
-        return [], []
-    reject, adjusted, _, _ = multipletests(list(p_values), alpha=alpha, method="holm")
-    return [bool(r) for r in reject], [float(p) for p in adjusted]
-
-
-def corrected_verdicts(diffs: Sequence[Difference | None], mode: str = "min") -> tuple[list[str | None], list[float | None]]:
-    """The Holm-corrected verdict and adjusted p-value of each comparison of one family, in
-    order. Comparisons without a test (None, or no interval) keep "inconclusive (1 seed)" /
-    None and do not count in the family."""
-    tested = [i for i, d in enumerate(diffs) if d is not None and d.p_value is not None]
-    reject, adjusted = holm([diffs[i].p_value for i in tested])
-    verdicts: list[str | None] = [None if d is None else ONE_SEED for d in diffs]
-    p_adj: list[float | None] = [None] * len(diffs)
-    for i, r, p in zip(tested, reject, adjusted):
-        verdicts[i] = _direction(diffs[i].estimate.mean, mode) if r else INCONCLUSIVE
-        p_adj[i] = p
-    return verdicts, p_adj
