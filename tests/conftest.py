@@ -6,6 +6,7 @@ written beside it), never a literal that happened to pass on this CPU: tests/REA
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -20,6 +21,11 @@ def fixture_path(name: str) -> Path:
     """Prefer ../shared/fixtures (the reference), fall back to the copy in tests/fixtures."""
     shared = SHARED_FIXTURES / name
     return shared if shared.is_file() else FIXTURES / name
+
+
+def fixture_sha(name: str) -> str:
+    """The sha256 of a fixture file (what a cached result computed from it is keyed by)."""
+    return hashlib.sha256(fixture_path(name).read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="session", autouse=True)

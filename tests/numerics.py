@@ -26,6 +26,7 @@ How the tests use it:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -343,12 +344,26 @@ class Float32Bound:
 
 
 def float32_error_bound(fn, *, replays: int = 16, probability: float = GOLDEN_FAILURE_PROBABILITY,
-                        seed: int = 0) -> Float32Bound:
+                        seed: int = 0, key: str | None = None) -> Float32Bound:
     """How far from its exact value rounding can move a float32 evaluation of ``fn`` (which
     returns a dict name -> tensor), with probability ``1 - probability``, on any CPU: the
     argument is above. ``fn`` runs its network as written; float32 weights and inputs are
-    promoted to float64 for the replays, and the caller's tensors are not changed."""
+    promoted to float64 for the replays, and the caller's tensors are not changed.
+
+    ``key`` names what ``fn`` computes (for a golden test: the fixture's sha256). Where the
+    environment names a folder in ``PACT_RAY_BOUND_CACHE``, the bound is kept there under that
+    key: ``make test`` runs the numerical tests twice, under two kernel sets, and the bound is
+    the same in both (it is a float64 computation: the kernels move it by 1e-15)."""
+    import json
+    import os
+    from pathlib import Path
+
     from scipy import stats
+
+    folder = os.environ.get("PACT_RAY_BOUND_CACHE")
+    cached = Path(folder) / f"{key}-{replays}-{probability:g}-{seed}.json" if folder and key else None
+    if cached is not None and cached.is_file():
+        return Float32Bound(**json.loads(cached.read_text()))
 
     with _Float32Rounding(None):
         exact = fn()
@@ -359,8 +374,11 @@ def float32_error_bound(fn, *, replays: int = 16, probability: float = GOLDEN_FA
         for k in sq:
             sq[k] += (replay[k].double() - exact[k].double()) ** 2
     outputs = sum(v.numel() for v in exact.values())
-    return Float32Bound(
+    bound = Float32Bound(
         sigma={k: float((v / replays).sqrt().max()) for k, v in sq.items()},
         hoeffding=math.sqrt(6 * math.log(2 * outputs / probability)),
         chi=math.sqrt(replays / stats.chi2.ppf(probability, replays)),
     )
+    if cached is not None:
+        cached.write_text(json.dumps(dataclasses.asdict(bound)))
+    return bound

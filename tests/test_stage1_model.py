@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import fixture_path
+from conftest import fixture_path, fixture_sha
 from numerics import Float32Bound, assert_within_rounding, float32_error_bound, one_ulp_off, rounding_bound, transformer_ops
 from safetensors.torch import save_file
 
@@ -62,7 +62,7 @@ def rounding(golden) -> Float32Bound:
     bit for bit."""
     model = _golden_model(golden)
     with torch.no_grad():
-        return float32_error_bound(lambda: {"output": model(**golden["inputs"])})
+        return float32_error_bound(lambda: {"output": model(**golden["inputs"])}, key=f"stage1-{fixture_sha('pact_stage1_golden_tiny.pt')}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import fixture_path
+from conftest import fixture_path, fixture_sha
 from numerics import FLOAT64, Float32Bound, assert_within_rounding, float32_error_bound, one_ulp_off, transformer_ops
 from safetensors.torch import save_file
 
@@ -118,7 +118,7 @@ def rounding(golden) -> Float32Bound:
     evaluations, while this CPU reproduces the fixture to 1e-6 and another (AVX-512) its
     t_emb to 3.8e-6."""
     model = golden_model(golden)
-    return float32_error_bound(lambda: golden_pass(model, golden))
+    return float32_error_bound(lambda: golden_pass(model, golden), key=f"stage2-{fixture_sha('pact_stage2_golden_tiny.pt')}")
 
 
 def golden_errors(ours: dict, golden) -> dict[str, float]:
