@@ -427,8 +427,12 @@ def test_the_server_wrapper_stops_cleanly_on_a_second_ctrl_c(tmp_path):
     """Two SIGINTs in a row (a second Ctrl-C, or `timeout` passing one on) stop the server once,
     without a traceback, and leave none of its processes."""
     port = free_port()
+    # SIGINT at its default in the wrapper whatever this test inherited: a shell that runs the
+    # suite as a background job (`make test &`) ignores SIGINT, an ignored signal stays ignored
+    # across exec, and Python keeps it so: the wrapper would never see this test's Ctrl-C.
     proc = subprocess.Popen([sys.executable, "-m", "pact_ray.tracking.server", "--store", str(tmp_path / "s"), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert "serving" in proc.stdout.readline()
         [server] = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
