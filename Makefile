@@ -9,7 +9,6 @@ STAMP  := $(VENV)/.installed
 # replaces it with a newer (CUDA) release; pyproject's range admits 2.13.x only.
 TORCH  ?= torch==2.13.0
 
-export RAY_AUTH_MODE ?= disabled
 export PYTHONUNBUFFERED := 1
 
 .PHONY: install browser run test test-kernels test-fast bench clean
@@ -21,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[test]" "$(TORCH)"
-	$(PY) -m pact_ray.ot.cpu_solver  # compiles the OT kernel into numba's cache (once, ~4 s)
+	$(PY) -m pact_ray.ot.preload  # compiles the OT kernel into numba's cache (once, ~4 s)
 	# Bytecode for the project's own modules, as pip writes it for every installed package: an
 	# editable install leaves that to the first import, which PYTHONDONTWRITEBYTECODE=1 forbids,
 	# and every process of a sweep (the driver, each worker) would compile them again (0.2 s).

@@ -1,6 +1,6 @@
 """Compare two trial runs side by side: their config params and final metrics, with deltas.
 
-    python analysis/compare.py RUN_A RUN_B [--tracking-uri sqlite:///$PWD/mlflow.db] [--all-params]
+    .venv/bin/python analysis/compare.py RUN_A RUN_B [--tracking-uri sqlite:///$PWD/mlflow.db] [--all-params]
 
 RUN_A and RUN_B are MLflow run ids or ``experiment/trial_id`` as in the summary's run_id
 column (``pact-ray/stage1_router/74992_00001``). Deltas are B - A, and in % of A.

@@ -1,8 +1,8 @@
 """The evaluation report of one world-model run, as HTML and Markdown with PNG figures.
 
-    python analysis/eval_report.py --run RUN_ID --out reports/run1
-    python analysis/eval_report.py --run runs/wm/mae_s0_abc/checkpoint_000001 --compare OTHER_RUN_ID --out reports/x
-    python analysis/eval_report.py --run best.pt --notes notes.txt --data /data/so100-pan --out reports/real
+    .venv/bin/python analysis/eval_report.py --run RUN_ID --out reports/run1
+    .venv/bin/python analysis/eval_report.py --run runs/wm/mae_s0_abc/checkpoint_000001 --compare OTHER_RUN_ID --out reports/x
+    .venv/bin/python analysis/eval_report.py --run best.pt --notes notes.txt --data /data/so100-pan --out reports/real
 
 RUN_ID_OR_CHECKPOINT: an MLflow run id of a world-model trial (its exported ``checkpoint``
 artifact, else the checkpoint folder the run recorded, else its Ray trial folder under --storage-path), a trial checkpoint folder, or a

@@ -1,7 +1,7 @@
 """Write the ablation summary and its report from an MLflow store or from Ray's result folders.
 
-    python analysis/summarize.py --tracking-uri sqlite:///$PWD/mlflow.db --experiment pact-ray/stage1_router --out summary/
-    python analysis/summarize.py --results /abs/runs --out summary/
+    .venv/bin/python analysis/summarize.py --tracking-uri sqlite:///$PWD/mlflow.db --experiment pact-ray/stage1_router --out summary/
+    .venv/bin/python analysis/summarize.py --results /abs/runs --out summary/
 
 The output folder gets ablation_summary.csv / .json (one row per run), route_status.json,
 the plots (PNG) and index.html, a static page that opens from disk.
@@ -21,9 +21,9 @@ from pact_ray.report.ablation import collect_results, write_report
 from pact_ray.report.ablation.build import status_counts
 from pact_ray.report.ablation.route import route_status
 from pact_ray.report.summary import SummaryData, collect, search_all
+from pact_ray.tracking.store import check_tracking_uri, default_tracking_uri, sqlite_path
 from pact_ray.tracking.tags import ROLE_TAG
 from pact_ray.verdicts import Design, Margin
-from pact_ray.tracking.store import check_tracking_uri, default_tracking_uri, sqlite_path
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from pact_ray.data.objects.loader import ArticulatedDataset, collate_voxels
 from pact_ray.data.objects.synthetic import ensure_synthetic
-from pact_ray.models.presets import CONDITION_PRESETS, STAGE1_PRESETS
+from pact_ray.common.presets import CONDITION_PRESETS, STAGE1_PRESETS
 from pact_ray.models.sparse import SparseLevel, SubMConv3d, downsample
 from pact_ray.models.stage2 import build_stage2
 from pact_ray.runs.stage2 import Stage2RunConfig

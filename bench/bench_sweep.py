@@ -8,14 +8,11 @@
    the ratio of the medians is reported. Targets (issue #16): whole command <= 0.75x; the
    trial phase (first trial start to last trial end, from MLflow's own timestamps) <= 0.6x the
    sequential command's training loop. The limit is 0.5 on 2 cores.
-2. Stopping the local Ray a sweep started: Ray's ``ray.shutdown()`` against the sweep's
-   ``stop_ray`` (which ends the autoscaler's monitor first), each in a fresh process that
-   started Ray and ran an actor, alternating; medians.
-3. MLflow logging overhead per step: a small trial's steps with every step's metrics sent
+2. MLflow logging overhead per step: a small trial's steps with every step's metrics sent
    to the MLflow writer (SQLite store, flushed before the clock stops) vs the same steps
    without tracking: target <= 5 % of the trial's wall time.
 
-    python bench/bench_sweep.py --out bench/results/sweep_cpu.json [--quick] [--repeats 3]
+    .venv/bin/python bench/bench_sweep.py --out bench/results/sweep_cpu.json [--quick] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -70,36 +67,14 @@ def trial_phase(workdir: Path) -> float:
 
 
 def run_sweep_command(model: str, profile: str, workdir: Path) -> tuple[float, float]:
+    """The sweep command on the matrix's trials (seed 0, as the sequential side)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     t0 = time.perf_counter()
     subprocess.run([sys.executable, str(ROOT / "sweeps" / "stage1_router.py"), "--model", model, "--profile", profile,
-                    "--name", "bench", "--quiet", "--storage-path", str(workdir / "runs"),
+                    "--seeds", "0", "--name", "bench", "--quiet", "--storage-path", str(workdir / "runs"),
                     "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--cpus-per-trial", "1"],
-                   capture_output=True, text=True, check=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+                   capture_output=True, text=True, check=True, env=env)
     return time.perf_counter() - t0, trial_phase(workdir)
-
-
-_STOP = """
-import json, sys, time
-import ray
-import pact_ray.tune.sweep as sweep
-sweep.init_ray(None)
-ray.get(ray.remote(lambda: 1).remote())
-t0 = time.perf_counter()
-ray.shutdown() if sys.argv[1] == "ray.shutdown" else sweep.stop_ray()
-print(json.dumps({"s": time.perf_counter() - t0}))
-"""
-
-
-def ray_stop(repeats: int) -> dict:
-    times: dict[str, list[float]] = {"ray.shutdown": [], "stop_ray": []}
-    for _ in range(repeats):
-        for side in times:
-            out = subprocess.run([sys.executable, "-c", _STOP, side], capture_output=True, text=True, check=True,
-                                 env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-            times[side].append(json.loads(out.stdout.strip().splitlines()[-1])["s"])
-    ray_s, ours = statistics.median(times["ray.shutdown"]), statistics.median(times["stop_ray"])
-    return {"repeats": repeats, "ray_shutdown_s": times["ray.shutdown"], "stop_ray_s": times["stop_ray"],
-            "ratio": ours / ray_s, "saved_s": ray_s - ours}
 
 
 def logging_overhead(model: str, steps: int, repeats: int, workdir: Path) -> dict:
@@ -161,7 +136,6 @@ def main(argv=None) -> int:
             phase.append(trials)
             print(f"repeat {r}: sequential {seq[-1]:.1f} s (loop {loop[-1]:.1f} s), sweep {sweep[-1]:.1f} s "
                   f"(trial phase {phase[-1]:.1f} s)", flush=True)
-        stop = ray_stop(1 if args.quick else args.repeats)
         overhead = logging_overhead(model, 4 if args.quick else 16, 1 if args.quick else 3, Path(d))
     med = statistics.median
     ratio, ratio_phase = med(sweep) / med(seq), med(phase) / med(loop)
@@ -176,7 +150,6 @@ def main(argv=None) -> int:
                            "sweeps/stage1_router.py with a local Ray it starts (2 CPUs, 1 per trial), SQLite MLflow, summary and "
                            "dashboard. Sequential: the same trials one after another in one process, one torch thread. Trial "
                            "phase: first trial start to last trial end (MLflow), against the sequential command's training loop."},
-        "ray_stop": stop,
         "mlflow_logging": overhead,
     }
     out = Path(args.out)

@@ -7,12 +7,63 @@ import argparse
 import logging
 import math
 import os
+import shlex
+import socket
 import sys
-from typing import Callable, NoReturn
+from pathlib import Path
+from typing import Callable, NoReturn, Sequence
 
 from pact_ray.errors import first_line
 
 EXIT_USAGE = 2  # a user error: bad flag, value, path, data file or checkpoint
+ROOT = Path(__file__).resolve().parents[1]  # the project folder (sweeps/, analysis/)
+
+
+# ------------------------------------------------ commands printed for the user to run
+# Every command the tool prints runs as printed, from the project folder, in a fresh shell
+# with no virtualenv on PATH: the running interpreter and the console scripts beside it are
+# named by absolute path, and every word is shell-quoted.
+
+def venv_executable(name: str) -> str:
+    """The absolute path of ``name`` (``mlflow``, ``optuna-dashboard``) in the running
+    interpreter's bin folder (the virtualenv's), or ``name`` where there is none. The folder
+    of ``sys.executable`` as invoked, not its resolved target (a venv's python is a link)."""
+    path = Path(sys.executable).absolute().parent / name
+    return str(path) if path.exists() else name
+
+
+def python_executable() -> str:
+    """The running interpreter by absolute path (a venv's own ``bin/python``, unresolved)."""
+    return str(Path(sys.executable).absolute())
+
+
+def project_path(relative: str) -> str:
+    """A file of the project (``sweeps/stage1_router.py``) as a command names it: relative
+    when the command runs in the project folder, absolute from anywhere else."""
+    return relative if Path.cwd().resolve() == ROOT else str(ROOT / relative)
+
+
+def project_command(script: str, *args: str) -> str:
+    """``<venv>/bin/python <script> args...``, shell-quoted: a script of the project run by
+    the interpreter that runs now (``script`` relative to the project folder)."""
+    return shell_join([python_executable(), project_path(script), *args])
+
+
+def shell_join(words: Sequence[str]) -> str:
+    return " ".join(shlex.quote(str(w)) for w in words)
+
+
+def free_port(preferred: int, host: str = "127.0.0.1", tries: int = 100) -> int:
+    """``preferred`` when nothing listens on it on ``host``, else the next free port above it
+    (so a printed server command starts as printed)."""
+    for port in range(preferred, preferred + tries):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    return preferred
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -23,7 +74,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if "%(default)" in text or "default" in text.lower() or default in (None, False, "", [], argparse.SUPPRESS):
+        # 0 and 0.0 are values to show (``0 in (False,)`` would hide them).
+        unset = default is None or default is False or default is argparse.SUPPRESS or (isinstance(default, (str, list)) and not default)
+        if "%(default)" in text or "default" in text.lower() or unset:
             return text
         return f"{text} (default: %(default)s)"
 

@@ -23,6 +23,16 @@ class DataError(ValueError):
     """A dataset file is missing, unreadable or inconsistent; the message names the file."""
 
 
+class SweepInterrupted(RuntimeError):
+    """Raised by a trial that stopped because the sweep was interrupted (its progress is checkpointed)."""
+
+
+def is_interruption(error: str) -> bool:
+    """Whether a trial's error line (:func:`pact_ray.errors.error_line`) is the sweep's own
+    interruption, which ``--resume`` continues, rather than a failure."""
+    return SweepInterrupted.__name__ in error
+
+
 def first_line(error: BaseException, limit: int | None = None) -> str:
     """The first line of an error's message (its type name when the message is empty),
     cut to ``limit`` characters when given."""

@@ -8,6 +8,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+# The manifest in each sweep's folder (pact_ray.tune.manifest writes it, the report's reader of
+# Ray's result folders finds sweeps by it): the file name is the one thing both need.
+SWEEP_MANIFEST = "pact_ray_sweep.json"
+
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``: a

@@ -63,12 +63,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from pact_ray.errors import ConfigError
-
-if TYPE_CHECKING:  # scipy and the stats module load on first use: a sweep's driver reads a Design before Ray starts
-    from pact_ray.report.ablation.stats import Difference
 
 ALPHA = 0.05
 POWER = 0.8
@@ -113,6 +110,30 @@ class Margin:
 
 
 DEFAULT_MARGIN = Margin(0.01)
+
+
+class _Mean(Protocol):
+    @property
+    def mean(self) -> float: ...
+
+
+class Comparison(Protocol):
+    """What a verdict reads of one comparison (variant minus baseline): its mean, the standard
+    error and t degrees of freedom of that mean (None without an interval), and whether the
+    runs equal the baseline's seed by seed. :class:`pact_ray.report.ablation.stats.Difference`
+    is one; this module, below the report, does not import it."""
+
+    @property
+    def estimate(self) -> _Mean: ...
+
+    @property
+    def se(self) -> float | None: ...
+
+    @property
+    def df(self) -> float | None: ...
+
+    @property
+    def identical(self) -> bool: ...
 
 
 def obrien_fleming_spent(t: float, alpha: float = ALPHA) -> float:
@@ -237,11 +258,11 @@ class Decision:
         return f"{self.verdict}, {self.magnitude} {margin}" if self.magnitude in (BEYOND, WITHIN) else self.text
 
 
-def is_identical(diff: Difference | None) -> bool:
+def is_identical(diff: Comparison | None) -> bool:
     return diff is not None and diff.identical
 
 
-def decide(diff: Difference, level: float, margin: float | None, mode: str = "min") -> Decision:
+def decide(diff: Comparison, level: float, margin: float | None, mode: str = "min") -> Decision:
     """The verdict of one comparison whose interval has two-sided miscoverage ``level``."""
     if diff.identical:
         return Decision(IDENTICAL, "", (0.0, 0.0), 0.0, margin, None)
@@ -271,7 +292,7 @@ def decide(diff: Difference, level: float, margin: float | None, mode: str = "mi
     return Decision(INCONCLUSIVE, "", (lo, hi), level, margin, mde)
 
 
-def decide_family(diffs: list[Difference | None], seeds: list[int], baselines: list[float | None], design: Design,
+def decide_family(diffs: list[Comparison | None], seeds: list[int], baselines: list[float | None], design: Design,
                   mode: str = "min") -> list[Decision | None]:
     """The verdicts of one family (the variants compared with one baseline on one metric), in
     order: comparison i has ``seeds[i]`` seeds and baseline mean ``baselines[i]`` (for a

@@ -1,16 +1,15 @@
 """Sweep the Stage1 OT-router variants with Ray Tune, tracked in MLflow.
 
-    python sweeps/stage1_router.py                      # the quick matrix, small preset, local Ray
-    python sweeps/stage1_router.py --profile smoke --model tiny --variants baseline,ot_first
-    python sweeps/stage1_router.py --search optuna --variant rgb_edge --num-samples 16 --scheduler asha
-    python sweeps/stage1_router.py --name my-sweep --resume
-
-Run with --help for every flag.
+    .venv/bin/python sweeps/stage1_router.py                      # the quick matrix, small preset, local Ray
+    .venv/bin/python sweeps/stage1_router.py --profile smoke --model tiny --variants baseline,ot_first
+    .venv/bin/python sweeps/stage1_router.py --search optuna --variant rgb_edge --num-samples 16 --scheduler asha
+    .venv/bin/python sweeps/stage1_router.py --name my-sweep --resume
+    .venv/bin/python sweeps/stage1_router.py --name my-sweep --resume auto   # start, continue or do nothing: one command for every retry
 """
 
 import sys
 
-from pact_ray.runs.kinds import STAGE1
+from pact_ray.kinds import STAGE1
 from pact_ray.tune.sweep import sweep_command
 
 

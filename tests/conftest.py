@@ -46,6 +46,6 @@ def ray_address(_data_cache):
     # address "local": this session's own instance, never another process's cluster.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray.get_runtime_context().gcs_address
-    from pact_ray.tune.sweep import stop_ray
+    from pact_ray.tune.launch import stop_ray
 
     stop_ray()  # ray.shutdown(), a second sooner

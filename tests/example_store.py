@@ -23,9 +23,9 @@ from mlflow.entities import LifecycleStage, Metric, Param, RunStatus, SourceType
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from pact_ray.kinds import RUN_KINDS
 from pact_ray.metrics import names as M
 from pact_ray.report.summary import FINISHED, RUNNING, STATUSES
-from pact_ray.runs.kinds import RUN_KINDS
 from pact_ray.tracking.callback import run_name
 from pact_ray.tracking.store import ensure_experiment
 from pact_ray.tracking.tags import ROLE_TAG, STEP_TAG, SWEEP_TAG, TRIAL_TAG

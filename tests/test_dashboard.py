@@ -4,6 +4,7 @@ from MLflow and from Ray's result folders."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import shutil
@@ -20,18 +21,18 @@ from PIL import Image
 from scipy import stats as sps
 
 from analysis.summarize import main as summarize
+from pact_ray.kinds import RUN_KINDS
 from pact_ray.metrics import names as M
 from pact_ray.report.ablation import render_report, write_report
 from pact_ray.report.ablation.build import COUNT_LABELS, INDEX_HTML, REPORT_JSON, ROUTE_JSON
 from pact_ray.report.ablation.groups import router_on
 from pact_ray.report.ablation.plots import PLOTS, placeholder, plots_for
 from pact_ray.report.ablation.route import NO_BASELINE, route_status
-from pact_ray.verdicts import NOT_FOR_CONCLUSIONS
 from pact_ray.report.ablation.stats import BETTER, INCONCLUSIVE, ONE_SEED, WORSE, difference, mean_interval, verdict
 from pact_ray.report.ablation.tuning import tuned_variants
 from pact_ray.report.summary import CSV_NAME, JSON_NAME, STATUSES, SummaryData, collect
-from pact_ray.runs.kinds import RUN_KINDS
 from pact_ray.tune.sweep import run_sweep
+from pact_ray.verdicts import NOT_FOR_CONCLUSIONS
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREEN = (1400, 2400)
@@ -238,9 +239,14 @@ def test_page_parses_with_counts_sections_rows_and_relative_links(example, repor
     for row in data.rows:
         assert row["run"] in text and row["run_id"] in text
     assert next(s.error for s in specs if s.error) in text and " - " in f" {text} "
-    assert set(page.imgs) >= {f"{p.name}.png" for p in plots_for(data)}
+    # The plots inlined (data: URIs: MLflow's artifact viewer resolves no relative src), each
+    # the very PNG beside the page, which the page links.
+    inlined = [base64.b64decode(src.split(",", 1)[1]) for src in page.imgs if src.startswith("data:image/png;base64,")]
+    assert len(inlined) == len(page.imgs)
+    assert {(report / f"{p.name}.png").read_bytes() for p in plots_for(data)} <= set(inlined)
+    assert {f"{p.name}.png" for p in plots_for(data)} <= set(page.links)
     assert {CSV_NAME, JSON_NAME, ROUTE_JSON, REPORT_JSON} <= set(page.links)
-    for ref in page.imgs + page.links:  # static: relative links to files beside the page
+    for ref in page.links:  # static: relative links to files beside the page
         assert "://" not in ref and not ref.startswith("/") and (report / ref).is_file(), ref
     assert "script" not in page.tags and "link" not in page.tags
 
@@ -282,8 +288,11 @@ def test_real_sweep_summarised_from_mlflow_and_from_ray_results(tmp_path, ray_ad
             ("ot_first", [0, 1], "paired", 1, M.VAL_LOSS)]
         page = PageParser()
         page.feed((tmp_path / folder / INDEX_HTML).read_text())
-        assert page.rows_in["ablation-table"] == 5 and set(page.imgs) >= {"stage1_val_delta.png", "stage1_loss_curves.png"}
-        assert not any(img.startswith("stage2") for img in page.imgs)
+        # The plots are inside the page (data: URIs, which MLflow's artifact viewer shows), each linked to its PNG.
+        assert page.rows_in["ablation-table"] == 5 and len(page.imgs) >= 2
+        assert all(src.startswith("data:image/png;base64,") for src in page.imgs)
+        assert set(page.links) >= {"stage1_val_delta.png", "stage1_loss_curves.png"}
+        assert not any(link.startswith("stage2") for link in page.links)
 
 
 def test_a_figure_with_nothing_to_draw_wraps_its_reason_and_counts_alike_configurations(monkeypatch, recwarn):

@@ -11,20 +11,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import fixture_path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from numerics import rounding_bound
 
 from pact_ray.data.objects.articulation import (
-    AXIS_ZERO_TOL,
     FIXED,
     JOINT_TYPES,
     LABELS,
+    ROTATIONAL,
+    SLIDING,
     SLOT_GROUPS,
     decode_articulation,
     encode_articulation,
     encode_articulation_batch,
+    uses_origin,
     validity_mask,
 )
 from pact_ray.data.objects.encoder import StandInImageEncoder, StandInStructureEncoder
@@ -44,6 +47,7 @@ from pact_ray.data.objects.synthetic import BACKGROUND, PRESETS, SyntheticGenera
 from pact_ray.errors import DataError
 
 TINY = PRESETS["tiny"]
+PACT_EXPECTED = fixture_path("pact_layout_tiny_expected.pt")
 TINY_SPEC = DatasetSpec(name="tiny", num_samples=1, max_parts=8, prefix_tokens=5, **TINY)
 
 
@@ -73,7 +77,7 @@ def hand_made_sample(spec: DatasetSpec, num_parts: int, seed: int = 0) -> dict[s
         "latents": rng.standard_normal((num_parts, spec.latent_channels, r, r, r)).astype(np.float32),
         "articulation": encode_articulation_batch(
             joint_types, rng.standard_normal((num_parts, 3)), rng.uniform(-1, 1, (num_parts, 3)),
-            rng.uniform(0, 1, (num_parts, 2)), labels,
+            rng.uniform(-1, 1, (num_parts, 3)), rng.uniform(0, 1, num_parts), labels,
         ),
         "cond": rng.standard_normal((spec.num_tokens, spec.cond_channels)).astype(np.float16),
         "part_labels": labels,
@@ -83,42 +87,58 @@ def hand_made_sample(spec: DatasetSpec, num_parts: int, seed: int = 0) -> dict[s
 
 # ---------------------------------------------------------------- articulation
 
-axis_strategy = st.tuples(*[st.floats(-1, 1, allow_nan=False)] * 3).filter(lambda a: np.linalg.norm(a) > 1e-2)
+axis_strategy = st.tuples(*[st.one_of(st.just(0.0), st.floats(-2, 2, allow_nan=False))] * 3).filter(
+    lambda a: np.linalg.norm(a) > 1e-2)
+point = st.tuples(*[st.floats(-1, 1, allow_nan=False)] * 3)
+f32 = lambda scale, ops: rounding_bound(scale, ops, torch.float32)  # noqa: E731
 
 
 @settings(max_examples=200, deadline=None)
 @given(
     joint_type=st.sampled_from(sorted(JOINT_TYPES.values())),
     axis=axis_strategy,
-    origin=st.tuples(*[st.floats(-1, 1, allow_nan=False)] * 3),
-    range_=st.tuples(st.floats(-360, 360, allow_nan=False), st.floats(-1, 1, allow_nan=False)),
+    origin=point,
+    centre=point,
+    limit=st.floats(-360, 360, allow_nan=False),
     label=st.integers(0, len(LABELS) - 1),
     noise=st.floats(-0.09, 0.09),
 )
-def test_articulation_round_trip(joint_type, axis, origin, range_, label, noise):
-    vec = encode_articulation(joint_type, axis, origin, range_, label)
+def test_articulation_round_trip(joint_type, axis, origin, centre, limit, label, noise):
+    """PAct's encoding (fixture README section 4), slot by slot, and its decoding."""
+    vec = encode_articulation(joint_type, axis, origin, centre, limit, label)
     assert vec.shape == (24,) and vec.dtype == np.float32
     out = decode_articulation(vec)
     assert out["joint_type"] == joint_type and out["label"] == label
-    unit = np.asarray(axis) / np.linalg.norm(axis)
+    for group in ("type", "label"):
+        assert (vec[SLOT_GROUPS[group]] == vec[SLOT_GROUPS[group]][0]).all()  # one code, repeated 6x
+    turns, length = vec[12:15], vec[15:18]
+    assert (turns == turns[0]).all() and (length == length[0]).all()  # [r, r, r, l, l, l]
+    # The pivot slots hold the float32 origin (rotational joints, sliding doors) or aabb centre.
+    pivot = origin if joint_type in ROTATIONAL or (joint_type in SLIDING and label == LABELS.index("door")) else centre
+    assert np.array_equal(vec[SLOT_GROUPS["origin"]], np.float32(pivot))
+    assert bool(uses_origin([joint_type], [label])[0]) == (pivot is origin)
     if joint_type == FIXED:
-        assert not vec[SLOT_GROUPS["axis"]].any() and not vec[SLOT_GROUPS["origin"]].any()
-        assert not vec[SLOT_GROUPS["range"]].any()
-    else:
-        stored = vec[SLOT_GROUPS["axis"]]
-        # Float32 storage: each stored number carries one rounding (u of its size); the norm and
-        # the normalisation on decoding add a few operations each (squares, a sum of 3, a root,
-        # a division).
-        f32 = lambda scale, ops: rounding_bound(scale, ops, torch.float32)  # noqa: E731
-        assert abs(np.linalg.norm(stored) - 0.7) <= f32(0.7, 1 + 6)
-        assert stored[np.flatnonzero(np.abs(stored) > AXIS_ZERO_TOL)[0]] > 0  # first significant component positive
-        sign = np.sign(unit @ out["axis"])
-        assert np.abs(out["axis"] - sign * unit).max() <= f32(1.0, 2 + 6 + 1)
-        # The range: degrees / 360 stored three times, averaged (a sum of 3, a division), times
-        # 360: the bound of the stored turns, scaled back to degrees.
-        turns = max(abs(range_[0]) / 360, abs(range_[1]))
-        assert np.abs(out["range"] - sign * np.asarray(range_)).max() <= 360 * f32(turns, 2 + 3 + 2)
-        assert np.abs(out["origin"] - np.asarray(origin)).max() <= f32(max(map(abs, origin)), 1)  # stored once
+        assert not vec[SLOT_GROUPS["axis"]].any() and not vec[SLOT_GROUPS["range"]].any()
+        return
+    # Flip rule: more negative than positive components of 0.7 d (zeros not counted; ties kept).
+    scaled = np.float32(0.7) * np.float32(axis)
+    sign = -1.0 if (scaled > 0).sum() < (scaled < 0).sum() else 1.0
+    stored = vec[SLOT_GROUPS["axis"]]
+    # One float32 rounding of the input, one of the product (the negation is exact).
+    assert np.abs(stored - sign * 0.7 * np.asarray(axis)).max() <= f32(0.7 * np.abs(axis).max(), 2)
+    assert (stored > 0).sum() >= (stored < 0).sum()
+    unit = np.asarray(axis) / np.linalg.norm(axis)
+    # Decoding divides by 0.7 and normalises: squares, a sum of 3, a root and a division (6 ops).
+    assert np.abs(out["axis"] - sign * unit).max() <= f32(1.0, 2 + 1 + 6) / np.linalg.norm(axis) * np.abs(axis).max() + f32(1.0, 9)
+    degrees, metres = out["range"]
+    if joint_type in ROTATIONAL:  # r = limit / 360 (two roundings), a mean of 3, times 360
+        assert metres == 0 and abs(degrees - sign * limit) <= 360 * f32(abs(limit) / 360, 2 + 3 + 2)
+    else:  # screw and prismatic: l = limit, raw
+        assert degrees == 0 and abs(metres - sign * limit) <= f32(abs(limit), 1 + 3 + 1)
+    # Re-encoding what was decoded gives the vector back (decoded axis at length 1, limit by its sign).
+    again = encode_articulation(joint_type, out["axis"] * np.linalg.norm(axis), out["origin"], out["origin"],
+                                degrees if joint_type in ROTATIONAL else metres, out["label"])
+    assert np.abs(again - vec).max() <= f32(max(1.0, abs(limit)), 16)
     # Discrete slots survive noise below half an id step; torch decoding agrees with numpy.
     noisy = vec.copy()
     noisy[SLOT_GROUPS["type"]] += noise
@@ -129,9 +149,36 @@ def test_articulation_round_trip(joint_type, axis, origin, range_, label, noise)
     assert np.abs(decoded["axis"].numpy() - out["axis"]).max() <= rounding_bound(1.0, 2 * 6, torch.float32)
 
 
+def test_articulation_codes_are_pacts():
+    """The type and label codes in float32, as PAct's loader computes them (the fixture's
+    conventions), and the cases the fixture README works through."""
+    expected = torch.load(PACT_EXPECTED, weights_only=True)["conventions"]
+    types = list(JOINT_TYPES.values())
+    vec = encode_articulation_batch(types, np.ones((5, 3)), np.zeros((5, 3)), np.zeros((5, 3)), np.zeros(5), np.zeros(5))
+    assert vec[:, 0].tolist() == [expected["joint_type_code"][n] for n in JOINT_TYPES]
+    vec = encode_articulation_batch(np.ones(8), np.zeros((8, 3)), np.zeros((8, 3)), np.zeros((8, 3)), np.zeros(8), range(8))
+    assert vec[:, 18].tolist() == [expected["label_code"][n] for n in LABELS]
+    door, drawer = LABELS.index("door"), LABELS.index("drawer")
+    origin, centre = (0.1, 0.2, 0.3), (-0.4, -0.5, -0.6)
+    # A revolute door about (0, 0, -1): flipped, so the range slot is -97.5 / 360; pivot = origin.
+    v = encode_articulation(JOINT_TYPES["revolute"], (0, 0, -1), origin, centre, 97.5, door)
+    assert v[6:9].tolist() == [0, 0, np.float32(0.7)] and v[12] == -np.float32(97.5) / np.float32(360) and v[15] == 0
+    assert v[9:12].tolist() == np.float32(origin).tolist()
+    # A drawer along (0, -1, 0): flipped, -0.41 in the length slots, pivot = aabb centre.
+    v = encode_articulation(JOINT_TYPES["prismatic"], (0, -1, 0), origin, centre, 0.41, drawer)
+    assert v[15:18].tolist() == [-np.float32(0.41)] * 3 and v[12:15].tolist() == [0] * 3
+    assert v[9:12].tolist() == np.float32(centre).tolist()
+    # A sliding door along (-0.96, 0.28, 0): a tie (one negative, one positive), not flipped; pivot = origin.
+    v = encode_articulation(JOINT_TYPES["prismatic"], (-0.96, 0.28, 0), origin, centre, 0.3, door)
+    assert v[6] < 0 and v[15] == np.float32(0.3) and v[9:12].tolist() == np.float32(origin).tolist()
+    # A fixed part: no axis, no range, its aabb centre.
+    v = encode_articulation(FIXED, (0, -1, 0), origin, centre, 5.0, LABELS.index("base"))
+    assert not v[6:9].any() and not v[12:18].any() and v[9:12].tolist() == np.float32(centre).tolist()
+
+
 def test_decode_batch_and_validity_mask():
     vec = encode_articulation_batch(
-        [1, 2, 3], [[0, 0, 0], [0, -1, 0], [0, 0, 2]], np.zeros((3, 3)), [[0, 0], [100, 0], [0, 0.3]], [2, 0, 1]
+        [1, 2, 3], [[0, 0, 0], [0, -1, 0], [0, 0, 2]], np.zeros((3, 3)), np.zeros((3, 3)), [0, 100, 0.3], [2, 0, 1]
     )
     batch = np.stack([vec, vec])  # [2, 3, 24]
     out = decode_articulation(torch.from_numpy(batch))
@@ -141,6 +188,7 @@ def test_decode_batch_and_validity_mask():
     assert np.abs(out["axis"][0, 1].numpy() - [0, 1, 0]).max() <= rounding_bound(1.0, 2 + 6 + 1, torch.float32)
     # axis flipped -> range negated
     assert np.abs(out["range"][0, 1].numpy() - [-100, 0]).max() <= rounding_bound(100.0, 2 + 3 + 2, torch.float32)
+    assert np.abs(out["range"][0, 2].numpy() - [0, 0.3]).max() <= rounding_bound(0.3, 1 + 3 + 1, torch.float32)
     for mask in (validity_mask(np.array([1, 2, 3])), validity_mask(torch.tensor([1, 2, 3])).numpy()):
         assert mask.shape == (3, 24) and mask.sum() == 72 - 6
         assert not mask[0, 6:12].any() and mask[0, :6].all() and mask[0, 12:].all()
@@ -151,12 +199,10 @@ def test_decode_batch_and_validity_mask():
 
 
 def test_encode_rejects_bad_input():
-    with pytest.raises(ValueError, match="non-zero axis"):
-        encode_articulation(JOINT_TYPES["revolute"], (0, 0, 0), (0, 0, 0), (90, 0), 0)
     with pytest.raises(ValueError, match="joint types"):
-        encode_articulation(6, (0, 1, 0), (0, 0, 0), (90, 0), 0)
+        encode_articulation(6, (0, 1, 0), (0, 0, 0), (0, 0, 0), 90, 0)
     with pytest.raises(ValueError, match="labels"):
-        encode_articulation(2, (0, 1, 0), (0, 0, 0), (90, 0), 8)
+        encode_articulation(2, (0, 1, 0), (0, 0, 0), (0, 0, 0), 90, 8)
 
 
 # ---------------------------------------------------------------- grid masks
@@ -217,7 +263,7 @@ def test_write_load_round_trip(tmp_path, cond_dtype):
     write_dataset_spec(tmp_path, spec)
     assert read_dataset_spec(tmp_path) == spec
     assert DatasetSpec.from_json(spec.to_json()) == spec
-    assert json.loads(spec.to_json())["format_version"] == 1
+    assert json.loads(spec.to_json())["format_version"] == 2
 
 
 def _drop(key):
@@ -321,7 +367,8 @@ def test_bad_dataset_folder_raises_data_error(tmp_path):
     for change, expected in [
         ({"grid": [5, 5]}, "image_size [48, 48] must be grid [5, 5] times one patch size"),
         ({"resolution": "8"}, "resolution must be an integer, got '8'"),
-        ({"format_version": 2}, "format_version 2 is not supported"),
+        ({"format_version": 3}, "format_version 3 is not supported"),
+        ({"format_version": 1}, "format_version 1 stores articulation vectors in the project's first encoding"),
         ({"colour": 1}, "unknown key colour"),
         ({"grid": 6}, "grid must be a list of two integers, got 6"),
     ]:
@@ -521,7 +568,7 @@ def test_a_configs_data_folder_is_found_without_torch_only_once_its_synthetic_se
     """``RunConfig.data_folder`` (what the sweep driver describes without importing torch) is
     None until the trainer's ``dataset_for`` has generated the set, then exactly that folder;
     a half-made set (no marker file) does not count; ``data`` wins when given."""
-    from pact_ray.runs.kinds import get_kind
+    from pact_ray.kinds import get_kind
 
     monkeypatch.setenv("PACT_RAY_DATA_CACHE", str(tmp_path / "cache"))
     kind = get_kind(kind_name)
@@ -546,7 +593,7 @@ def test_the_synthetic_cache_names_are_unchanged_so_existing_caches_stay_valid()
              "stage2": Stage2RunConfig.for_variant("baseline", "quick", "small", 0).synthetic_settings()}
     from pact_ray.data.cache import arm_set_name, object_set_name
 
-    assert object_set_name(**names["stage1"]) == "n32-s0-r8-img64x64-g8x8-c256-p5-o0.2"
-    assert object_set_name(**names["stage2"]) == "n32-s0-r8-img64x64-g8x8-c256-p5-o0.2-v16"
+    assert object_set_name(**names["stage1"]) == "f2-n32-s0-r8-img64x64-g8x8-c256-p5-o0.2"
+    assert object_set_name(**names["stage2"]) == "f2-n32-s0-r8-img64x64-g8x8-c256-p5-o0.2-v16"
     wm = WorldModelRunConfig.for_variant("mae", "quick", "small", 0)
     assert arm_set_name(wm.synthetic_episodes, wm.episode_length, wm.data_seed) == "arm-e24-t24-s0"

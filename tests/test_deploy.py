@@ -14,7 +14,7 @@ import jsonschema
 import ray.autoscaler
 import yaml
 
-from pact_ray.runs.kinds import get_kind
+from pact_ray.kinds import get_kind
 from pact_ray.tune.flags import build_parser
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -30,6 +30,7 @@ def _sweep_flags(command: str) -> list[str]:
 def _check_flags(flags: list[str]) -> None:
     args = build_parser(get_kind("stage1"), "").parse_args(flags)
     assert args.address and args.storage_path and args.name
+    assert args.resume == "auto"  # every retry of the scheduler runs this same command: it heals itself
 
 
 def test_ray_cluster_launcher_yaml_matches_rays_schema():
@@ -56,6 +57,8 @@ def test_kuberay_rayjob_manifest():
     yaml.safe_load(spec["runtimeEnvYAML"])
     _check_flags(_sweep_flags(spec["entrypoint"]))
     assert "/shared/runs" in spec["entrypoint"]  # storage every pod can reach
+    assert spec["backoffLimit"] >= 1  # KubeRay retries a failed attempt with the same entrypoint
+    assert "RAY_AUTH_MODE" not in spec["runtimeEnvYAML"]  # never disabled on a cluster
 
 
 def test_slurm_script():
@@ -63,9 +66,12 @@ def test_slurm_script():
     subprocess.run(["bash", "-n", str(path)], check=True)
     text = path.read_text()
     directives = re.findall(r"^#SBATCH (--[\w-]+)", text, re.M)
-    assert {"--nodes", "--time", "--job-name"} <= set(directives)
+    assert {"--nodes", "--time", "--job-name", "--requeue", "--signal"} <= set(directives)
+    assert re.search(r"^#SBATCH --signal=B:TERM@\d+$", text, re.M)  # the notice reaches the batch shell...
+    assert "trap 'kill -TERM \"$sweep\"' TERM" in text  # ...which passes it to the sweep
+    assert "RAY_AUTH_MODE=token" in text and "RAY_AUTH_MODE=disabled" not in text
     assert "ray\" start --head" in text and "--address=\"$head_ip:$PORT\"" in text
-    sweep = text[text.index('"$REPO/sweeps/stage1_router.py"'):]
+    sweep = text[text.index('"$REPO/sweeps/stage1_router.py"'):].split(" &\n")[0]
     sweep = sweep.replace('"$head_ip:$PORT"', "10.0.0.1:6379").replace('"$SHARED/runs"', "/shared/runs")
     sweep = sweep.replace('"sqlite:///$SHARED/mlflow.db"', "sqlite:////shared/mlflow.db").replace('"$NAME"', "stage1-slurm")
     _check_flags(_sweep_flags(sweep.replace('"$REPO/sweeps/stage1_router.py"', "sweeps/stage1_router.py")))

@@ -52,6 +52,9 @@ def test_failing_trials_retry_from_checkpoint_or_error_out(tmp_path, ray_address
     for r in runs:
         assert r.info.status == "FINISHED" and _steps(client, r.info.run_id) == list(range(1, 13))
     assert f"injected fault at step {fail_step}" in by_variant["ot_first"].data.tags["retried_after"]
+    for r in runs:  # the fault injection is the test's, not a setting of the run: never logged; no empty tags
+        assert not [k for k in r.data.params if k.startswith("fail_")] and "lr" in r.data.params
+        assert "error" not in r.data.tags and all(v != "" for v in r.data.tags.values())
 
     rc = run_sweep("stage1", common + ["--name", "always", "--variants", "baseline,mask_prior",
                                        "--set", "fail_variants=mask_prior", "--set", "fail_mode=always"])

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from pact_ray.kinds import RUN_KINDS, MatrixKind
+from pact_ray.errors import ConfigError
 from pact_ray.runs.config import RunConfig
-from pact_ray.runs.kinds import RUN_KINDS, MatrixKind
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pact_ray"
@@ -114,6 +115,67 @@ def test_the_two_data_families_stay_apart():
             assert not {m for m in imported if m.startswith(f"pact_ray.data.{other}")}, f"{path} imports pact_ray.data.{other}"
 
 
+# Layers, lowest first (pact_ray.common's docstring): each folder may import only the folders
+# listed before it (and the loose top-level modules such as pact_ray.errors).
+LAYERS = ("common", "data", "models", "metrics")
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every pact_ray module a file imports, at module level or inside functions."""
+    tree = ast.parse(path.read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and n.level == 0}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    return {m for m in imported if m.startswith("pact_ray.")}
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_lower_layers_do_not_import_higher_ones(layer):
+    """common < data < models < metrics: no folder imports a higher one, even inside a function
+    (data <-> models and metrics <-> models were cycles: the presets and the mask-moment names
+    now live in pact_ray.common)."""
+    higher = LAYERS[LAYERS.index(layer) + 1:] + ("training", "runs", "tune", "report", "tracking")
+    for path in (PACKAGE / layer).rglob("*.py"):
+        bad = {m for m in _imported_modules(path) if m.split(".")[1] in higher}
+        assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+# Pairs of units of pact_ray that may still import each other, each with its reason. A unit is
+# a sub-package (folder) or a loose top-level module (pact_ray/verdicts.py is "verdicts").
+MUTUAL_IMPORTS_ALLOWED: dict[tuple[str, str], str] = {
+    ("kinds", "report"): "the report names runs by their kind, read from the registry (pact_ray.kinds); each kind names "
+                         "its sweep summary, a function of the report imported when the sweep ends. Splitting the registry "
+                         "in two to break this would list the kinds twice.",
+}
+
+
+def _unit(module: str) -> str | None:
+    """The unit of a pact_ray module: its folder under pact_ray, or the loose module itself."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "pact_ray" else None
+
+
+def test_no_two_folders_import_each_other():
+    """No two units of pact_ray (folders, and loose top-level modules each on its own) import
+    each other, counting every import of a module, inside functions too: a call-time import
+    is still a dependency, and two units that need each other are one unit split in two (a
+    lower layer must not reach up). The pairs that must remain are in MUTUAL_IMPORTS_ALLOWED,
+    with their reasons; an allowed pair that no longer imports each other leaves the list."""
+    edges: dict[tuple[str, str], set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        source = _unit(_module_name(path))
+        for imported in _imported_modules(path):
+            target = _unit(imported)
+            if source and target and target != source:
+                edges.setdefault((source, target), set()).add(f"{path.relative_to(ROOT)} imports {imported}")
+    mutual = {(a, b) for a, b in edges if a < b and (b, a) in edges}
+    unexplained = mutual - set(MUTUAL_IMPORTS_ALLOWED)
+    assert not unexplained, "units that import each other: " + "; ".join(
+        f"{a} <-> {b} ({sorted(edges[(a, b)])[0]}, {sorted(edges[(b, a)])[0]})" for a, b in sorted(unexplained))
+    assert all(a < b for a, b in MUTUAL_IMPORTS_ALLOWED), "allowed pairs are listed in name order"
+    stale = set(MUTUAL_IMPORTS_ALLOWED) - mutual
+    assert not stale, f"allowed pairs that no longer import each other (remove them): {sorted(stale)}"
+
+
 def test_few_loose_top_level_modules():
     loose = sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
     assert len(loose) <= 5, loose
@@ -135,7 +197,7 @@ def test_the_core_runs_without_ray():
 
 
 def test_the_driver_builds_each_trial_config_once(monkeypatch, tmp_path):
-    from pact_ray.tune import sweep
+    from pact_ray.tune import plan as sweep_plan
     from pact_ray.tune.flags import build_parser
 
     kind = RUN_KINDS["matrix"]
@@ -149,10 +211,69 @@ def test_the_driver_builds_each_trial_config_once(monkeypatch, tmp_path):
         return original(cls, flat)
 
     monkeypatch.setattr(RunConfig, "from_flat", classmethod(counting))
-    plan = sweep.make_plan(kind, args)
-    sweep.validate_inputs(plan)
+    plan = sweep_plan.make_plan(kind, args)
+    sweep_plan.validate_inputs(plan)
     assert len(built) == len(plan.trial_configs) == 2 * len(kind.variants)
     assert all(isinstance(cfg, RunConfig) for _, cfg in plan.configs)
+
+
+# ---------------------------------------------------------------- the run kinds
+
+@pytest.mark.parametrize("kind", [k for k in RUN_KINDS.values() if not isinstance(k, MatrixKind)], ids=lambda k: k.name)
+def test_each_kind_names_its_training_module_for_rays_preload(kind):
+    """Ray's worker preload takes module names: the one a kind gives is where its trainer,
+    model builder and dataset come from."""
+    module = kind.training()
+    assert module.__name__ == kind.trainer_module
+    assert callable(module.build_model) and callable(module.dataset_for)
+    cfg = kind.config_cls.for_variant(next(iter(kind.variants)), "smoke", kind.presets[0], 0)
+    assert type(kind.trainer(cfg)).__module__ == kind.trainer_module
+
+
+def test_the_run_kinds_are_listed_once():
+    """RUN_KINDS is the one list: the trainables, each sweep script, its console script and
+    the --set example of its help all follow from it."""
+    from pact_ray.tune.flags import build_parser, parse_overrides
+    from pact_ray.tune.trainables import TRAINABLES
+
+    assert list(TRAINABLES) == list(RUN_KINDS)
+    assert all(fn.__name__ == f"train_{name}" and fn.__module__ == "pact_ray.tune.trainables" for name, fn in TRAINABLES.items())
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    sweep_scripts = {name: target for name, target in scripts.items() if target.startswith("sweeps.")}
+    assert sweep_scripts == {f"pact-{k.script.replace('_', '-')}": f"sweeps.{k.script}:main" for k in RUN_KINDS.values()}
+    assert {p.stem for p in (ROOT / "sweeps").glob("*.py") if p.stem != "__init__"} == {k.script for k in RUN_KINDS.values()}
+    for kind in RUN_KINDS.values():
+        assert kind.set_example in " ".join(build_parser(kind, "").format_help().split())
+        overrides = parse_overrides([item.strip() for item in kind.set_example.split(",")])
+
+        def builds(variant: str) -> bool:
+            try:
+                return isinstance(kind.config({"variant": variant, "profile": "smoke", "model": kind.presets[0], "seed": 0,
+                                               **overrides}), RunConfig)
+            except ConfigError:  # e.g. router keys on a variant without the router
+                return False
+
+        assert any(builds(v) for v in kind.variants), f"{kind.name}: --set {kind.set_example} fits no variant"
+
+
+def test_nothing_outside_a_kind_branches_on_its_name_nor_imports_by_string():
+    """The Ray Tune layer, the tracking and the report reach a kind's own code through the
+    registry, not by comparing its name; nothing in pact_ray imports a module named by a string."""
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        assert "importlib" not in text and "__import__(" not in text, f"{path.relative_to(ROOT)} imports by string"
+        if path.name == "kinds.py":
+            continue
+        tree = ast.parse(text)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq)) for op in node.ops):
+                sides = [node.left, *node.comparators]
+                names = {s.value for s in sides if isinstance(s, ast.Constant)} | {
+                    s.attr for s in sides if isinstance(s, ast.Attribute) and s.attr in {"name"} and isinstance(s.value, ast.Attribute)}
+                assert not names & set(RUN_KINDS), f"{path.relative_to(ROOT)}:{node.lineno} compares with a kind's name"
+                kinds_named = [s for s in sides if isinstance(s, ast.Attribute) and s.attr == "name"
+                               and isinstance(s.value, ast.Name) and s.value.id.isupper()]
+                assert not kinds_named, f"{path.relative_to(ROOT)}:{node.lineno} compares with a kind's name"
 
 
 # ---------------------------------------------------------------- entry points

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pact_ray.data.objects.synthetic import PRESETS, generate_dataset
-from pact_ray.runs.kinds import MATRIX_CELLS, RUN_KINDS, resolve_kind
+from pact_ray.kinds import MATRIX_CELLS, RUN_KINDS, resolve_kind
 from pact_ray.runs.stage1 import Stage1RunConfig
 from pact_ray.runs.stage2 import Stage2RunConfig
 from pact_ray.tune.sweep import run_sweep

@@ -16,8 +16,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+import browser
 from pact_ray.tracking.server import start_server
 from pact_ray.tracking.tags import ROLE_TAG
+from pact_ray.tune.manifest import MANIFEST
 from pact_ray.tune.sweep import run_sweep
 
 pytestmark = pytest.mark.slow
@@ -43,7 +45,8 @@ def test_the_mlflow_ui_shows_distinct_runs_and_the_sweep_summary(tmp_path, ray_a
     try:
         rc = run_sweep("stage1", ["--model", "tiny", "--profile", "smoke", "--variants", "baseline,ot_first", "--seeds", "0,1",
                                   "--name", "ui", "--storage-path", str(tmp_path / "runs"), "--tracking-uri", server.uri, "--quiet"])
-        assert rc == 0, capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert rc == 0, out
         client = MlflowClient(server.uri)
         exp = client.get_experiment_by_name("pact-ray/stage1_router")
         runs = client.search_runs([exp.experiment_id])
@@ -75,5 +78,46 @@ def test_the_mlflow_ui_shows_distinct_runs_and_the_sweep_summary(tmp_path, ray_a
         rendered(artifacts, profile, shot)
         pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float64)
         assert pixels.shape[:2] == (1100, 1600) and pixels.std() > 10
+
+        # index.html inside MLflow's artifact viewer (a sandboxed frame on a blob: URL): every
+        # plot loaded (inlined, so nothing relative to resolve) under its caption.
+        def page_frame(frames):
+            return next((f for f in frames if f["url"].startswith("blob:") and "Plots" in f["text"]), None)
+
+        def loaded(frames):
+            f = page_frame(frames)
+            return f is not None and f["images"] and all(i["complete"] for i in f["images"])
+
+        shot = ARTIFACTS / "mlflow_ui_parent_index_html.png"
+        frame = page_frame(browser.frames(artifacts, tmp_path / "cdp", screenshot=shot, ready=loaded, scroll_to="plots"))
+        assert frame is not None, "the artifact viewer did not show index.html"
+        images = frame["images"]
+        assert len(images) >= 3 and all(i["width"] > 100 and i["height"] > 100 for i in images), images
+        assert all(i["src"].startswith("data:image/png") for i in images)
+        assert any("val" in i["alt"] for i in images) and "Route status" in frame["text"] and "Ablation table" in frame["text"]
+        assert "baseline" in frame["text"] and "ot first" in frame["text"].lower()
+        # The picture: the viewer's pane (right of the file tree), scrolled to the plots, shows
+        # them: areas of saturated colour (bars, intervals), which broken images and text lack.
+        pane = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float64)[150:, 460:1180]
+        colour = pane.max(axis=2) - pane.min(axis=2) > 60
+        assert pane.std() > 10 and colour.sum() > 5000, colour.sum()
+
+        # The link the sweep prints opens the experiment filtered to this sweep's runs: another
+        # sweep's run in the same experiment is left out.
+        link = re.search(r"open (\S+) in a browser", out).group(1)
+        assert link.startswith(f"{base}/runs?searchFilter=")
+        client.create_run(exp.experiment_id, run_name="other sweep", tags={"sweep": "other"})
+        assert f"{len(runs) + 1} matching runs" in rendered(f"{base}/runs", profile)
+        page = rendered(link, profile)
+        assert f"{len(runs)} matching runs" in page and "other sweep" not in page
+        filtered = urllib.parse.parse_qs(link.split("?", 1)[1])["searchFilter"][0]
+        assert len(client.search_runs([exp.experiment_id], filter_string=filtered)) == len(runs)
+        # The parent's name starts with the sweep's short id (the runs list shows ~18 characters).
+        manifest = json.loads((tmp_path / "runs" / "ui" / MANIFEST).read_text())
+        assert parent.info.run_name == f"{manifest['uid'][:6]} ui" and parent.data.tags["sweep"] == "ui"
+        # Child runs carry only what describes them: no fault injection, no empty tags.
+        for r in children:
+            assert not [k for k in r.data.params if k.startswith("fail_")]
+            assert all(v != "" for v in r.data.tags.values()), r.data.tags
     finally:
         server.stop()

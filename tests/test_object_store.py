@@ -23,15 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from s3_server import BUCKET, CREDENTIALS, moto_server
 
 from pact_ray.tracking.server import free_port, start_server
 from pact_ray.tracking.tags import RESUME_NOTE_TAG, SWEEP_TAG
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "sweeps" / "stage1_router.py"
-BUCKET = "pact-ray-test"
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-               "AWS_EC2_METADATA_DISABLED": "true"}
 
 
 @dataclass
@@ -77,34 +75,9 @@ class S3:
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """moto's S3 server in its own process on a free loopback port, with one bucket; the
-    credentials and MLflow's S3 endpoint in the environment for every process started here."""
-    import boto3
-
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in {**CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
-            mp.setenv(k, v)
-        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
-        try:
-            deadline = time.time() + 60
-            while True:  # the server answers once it has imported and bound its port
-                assert proc.poll() is None, "moto server exited"
-                try:
-                    client.create_bucket(Bucket=BUCKET)
-                    break
-                except Exception:  # noqa: BLE001 - not up yet
-                    if time.time() > deadline:
-                        raise
-                    time.sleep(0.25)
-            yield S3(port, client)
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(20)
-            log.close()
+    """moto's S3 server (tests/s3_server.py), with MLflow's S3 endpoint in the environment too."""
+    with moto_server(tmp_path_factory.mktemp("moto"), {"MLFLOW_S3_ENDPOINT_URL": "http://127.0.0.1:{port}"}) as (port, client):
+        yield S3(port, client)
 
 
 @pytest.fixture(scope="module")

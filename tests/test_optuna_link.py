@@ -32,7 +32,16 @@ def _register(trial_id: str) -> RunRef:
     return ref
 
 
-def test_a_trial_whose_run_is_created_after_it_ended_is_still_linked(searcher):
+@pytest.fixture
+def marked(monkeypatch):
+    """The Optuna end states the searcher tags runs with, by run id (instead of the writer)."""
+    states: dict[str, str] = {}
+    monkeypatch.setattr("pact_ray.tune.optuna.mark_optuna_state", lambda sweep, ref, state: states.__setitem__(ref.run_id, state))
+    monkeypatch.setitem(cb._OPTUNA_STORES, "study", "sqlite:////nowhere/mlflow.db")
+    return states
+
+
+def test_a_trial_whose_run_is_created_after_it_ended_is_still_linked(searcher, marked):
     searcher.suggest("t1")
     ref = _register("t1")
 
@@ -44,8 +53,35 @@ def test_a_trial_whose_run_is_created_after_it_ended_is_still_linked(searcher):
     searcher.on_trial_complete("t1", {"val_loss": 0.5})
     [trial] = searcher._ot_study.trials
     assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 0.5
-    assert trial.user_attrs == {"ray_trial_id": "t1", "mlflow_run_id": "run-abc"}
+    url = "http://127.0.0.1:5000/#/experiments/0/runs/run-abc"  # the run's page in the `mlflow ui` the sweep prints
+    assert trial.user_attrs == {"ray_trial_id": "t1", "mlflow_run_id": "run-abc", "mlflow_run_url": url}
     assert ("study", "t1") not in cb._OPTUNA_RUNS  # asked once, then forgotten
+    assert marked == {"run-abc": "complete"}
+    # The study names its sweep and metric, and links the sweep's runs (filtered to its tag).
+    attrs = searcher._ot_study.user_attrs
+    assert attrs["sweep"] == "study" and attrs["metric"] == "val_loss" and attrs["mode"] == "min"
+    assert attrs["mlflow_runs_url"] == "http://127.0.0.1:5000/#/experiments/0/runs?searchFilter=tags.sweep+%3D+%27study%27"
+    # optuna-dashboard's notes: the study's names the sweep and metric, the trial's links its run.
+    from optuna_dashboard._note import get_note_from_system_attrs
+
+    system = searcher._ot_study._storage.get_study_system_attrs(searcher._ot_study._study_id)
+    study_note = get_note_from_system_attrs(system, None)["body"]
+    assert "`study`" in study_note and "val_loss" in study_note and attrs["mlflow_runs_url"] in study_note
+    assert f"]({url})" in get_note_from_system_attrs(system, trial._trial_id)["body"]
+
+
+def test_a_trial_stopped_before_the_objective_step_is_pruned_and_its_run_says_so(tmp_path, marked):
+    s = linked_optuna_search("val_loss", "min", 0, f"sqlite:///{tmp_path / 'optuna.db'}", "study", steps=3)
+    s.set_search_properties("val_loss", "min", {"eps": tune.uniform(0.01, 0.1)})
+    for trial_id, step in (("early", 1), ("whole", 3)):
+        s.suggest(trial_id)
+        ref = _register(trial_id)
+        ref.run_id = f"run-{trial_id}"
+        ref.resolved.set()
+        s.on_trial_complete(trial_id, {"val_loss": 0.5, "step": step})
+    states = {t.user_attrs["mlflow_run_id"]: t.state for t in s._ot_study.trials}
+    assert states == {"run-early": optuna.trial.TrialState.PRUNED, "run-whole": optuna.trial.TrialState.COMPLETE}
+    assert marked == {"run-early": "pruned", "run-whole": "complete"}
 
 
 def test_a_store_that_never_creates_the_run_leaves_the_trial_told_and_says_so(searcher, monkeypatch, caplog):

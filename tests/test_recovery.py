@@ -88,6 +88,93 @@ def test_killed_while_starting_resumes(tmp_path, window):
     _assert_complete(tmp_path, "w")
 
 
+def _summary_values(folder: Path) -> list[tuple]:
+    """What a sweep's summary says about its trials, without run ids and times: variant, seed,
+    status, steps and every metric, from its ablation_summary.json."""
+    rows = json.loads((folder / "summary" / "ablation_summary.json").read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    drop = {"run", "run_id", "mlflow_run_id", "start_time", "end_time", "duration_s", "wall_s", "parent_run_id", "sweep",
+            "error", "trial_id", "checkpoint", "note"}
+    return sorted(tuple(sorted((k, repr(v)) for k, v in row.items() if k not in drop)) for row in rows)
+
+
+@pytest.mark.slow
+def test_the_same_command_three_times_with_two_sigkills_finishes_the_sweep_exactly_once(tmp_path):
+    """What a scheduler does after preemptions: the same command line (``--resume auto``) run
+    again and again. The first two runs are SIGKILLed (process group) at random moments, the
+    first within the start-up; the third runs to the end. One parent run, one FINISHED child
+    per trial with each training step logged once, and the summary of an uninterrupted sweep
+    with the same seeds."""
+    import random
+
+    rng = random.Random(31)
+    steps = 6
+    extra = ("--seeds", "0", "--set", f"steps={steps}", "--set", "checkpoint_every=1")
+    (tmp_path / "uninterrupted").mkdir()  # a store of its own: the healed sweep's must hold one parent run
+    reference = subprocess.run(_cmd(tmp_path / "uninterrupted", "ref", *extra), capture_output=True, text=True, timeout=400,
+                               env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert reference.returncode == 0, reference.stdout[-2000:] + reference.stderr[-2000:]
+    command = _cmd(tmp_path, "healed", *extra, "--resume", "auto")
+    results = tmp_path / "runs" / "healed"
+
+    def steps_done() -> int:
+        return sum(len(f.read_text().splitlines()) for f in results.glob("*/result.json")) if results.is_dir() else 0
+
+    proc = _start(command)  # 1: killed at a random moment of the start-up (before the manifest, as it happens)
+    time.sleep(rng.uniform(0.2, 3.0))
+    assert proc.poll() is None
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc = _start(command)  # 2: killed at a random moment among the training steps
+    _wait_for(lambda: steps_done() >= 1, proc)
+    # A second driver of the same sweep meanwhile (a zombie's replacement, a person's --resume)
+    # is refused in one line naming the holder, and touches nothing.
+    intruder = subprocess.run(_cmd(tmp_path, "healed", "--resume"), capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert intruder.returncode == 2 and f":{proc.pid} " in intruder.stderr and "being run by" in intruder.stderr, intruder.stderr
+    time.sleep(rng.uniform(0.0, 1.0))
+    assert proc.poll() is None and steps_done() < 2 * steps
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=400, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    _assert_complete(tmp_path, "healed", steps=steps)
+    assert _summary_values(tmp_path / "runs" / "healed") == _summary_values(tmp_path / "uninterrupted" / "runs" / "ref")
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert again.returncode == 0 and again.stdout.count("\n") == 1 and "nothing to do" in again.stdout, again.stdout
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_drivers_process_group_checkpoints_the_trials_and_exits_143_in_the_grace_period(tmp_path):
+    """A preemption notice as a batch system or a shell sends it, to the whole process group
+    of a driver started by a script: the trials checkpoint after their current step, the sweep
+    says how to continue and exits 143 ("resume me") in well under its grace period, and the
+    same command with --resume auto finishes it, every step once."""
+    steps = 200  # tiny steps take milliseconds: enough of them that the signal finds the trials training
+    command = _cmd(tmp_path, "preempted", "--seeds", "0", "--set", f"steps={steps}", "--resume", "auto")
+    results = tmp_path / "runs" / "preempted"
+    # The driver as a batch script's child: its process group is the script's (a wrapper that
+    # outlives the SIGTERM to report the driver's exit status).
+    wrapper = ("import signal, subprocess, sys\n"
+               "signal.signal(signal.SIGTERM, lambda *a: None)\n"
+               "print('EXIT', subprocess.call(sys.argv[1:]), flush=True)\n")
+    script = subprocess.Popen([sys.executable, "-c", wrapper, *command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    _wait_for(lambda: results.is_dir() and any(f.read_text() for f in results.glob("*/result.json")), script)
+    t0 = time.monotonic()
+    os.killpg(script.pid, signal.SIGTERM)
+    out, _ = script.communicate(timeout=60)
+    assert time.monotonic() - t0 < 30, "the driver did not exit within 30 s of the SIGTERM"
+    assert "EXIT 143" in out and "Continue with:" in out, out[-2000:]
+    manifest = json.loads((results / MANIFEST).read_text())
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(manifest["parent_run_id"]).info.status == "KILLED"
+    assert "finished" not in manifest
+    done = subprocess.run(command, capture_output=True, text=True, timeout=400, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    _assert_complete(tmp_path, "preempted", steps=steps)
+
+
 def test_a_start_killed_while_it_creates_a_new_stores_schema_leaves_no_half_made_store(tmp_path):
     """MLflow's first schema is some 50 migrations, not one transaction: a kill among them used
     to leave a file no MLflow could open again ("duplicate column name"). The schema is now
@@ -184,8 +271,8 @@ def test_a_start_killed_before_the_manifest_names_its_parent_run_adopts_that_run
     resume finds the run by the manifest's uid instead of leaving it orphaned beside a new one."""
     from types import SimpleNamespace
 
-    import pact_ray.tune.sweep as sweep
-    from pact_ray.runs.kinds import get_kind
+    import pact_ray.tune.prepare as prepare
+    from pact_ray.kinds import get_kind
     from pact_ray.tune.storage import open_storage
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -199,11 +286,11 @@ def test_a_start_killed_before_the_manifest_names_its_parent_run_adopts_that_run
     def killed(*_a, **_k):
         raise KeyboardInterrupt  # stands in for the SIGKILL: nothing after create_parent runs
 
-    monkeypatch.setattr(sweep, "write_manifest", killed)
+    monkeypatch.setattr(prepare, "write_manifest", killed)
     with pytest.raises(KeyboardInterrupt):
-        sweep._open_sweep(plan, client, dict(manifest))
+        prepare.open_sweep(plan, client, dict(manifest))
     monkeypatch.undo()
-    experiment_id, parent_id = sweep._open_sweep(plan, client, dict(manifest))
+    experiment_id, parent_id = prepare.open_sweep(plan, client, dict(manifest))
     parents = client.search_runs([experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'")
     assert [p.info.run_id for p in parents] == [parent_id]
     assert json.loads((folder / MANIFEST).read_text())["parent_run_id"] == parent_id
@@ -330,9 +417,9 @@ def test_impossible_requests_fail_before_anything_is_created(tmp_path, ray_addre
 @pytest.mark.slow
 def test_a_store_that_stays_down_ends_the_sweep_in_bounded_time_and_resume_replays(tmp_path, ray_address, monkeypatch, capsys):
     from pact_ray.tracking.server import start_server
-    from pact_ray.tune import sweep
+    from pact_ray.tune import finish
 
-    monkeypatch.setattr(sweep, "FLUSH_TIMEOUT_S", 5.0)
+    monkeypatch.setattr(finish, "FLUSH_TIMEOUT_S", 5.0)
     store = tmp_path / "tracking"
     server = start_server(store)
     port = int(server.uri.rsplit(":", 1)[1])
@@ -391,7 +478,10 @@ def test_the_server_wrapper_refuses_a_busy_port_and_bad_flags_before_creating_an
 
 
 @pytest.mark.slow
-def test_the_server_wrapper_stops_its_workers_on_sigterm(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_the_server_wrapper_stops_its_workers_on_sigterm(tmp_path, sig):
+    """Stopped (SIGTERM) or killed outright (SIGKILL, which it cannot catch), the wrapper leaves
+    no mlflow server running: its port is free for the next start."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -399,12 +489,13 @@ def test_the_server_wrapper_stops_its_workers_on_sigterm(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         assert "serving" in proc.stdout.readline()
-        # The wrapper starts `mlflow server` in a session of its own (a Ctrl-C in the wrapper's
-        # terminal reaches only the wrapper, which stops it): its process group is the server's pid.
+        # The wrapper starts `mlflow server` in a session of its own, under a reaper that leads it
+        # (a Ctrl-C in the wrapper's terminal reaches only the wrapper, which stops it): the
+        # process group is the reaper's pid.
         [server] = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
         group = subprocess.run(["pgrep", "-g", server], capture_output=True, text=True).stdout.split()
         assert len(group) > 1  # mlflow server and its workers
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         proc.wait(timeout=60)
         deadline = time.time() + 30
         while subprocess.run(["pgrep", "-g", server], capture_output=True).returncode == 0 and time.time() < deadline:
@@ -462,7 +553,7 @@ def _group_commands(pid: int) -> list[str]:
 @pytest.mark.slow
 def test_the_server_wrapper_starts_no_job_runner_unless_asked(tmp_path, monkeypatch):
     """MLflow's job runner (huey consumers for GenAI jobs) is not started: the server is the CLI
-    and its one uvicorn worker, and it tracks runs. With MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true
+    and its one uvicorn worker (under the wrapper's reaper), and it tracks runs. With MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true
     in the environment the runner starts (which also shows that the check above can fail)."""
     from pact_ray.tracking.server import start_server
 
@@ -470,7 +561,8 @@ def test_the_server_wrapper_starts_no_job_runner_unless_asked(tmp_path, monkeypa
     with start_server(tmp_path / "plain") as server:
         time.sleep(1)  # `mlflow server` launches the runner right after its web server
         commands = _group_commands(server.process.pid)
-        assert len(commands) == 2 and not [c for c in commands if "mlflow.server.jobs" in c or "huey" in c], commands
+        # The reaper that ties the server to the wrapper (pact_ray.tracking.server), the CLI, one worker.
+        assert len(commands) == 3 and not [c for c in commands if "mlflow.server.jobs" in c or "huey" in c], commands
         client = MlflowClient(server.uri)
         run = client.create_run(client.create_experiment("jobs-off")).info.run_id
         client.log_metric(run, "loss", 1.5, step=1)
@@ -496,7 +588,7 @@ def test_the_ui_command_a_sweep_prints_serves_the_store_without_the_job_runner(t
     experiment = client.create_experiment("printed")
     client.create_run(experiment)
     port = free_port()
-    command = ui_command(uri, experiment).split(", then open ")[0].replace("--port 5000", f"--port {port}")
+    command = ui_command(uri, experiment, port=port).split(", then open ")[0]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the venv's mlflow
     proc = subprocess.Popen(command, shell=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -519,25 +611,25 @@ def test_a_store_prepared_while_ray_starts_is_removed_when_the_sweep_is_refused(
     preparation created are removed, so a refused sweep leaves nothing behind."""
     from types import SimpleNamespace
 
-    from pact_ray.tune.sweep import _StorePreparation
+    from pact_ray.tune.prepare import StorePreparation
 
     db = tmp_path / "mlflow.db"
-    from pact_ray.runs.kinds import STAGE1
+    from pact_ray.kinds import STAGE1
     from pact_ray.runs.stage1 import Stage1RunConfig
 
     plan = SimpleNamespace(tracking_uri=f"sqlite:///{db}", args=SimpleNamespace(verbose=False),
                            configs=[(STAGE1, Stage1RunConfig.for_variant("baseline", "smoke", "tiny", 0))])
-    early = _StorePreparation(plan, early=True)
+    early = StorePreparation(plan, early=True)
     early.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     with pytest.raises(RuntimeError, match="Ray did not start"):  # any failure while Ray starts or checks
-        with _StorePreparation(plan, early=True).undone_on_error():
+        with StorePreparation(plan, early=True).undone_on_error():
             raise RuntimeError("Ray did not start")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
-    kept = _StorePreparation(plan, early=True)
+    kept = StorePreparation(plan, early=True)
     kept.wait()
     tables = sqlite3.connect(db).execute("select name from sqlite_master where type = 'table'").fetchall()
     assert ("runs",) in tables and ("experiments",) in tables
-    existing = _StorePreparation(plan, early=True)
+    existing = StorePreparation(plan, early=True)
     existing.undo()  # a store that was there before is never removed
     assert db.exists()

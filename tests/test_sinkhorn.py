@@ -25,6 +25,8 @@ from numerics import assert_within_rounding, rounding_bound
 from pact_ray.ot.sinkhorn import (
     DEFAULT_MAX_ITER,
     DEFAULT_TOL,
+    LEVENBERG_MARQUARDT,
+    MAX_STEP,
     SinkhornNotConverged,
     plan_entropy,
     sinkhorn_log,
@@ -173,6 +175,113 @@ def test_sinkhorn_method_matches_pot_iterate_for_iterate():
                            scale=float(reference.plan.max()) * scale, what="plans after 50 iterations")
 
 
+# The two loops' agreement. Both run the one iteration of pact_ray.ot.sinkhorn's module
+# docstring ("The iteration"); a problem solved alone takes the same steps in both, so they
+# must agree on every quantity a solve returns. In float64, where rounding is far below what
+# a different step would move (tol sits seven orders above the float64 floor, so no stop,
+# full-step or line-search decision is taken on rounding noise).
+TWO_LOOPS_TOL = 1e-6
+
+
+def newton_system_gain(plan: torch.Tensor) -> float:
+    """How much one iteration can amplify a rounding error of size d in the exponents (hence,
+    relatively, in s and r) into its step of u: d through the Sinkhorn step, and through the
+    Newton direction (N1) at most ||M^-1||_inf d <= sqrt(K) d / lambda_min(M), for M = J + mu
+    diag(r) + 1 1^T / K^2 the matrix it solves at this plan; Cholesky's own backward error
+    (relative to ||M|| <= 2 by Gershgorin, times |delta| <= MAX_STEP, which the scale holds) is
+    of the same form, whence the 2."""
+    k = plan.shape[-2]
+    soft = plan / plan.sum(-2, keepdim=True)
+    system = torch.diag_embed(plan.sum(-1) * (1 + LEVENBERG_MARQUARDT)) - soft @ plan.mT + 1.0 / k**2
+    return 1.0 + 2.0 * math.sqrt(k) / float(torch.linalg.eigvalsh(system).min())
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    parts=st.integers(1, 8),
+    patches=st.sampled_from([36, 65]),
+    prior=st.sampled_from([0.0, 1.0, 4.0]),
+    eps=st.sampled_from([0.05, 0.01]),
+    warm=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_the_two_loops_take_the_same_steps(parts, patches, prior, eps, warm, seed):
+    """The torch loop and the compiled loop agree, problem by problem, on every quantity a
+    solve returns: the iteration count and the convergence flag exactly, and the iterate u
+    (through f = eps u) after every iteration, the plan, g and the marginal error to the
+    rounding of the steps they took. The compiled loop decides per problem: a batch's problem
+    is solved exactly as alone, and the batch reports the most iterations any took."""
+    gen = torch.Generator().manual_seed(seed)
+    f64 = torch.float64
+    cost = router_cost(gen, 2, 2, parts, patches, prior, dtype=f64)
+    a, b = random_marginal(gen, (2, 1, parts)), uniform((1, 1, patches))
+    f_init = sinkhorn_log(cost + 0.1 * torch.rand(cost.shape, generator=gen, dtype=f64), a, b, eps=eps).f if warm else None
+    options = dict(eps=eps, tol=TWO_LOOPS_TOL)
+    batch = sinkhorn_log(cost, a, b, f_init=f_init, compiled=True, **options)
+
+    iterations, flags = [], []
+    for obj, head in [(o, h) for o in range(2) for h in range(2)]:
+        problem = (cost[obj, head], a[obj, 0], b[0, 0])
+        start = None if f_init is None else f_init[obj, head]
+        compiled = sinkhorn_log(*problem, f_init=start, compiled=True, **options)
+        loop = sinkhorn_log(*problem, f_init=start, compiled=False, **options)
+
+        # Per problem in the compiled loop: the same arithmetic on the same values, bit for bit.
+        for name in ("plan", "f", "marginal_error"):
+            assert torch.equal(getattr(batch, name)[obj, head], getattr(compiled, name)), name
+        # The same decisions: as many iterations, the same verdict against tol.
+        assert int(compiled.iterations) == int(loop.iterations), "iteration counts"
+        assert compiled.converged == loop.converged, "convergence flags"
+        iterations.append(int(loop.iterations))
+        flags.append(loop.converged)
+
+        # The iterate, iteration by iteration (max_iter = m stops both after iteration m of the
+        # same path). Each iteration adds to u the rounding of its longest chain of operations
+        # (the softmax over K, the sums over P of r and of J, the Cholesky solve over K, the
+        # line search's sums over K and P: 5K + 3P + 16) on values of size S = max|l| + max|u|
+        # + MAX_STEP, amplified by newton_system_gain at the iterate it starts from; to first
+        # order the step maps do not amplify what earlier iterations left (the Sinkhorn step is
+        # 1-Lipschitz in the sup norm, the damped Newton step's linear part is (1 - t) I with
+        # t <= 2, and a constant passes through both), so the errors add up along the path.
+        log_kernel = problem[0] / -eps
+        ops = 5 * parts + 3 * patches + 16
+        u_before = None if start is None else start / eps
+        drift = 0.0 if start is None else rounding_bound(float(u_before.abs().max()), 2, f64)  # f_init / eps
+        plan_before = None if start is None else torch.softmax(log_kernel + u_before[:, None], dim=-2) * problem[2]
+        for m in range(1, int(loop.iterations) + 1):
+            step_c = sinkhorn_log(*problem, f_init=start, compiled=True, max_iter=m, **options)
+            step_l = sinkhorn_log(*problem, f_init=start, compiled=False, max_iter=m, **options)
+            u_now = step_l.f / eps
+            size = float(log_kernel.abs().max()) + MAX_STEP + max(float(u_now.abs().max()),
+                                                                   0.0 if u_before is None else float(u_before.abs().max()))
+            gain = 1.0 if plan_before is None else newton_system_gain(plan_before)  # iteration 1 cold: a row update
+            drift += rounding_bound(size, ops, f64, gain)
+            bound = eps * drift + rounding_bound(float(step_l.f.abs().max()), 1, f64)  # f = eps u: one more rounding
+            diff = float((step_c.f - step_l.f).abs().max())
+            assert diff <= bound, f"f after iteration {m}: {diff:.3e} > {bound:.3e}"
+            u_before, plan_before = u_now, step_l.plan
+
+        # What the last iterate gives. A plan entry is exp(l + u + v): an error d in u is a
+        # relative error d in it, plus the rounding of the softmax over K (K + 4 operations on
+        # values of size S); g = eps (log b - LSE_k(l + u)), the same; the marginal error is a
+        # sum of |row sum - a| and |column sum - b|, which the plans' difference moves by at
+        # most twice its L1 norm, plus the rounding of the sums (P + K terms of at most 1).
+        size = float(log_kernel.abs().max()) + float((loop.f / eps).abs().max())
+        exponent = drift + rounding_bound(size, parts + 4, f64)
+        f_bound = eps * drift + rounding_bound(float(loop.f.abs().max()), 1, f64)
+        assert float((compiled.f - loop.f).abs().max()) <= f_bound, "f"  # also where no iteration ran
+        plan_bound = float(loop.plan.max()) * exponent
+        assert float((compiled.plan - loop.plan).abs().max()) <= plan_bound, "plans"
+        g_bound = eps * (exponent + rounding_bound(size, 2, f64))  # compiled's g starts from f / eps
+        finite = torch.isfinite(loop.g)
+        assert float((compiled.g - loop.g)[finite].abs().max()) <= g_bound, "g"
+        error_bound = 2 * parts * patches * plan_bound + 2 * rounding_bound(1.0, patches + parts, f64)
+        assert float((compiled.marginal_error - loop.marginal_error).abs()) <= error_bound, "marginal errors"
+
+    assert int(batch.iterations) == max(iterations), "the batch's count: the most any problem took"
+    assert batch.converged == all(flags), "the batch's flag: every problem's"
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     layout=st.sampled_from([(2, 4), (8, 4), (1, 1)]),
@@ -183,8 +292,10 @@ def test_sinkhorn_method_matches_pot_iterate_for_iterate():
     seed=st.integers(0, 2**31 - 1),
 )
 def test_the_compiled_loop_and_the_torch_loop_give_the_same_plans(layout, parts, patches, prior, warm, seed):
-    """The two CPU loops run one algorithm: on router problems (cold or warm-started, as the
-    edge solve is) both converge, and their plans agree to what their tolerance allows."""
+    """In float32 and in batches, where the torch loop's batch-wide decisions (module docstring,
+    "The iteration") let the loops' paths part: on router problems (cold or warm-started, as the
+    edge solve is) both converge, and their plans agree to what their tolerance allows. Problem
+    by problem the loops agree on everything: test_the_two_loops_take_the_same_steps."""
     gen = torch.Generator().manual_seed(seed)
     cost = router_cost(gen, *layout, parts, patches, prior)
     a, b = uniform((layout[0], 1, parts), torch.float32), uniform((1, 1, patches), torch.float32)

@@ -22,7 +22,7 @@ from pact_ray.errors import ConfigError
 from pact_ray.metrics import names as M
 from pact_ray.models.checkpoint import CheckpointError, load_core_weights
 from pact_ray.models.layers import TimestepEmbedder, absolute_position_embedding
-from pact_ray.models.presets import STAGE2_PRESETS
+from pact_ray.common.presets import STAGE2_PRESETS
 from pact_ray.models.sparse import SubMConv3d
 from pact_ray.models.stage2 import FeatureAverage, build_stage2, mask_moments, pact_rows, voxel_position_embedding
 from pact_ray.runs.registry import STAGE2_VARIANTS
@@ -464,7 +464,7 @@ def test_articulation_metrics_decode_and_mask():
     types = np.array([1, 2, 3, 2])
     labels = np.array([2, 0, 1, 3])
     target = torch.from_numpy(encode_articulation_batch(types, [[0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]],
-                                                        np.zeros((4, 3)) + 0.3, [[0, 0], [90, 0], [0, 0.4], [120, 0]], labels))
+                                                        np.zeros((4, 3)) + 0.3, np.zeros((4, 3)) - 0.3, [0, 90, 0.4, 120], labels))
     valid = validity_mask(torch.from_numpy(types))
     exact = articulation_metrics(target.clone(), target, valid, torch.from_numpy(types), torch.from_numpy(labels))
     assert exact[M.ART_L2] == 0 and exact[M.ART_TYPE_ACC] == 1 and exact[M.ART_LABEL_ACC] == 1
@@ -632,6 +632,36 @@ def test_resume_draws_the_same_batches(dataset):
     assert [resumed.train_step()[M.LOSS] for _ in range(2)] == expected[1:]
 
 
+def test_the_model_choices_are_config_fields_in_params_and_checkpoints(tmp_path, dataset):
+    """Each variant's spatial choices are fields of its config: in the flat dict that MLflow logs
+    as params and that a checkpoint stores, and read back from a stored config to build the
+    same model (an older flat dict without them takes its variant's)."""
+    from pact_ray.training.checkpoints import META_FILE, read_checkpoint, write_checkpoint
+    from pact_ray.training.stage2 import build_model
+
+    chosen = {"baseline": (False, False), "spatial_diag": (True, False), "spatial_adapter": (True, True)}
+    for variant, (moments, adapter) in chosen.items():
+        cfg = Stage2RunConfig.for_variant(variant, "smoke", "tiny")
+        params, flat = cfg.params(), cfg.flat()  # what MLflow logs (tracking.callback); what a checkpoint stores
+        assert (params["spatial_moments"], params["spatial_adapter"]) == (moments, adapter), variant
+        assert (flat["spatial_moments"], flat["spatial_adapter"]) == (moments, adapter), variant
+        older = {k: v for k, v in flat.items() if not k.startswith("spatial_")}
+        assert Stage2RunConfig.from_flat(older).flat() == flat
+    with pytest.raises(ConfigError, match="variant 'baseline' has spatial_adapter=False"):
+        Stage2RunConfig.for_variant("baseline", "smoke", "tiny", spatial_adapter=True)
+
+    trainer = Stage2Trainer(Stage2RunConfig.for_variant("spatial_adapter", "smoke", "tiny"), dataset=dataset)
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    write_checkpoint(folder, trainer.state_dict())
+    meta = json.loads((folder / META_FILE).read_text())
+    assert meta["config"]["spatial_adapter"] is True and meta["config"]["spatial_moments"] is True
+    state = read_checkpoint(folder, "stage2")
+    stored = Stage2RunConfig.from_flat(state["config"])
+    assert stored.spatial_adapter and stored.spatial_moments
+    build_model(stored).load_state_dict(state["model"])  # strict: the adapter's weights have their module
+
+
 @pytest.mark.parametrize("overrides,fragment", [
     (dict(variant="nope"), "unknown variant 'nope'"),
     (dict(model="huge"), "unknown model preset 'huge'"),
@@ -681,6 +711,8 @@ def test_stage2_smoke_sweep_of_every_variant(tmp_path, ray_address, capsys):
         assert r.data.tags["note"] == STAGE2_VARIANTS[r.data.tags["variant"]].note
         assert {M.LOSS, M.ART_L2, M.MASK_PARTS, M.EMPTY, M.FLOW_LOSS, *M.ART_GROUP_ERRORS.values()} <= set(r.data.metrics)
         assert ("mask_area" in r.data.metrics) == (r.data.tags["variant"] != "baseline")
+        assert r.data.params["spatial_moments"] == str(r.data.tags["variant"] != "baseline")  # the model choices, as params
+        assert r.data.params["spatial_adapter"] == str(r.data.tags["variant"] == "spatial_adapter")
     rows = json.loads((tmp_path / "runs" / name / "summary" / JSON_NAME).read_text())
     assert [row["variant"] for row in rows] == list(STAGE2_VARIANTS)  # registry order
     for row in rows:

@@ -82,7 +82,8 @@ def test_smoke_sweep_of_every_variant(tmp_path, ray_address, capsys):
     assert all(row["val_loss"] is not None and row["val_step"] == 1 for row in rows)
     # One seed: no interval, so no verdict and no "best"; the sweep says so.
     assert "Route status (primary metric" in out and "Stage1: intervals only, no verdicts: the smoke profile" in out and "Best" not in out
-    assert "mlflow ui --backend-store-uri sqlite:///" in out
+    assert f"{Path(sys.executable).parent / 'mlflow'} ui --host 127.0.0.1 --port " in out and "--backend-store-uri sqlite:///" in out
+    assert "then open the runs of this sweep: http://127.0.0.1:" in out and "runs?searchFilter=tags.sweep+%3D+%27smoke-all%27" in out
     # The UI command (its environment on a continued line of its own) is one command to paste.
     from pact_ray.tracking.store import ui_command
 
@@ -143,8 +144,13 @@ def test_optuna_search_with_asha_and_persistent_study(tmp_path, ray_address, cap
     # One seed per trial and no grid sweep of this setting in the store: the seed noise is unknown, and it says so.
     assert "no sweep in this store measured the seed noise" in out
     best_trial = min(done, key=lambda t: t.value)
-    assert ("confirm it against the baseline over seeds: python " in out and "--variants baseline,rgb_edge --seeds 0,1,2"
-            in out and f"--set router.eps={best_trial.params['router.eps']}" in out)
+    confirm = out.split("confirm it against the baseline over seeds: ", 1)[1].splitlines()[0]
+    assert confirm.startswith(f"{sys.executable} sweeps/stage1_router.py ")  # the venv's interpreter, by absolute path
+    assert "--variants baseline,rgb_edge --seeds 0,1,2" in confirm and f"--set router.eps={best_trial.params['router.eps']}" in confirm
+    # It runs as printed in a fresh shell without the venv (here up to parsing its flags: --list-keys then exits).
+    checked = subprocess.run(["env", "-i", f"HOME={tmp_path}", "PATH=/usr/bin:/bin", "bash", "-c", f"{confirm} --list-keys"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 0 and "router.eps (float" in checked.stdout, checked.stderr
     tagged = [r.info.run_id for r in child_runs(tmp_path, "opt")[2] if r.data.tags.get("pact_ray.optuna_best") == "true"]
     assert tagged == [best_trial.user_attrs["mlflow_run_id"]]
     # ASHA compares trials on the validation metric at its rungs (steps 1 and 2 of 3): every trial validated there.

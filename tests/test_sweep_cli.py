@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from pact_ray.data.objects.synthetic import generate_dataset
-from pact_ray.models.presets import CONDITION_PRESETS, STAGE1_PRESETS
+from pact_ray.common.presets import CONDITION_PRESETS, STAGE1_PRESETS
 from pact_ray.tune.sweep import run_sweep
 
 
@@ -60,6 +61,11 @@ def assert_rejected(tmp_path: Path, capsys, args: list[str], *fragments: str) ->
     (["--name", ".hidden"], "plain folder name"),
     (["--name", "x" * 101], "keep it to 100"),
     (["--resume"], "nothing to resume"),
+    (["--resume", "maybe"], "--resume takes no value or 'auto', not 'maybe'"),
+    (["--seeds", "0,,1"], "--seeds '0,,1' is not a comma-separated list of integers"),
+    (["--seeds", "0,"], "--seeds '0,' is not a comma-separated list of integers"),
+    (["--name", ""], "--name '' must be a plain folder name"),
+    (["--checkpoint", "/tmp/stage1.safetensors"], "--checkpoint is read only by the official-full profile"),
     (["--seeds", "-1"], "--seeds must be in 0..4294967295"),
     (["--seeds", "4294967296"], "--seeds must be in 0..4294967295"),
     (["--set", "lr=nan"], "lr must be a finite number"),
@@ -150,3 +156,52 @@ def test_official_checkpoint_of_the_wrong_kind(tmp_path, capsys):
     truncated.write_bytes(b"\x00\x01")
     assert_rejected(tmp_path, capsys, base(tmp_path, "--profile", "official-full", "--checkpoint", str(truncated)),
                     "could not be read")
+
+
+def _default_variants(kind_name: str, tmp_path: Path, *flags: str) -> tuple[list[str], dict[str, dict]]:
+    """The variants ``--variants all`` (the default) trains, and each one's config less its name."""
+    from pact_ray.kinds import get_kind
+    from pact_ray.tune.flags import build_parser
+    from pact_ray.tune.plan import make_plan
+
+    kind = get_kind(kind_name)
+    args = build_parser(kind, "").parse_args([*flags, "--storage-path", str(tmp_path / "runs"),
+                                              "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    plan = make_plan(kind, args)
+    seed = plan.trial_configs[0]["seed"]
+    variants = [tc["variant"] for tc in plan.trial_configs if tc["seed"] == seed]
+    configs = {}
+    for tc, (_, cfg) in zip(plan.trial_configs, plan.configs):
+        if tc["seed"] == seed:
+            flat = cfg.flat()
+            flat.pop("variant")
+            configs[tc["variant"]] = {"kind": cfg.kind, **flat}
+    return variants, configs
+
+
+@pytest.mark.parametrize("model", ["tiny", "small", "reference"])
+@pytest.mark.parametrize("profile", ["smoke", "quick", "full"])
+def test_the_world_models_default_variants_are_distinct(tmp_path, model, profile):
+    """--variants all never trains one setting twice: a sized variant at the preset --model
+    names (mae_small beside mae at --model small) is the same run, and is left out."""
+    variants, configs = _default_variants("world_model", tmp_path, "--model", model, "--profile", profile)
+    for i, a in enumerate(variants):
+        for b in variants[i + 1:]:
+            assert configs[a] != configs[b], (a, b)
+    assert {"mae", "mae_random", "gpt"} <= set(variants)  # the plain variants always stay
+    assert f"mae_{model}" not in variants
+    if model in ("small", "reference"):
+        assert f"gpt_{model}" not in variants
+    others = {"tiny": {"mae_small", "mae_reference", "gpt_small", "gpt_reference"},
+              "small": {"mae_tiny", "mae_reference", "gpt_reference"},
+              "reference": {"mae_tiny", "mae_small", "gpt_small"}}[model]
+    assert others <= set(variants)  # the sizes that differ from --model stay
+
+
+@pytest.mark.parametrize("kind", ["stage1", "stage2", "matrix"])
+def test_the_other_kinds_default_variants_are_all_distinct_already(tmp_path, kind):
+    from pact_ray.kinds import get_kind
+
+    variants, configs = _default_variants(kind, tmp_path, "--model", "tiny")
+    assert variants == list(get_kind(kind).variants)
+    assert len({json.dumps(c, sort_keys=True, default=str) for c in configs.values()}) == len(variants)

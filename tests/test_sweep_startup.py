@@ -66,25 +66,24 @@ def test_a_new_stores_schema_is_made_without_mlflows_info_lines_unless_verbose(t
 _RAY_START_IMPORTS = """
 import importlib, json, sys
 import ray, mlflow.tracking
-import pact_ray.tune.sweep as sweep
-for name in sweep._IMPORTED_BY_BOTH:  # as _StorePreparation does before its thread starts
-    importlib.import_module(name)
+from pact_ray.tune import fast_start, launch, prepare
+fast_start.import_shared_modules()  # as StorePreparation does before its thread starts
 before = set(sys.modules)
 if sys.argv[1] == "ray":
-    sweep.init_ray(None)
+    launch.init_ray(None)
     import ray
     ray.nodes()
     ray.shutdown()
 else:
-    from pact_ray.runs.kinds import RUN_KINDS
-    sweep._import_driver_modules(tuple(k.trainer.module for k in RUN_KINDS.values() if k.trainer))
+    from pact_ray.kinds import RUN_KINDS
+    prepare.import_driver_modules(tuple(k for k in RUN_KINDS.values() if k.training))
 print(json.dumps(sorted(set(sys.modules) - before)))
 """
 
 
 @pytest.mark.slow
 def test_the_preparation_thread_imports_nothing_that_rays_start_up_imports():
-    """Both run at once (see _StorePreparation): a module imported by both at the same time
+    """Both run at once (see prepare.StorePreparation): a module imported by both at the same time
     could be seen half made. Each side's new modules (every module, not only packages: both
     import parts of Ray), measured in a fresh process."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -99,73 +98,6 @@ def test_the_preparation_thread_imports_nothing_that_rays_start_up_imports():
     assert {"matplotlib", "alembic", "ray.tune", "pact_ray.tracking.callback", "torch", "pact_ray.training.stage2"} <= preparation
     assert "aiohttp" in ray_side  # Ray's start-up imports modules of its own: the measure sees them
     assert ray_side & preparation == set(), sorted(ray_side & preparation)
-
-
-_WORKERS = """
-import json, os, time
-
-
-def workers():
-    # The driver's descendants (raylet, then its workers) from /proc: pid -> parent pid.
-    parents = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                parents[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            pass
-    mine, found = {os.getpid()}, True
-    while found:
-        new = {p for p, parent in parents.items() if parent in mine} - mine
-        found, mine = bool(new), mine | new
-    out = []
-    for pid in mine - {os.getpid()}:
-        try:
-            with open(f"/proc/{pid}/cmdline") as f:
-                argv = f.read().split(chr(0))
-        except OSError:
-            continue
-        # A worker: default_worker.py until it renames itself "ray::IDLE" or "ray::<task>"
-        # (the raylet's agents call themselves "ray::...Agent").
-        title = argv[0].split()[0] if argv[0] else ""
-        if (len(argv) > 1 and argv[1].endswith("default_worker.py")) or (title.startswith("ray::") and not title.endswith("Agent")):
-            out.append(pid)
-    return out
-"""
-
-_IDLE_WORKERS = _WORKERS + """
-import pact_ray.tune.sweep as sweep
-import ray
-
-sweep.init_ray(None)
-idle = []
-for _ in range(15):  # Ray would start them with the raylet; give it 3 s
-    idle = idle or workers()
-    time.sleep(0.2)
-
-
-@ray.remote
-def one():
-    return 1
-
-
-ray.get(one.remote())
-after_a_task = workers()
-ray.shutdown()
-print(json.dumps({"idle": idle, "after_a_task": after_a_task}))
-"""
-
-
-@pytest.mark.slow
-def test_a_local_ray_starts_no_idle_workers_unless_asked():
-    """Ray prestarts one worker per CPU for the first driver: a sweep's own Ray starts none
-    unless its trials will run in them all (_prestart_fits; the task after shows that the
-    measure sees workers)."""
-    out = subprocess.run([sys.executable, "-c", _IDLE_WORKERS], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-    assert out.returncode == 0, out.stderr[-2000:]
-    seen = json.loads(out.stdout.strip().splitlines()[-1])
-    assert seen["idle"] == [] and len(seen["after_a_task"]) >= 1, seen
 
 
 @pytest.mark.slow
@@ -262,54 +194,6 @@ def test_a_template_mlflow_refuses_is_not_used_and_is_made_again(tmp_path, monke
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
-_STOP_RAY = """
-import sys
-import ray
-import pact_ray.tune.sweep as sweep
-
-sweep.init_ray(None)
-node = ray._private.worker._global_node
-monitor = node.all_processes["monitor"][0].process
-children = [p.process for procs in node.all_processes.values() for p in procs]
-
-
-@ray.remote
-class Busy:
-    def ping(self):
-        return 1
-
-
-ray.get(Busy.remote().ping.remote())  # a worker too
-order = []
-kill = node._kill_process_impl
-
-
-def spy(process_type, **kw):
-    order.append((process_type, monitor.poll() is not None))
-    return kill(process_type, **kw)
-
-
-node._kill_process_impl = spy
-getattr(sweep, sys.argv[1])()
-print("ORDER", order)
-print("LEFT", [p.pid for p in children if p.poll() is None], "INIT", ray.is_initialized())
-"""
-
-
-@pytest.mark.slow
-def test_stopping_the_sweeps_ray_ends_the_autoscaler_monitor_before_its_gcs():
-    """Ray stops the GCS before the autoscaler's monitor, whose SIGTERM handler then waits on
-    that gone GCS until Ray kills it a second later: stop_ray ends the monitor first. Ray's own
-    shutdown then stops everything else as usual, and nothing is left running or printed."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    out = subprocess.run([sys.executable, "-c", _STOP_RAY, "stop_ray"], capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    order = dict(eval(out.stdout.split("ORDER ", 1)[1].splitlines()[0]))
-    assert order["gcs_server"] is True, order  # the monitor had ended when Ray came to stop the GCS
-    assert "LEFT [] INIT False" in out.stdout
-    assert "autoscaler failed" not in out.stdout + out.stderr
-
-
 # The end of each wrapper below: run the sweep script named by the first argument, as `python script ...` would.
 _RUN_SCRIPT = """
 script = sys.argv[1]
@@ -319,13 +203,13 @@ runpy.run_path(script, run_name="__main__")
 
 _UNTIL_RAY = """
 import runpy, sys
-import pact_ray.tune.sweep as sweep
+import pact_ray.tune.launch as launch
 
 def connect_ray(address, verbose=False, preload=None):
     print("TORCH_BEFORE_RAY", "torch" in sys.modules)
     raise SystemExit(0)
 
-sweep.connect_ray = connect_ray
+launch.connect_ray = connect_ray
 """ + _RUN_SCRIPT + """
 print("RAY NOT REACHED")
 """
@@ -367,7 +251,7 @@ def test_a_sweep_on_cached_data_never_imports_torch_in_the_driver_nor_writes_ten
     torch-free trainables and leaves Tune's TensorBoard logger (tensorboardX imports torch) out:
     torch is imported by the trials only, which saves every sweep's start-up a second. Ray's
     result files that --resume and Ray's own API read are still written."""
-    from pact_ray.runs.kinds import STAGE1
+    from pact_ray.kinds import STAGE1
     from pact_ray.runs.stage1 import Stage1RunConfig
 
     STAGE1.dataset(Stage1RunConfig.for_variant("baseline", "smoke", "tiny", 0))  # in the session's data cache
@@ -385,108 +269,73 @@ def test_a_sweep_on_cached_data_never_imports_torch_in_the_driver_nor_writes_ten
     assert len((trial / "result.json").read_text().splitlines()) == Stage1RunConfig.for_variant("baseline", "smoke", "tiny", 0).steps
 
 
-_PRESTARTED = _WORKERS + """
-import contextlib, runpy, sys
-import pact_ray.tune.sweep as sweep
-from ray._private.utils import get_num_cpus
+# ------------------------------------------------ Ray's private internals, switched off
 
-original = sweep._trials_in_prestarted_workers
+_OTHER_RAY = """
+import os, runpy, sys
+import pact_ray.tune.fast_start as fast_start
 
+if os.environ.get("PRETEND_OTHER_RAY"):
+    fast_start.WRITTEN_FOR = "0.0."  # as on a Ray release the shortcuts were not written for
+""" + _RUN_SCRIPT
 
-@contextlib.contextmanager
-def watched(prestarted):
-    idle = []
-    for _ in range(50):  # the prestarted workers boot with Ray: wait for them (at most 10 s)
-        idle = workers()
-        if len(idle) >= int(get_num_cpus()):
-            break
-        time.sleep(0.2)
-    print("IDLE_AT_FIT", json.dumps(idle), flush=True)
-    with original(prestarted):
-        yield
+_LISTENING = """
+import json, runpy, sys
+import pact_ray.tune.launch as launch
 
+original = launch.init_ray
 
-sweep._trials_in_prestarted_workers = watched
+def init_ray(*args, **kwargs):
+    started = original(*args, **kwargs)
+    import psutil  # Ray's own copy, on the path once Ray is imported
+    listening = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            listening += [(child.name(), c.laddr.ip) for c in child.net_connections(kind="inet") if c.status == "LISTEN"]
+        except psutil.Error:
+            pass
+    print("LISTENING", json.dumps(listening), flush=True)
+    return started
+
+launch.init_ray = init_ray
 """ + _RUN_SCRIPT
 
 
 @pytest.mark.slow
-def test_trials_that_fill_the_machine_run_in_the_workers_ray_prestarted(tmp_path):
-    """Where the trials fill every CPU, the sweep's Ray boots its idle workers while the sweep
-    starts, and Tune's trial actors run in them (PL_DISABLE_FORK left out of their environment)
-    rather than in new workers booted after Tune starts. Each trial's pid (Tune's result
-    field) is one of the workers that were idle when Tune began."""
-    from ray._private.utils import get_num_cpus
-
-    cpus = int(get_num_cpus())
-    if cpus > 4:
-        pytest.skip("the sweep below fills 2 to 4 CPUs")
-    variants = ["baseline", "ot_first", "mask_prior", "rgb_edge"][:max(cpus, 2)]
+def test_a_sweeps_own_ray_listens_on_loopback_only_and_resumes_on_rays_public_behaviour(tmp_path):
+    """The local Ray a sweep starts accepts no connection from another machine: every socket
+    its processes listen on is a loopback address (RAY_AUTH_MODE=disabled is safe only so).
+    With PACT_RAY_FAST_START=0, or on a Ray release other than the one fast_start knows, the
+    sweep uses none of Ray's internals: a resume runs with the first command's callbacks,
+    says so, and ends with its summary as usual."""
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", _PRESTARTED, str(root / "sweeps" / "stage1_router.py"), "--profile", "smoke",
-                          "--model", "tiny", "--variants", ",".join(variants), "--name", "pre", "--quiet",
-                          "--storage-path", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
-                         capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, timeout=300)
+    script = str(root / "sweeps" / "stage1_router.py")
+    where = ["--name", "pub", "--storage-path", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    env["RAY_AUTH_MODE"] = "disabled"
+    out = subprocess.run([sys.executable, "-c", _LISTENING, script, "--profile", "smoke", "--model", "tiny", "--variants",
+                          "baseline,ot_first", "--seeds", "0", "--quiet", *where], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    idle = set(json.loads(out.stdout.split("IDLE_AT_FIT ", 1)[1].splitlines()[0]))
-    pids = {json.loads(line)["pid"] for folder in (tmp_path / "runs" / "pre").iterdir() if (folder / "result.json").is_file()
-            for line in (folder / "result.json").read_text().splitlines()}
-    assert len(idle) == cpus and pids and pids <= idle, (idle, pids)
+    listening = json.loads(out.stdout.split("LISTENING ", 1)[1].splitlines()[0])
+    assert {"gcs_server", "raylet"} <= {name for name, _ in listening}, listening
+    assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for _, ip in listening), listening
+    for how in ({"PACT_RAY_FAST_START": "0"}, {"PRETEND_OTHER_RAY": "1"}):
+        resumed = subprocess.run([sys.executable, "-c", _OTHER_RAY, script, *where, "--resume"], capture_output=True, text=True,
+                                 env={**env, **how}, timeout=300)
+        assert resumed.returncode == 0, (how, resumed.stdout[-2000:] + resumed.stderr[-3000:])
+        assert "This resume logs through the first command's callbacks" in resumed.stdout, (how, resumed.stdout[-2000:])
+        assert "2/2 trials finished" in resumed.stdout and "Route status" in resumed.stdout, (how, resumed.stdout[-2000:])
 
 
-def test_a_sweep_prestarts_workers_only_where_its_trials_fill_every_cpu(monkeypatch):
-    """A prestarted worker that hosts no trial only takes CPU from the start-up: none for a
-    cluster, GPU trials, a resume, fewer trials (or a lower --max-concurrent) than CPUs, or
-    trials of several CPUs each."""
-    from types import SimpleNamespace
+def test_the_shortcut_falls_back_to_rays_public_behaviour_when_rays_internals_differ(monkeypatch):
+    """A use of Ray's internals that does not find what it expects warns once and does what
+    Ray's public API does; the environment turns it off."""
+    from pact_ray.tune import fast_start
 
-    import ray._private.utils
-
-    from pact_ray.tune.sweep import _prestart_fits
-
-    monkeypatch.setattr(ray._private.utils, "get_num_cpus", lambda **_: 2.0)
-
-    def fits(trials=8, **changed):
-        args = dict(address=None, gpus_per_trial=0, resume=False, search="grid", until_conclusive=0, max_concurrent=0,
-                    cpus_per_trial=1, num_samples=8)
-        return _prestart_fits(SimpleNamespace(args=SimpleNamespace(**{**args, **changed}), trial_configs=[{}] * trials))
-
-    assert fits() and fits(trials=2) and fits(cpus_per_trial=0.5) and fits(search="optuna", trials=1)
-    assert not fits(address="127.0.0.1:6379") and not fits(gpus_per_trial=1) and not fits(resume=True)
-    assert not fits(trials=1) and not fits(max_concurrent=1) and not fits(cpus_per_trial=2)
-    assert not fits(search="optuna", trials=1, num_samples=1)
-
-
-_PRELOADED = """
-import json, sys
-import pact_ray.tune.sweep as sweep
-import ray
-
-sweep.init_ray(None, preload=["pact_ray.tune.trial", "torch._dynamo", "pact_ray.ot.preload"])
-
-
-@ray.remote(num_cpus=1)
-def seen():
-    # What the worker held before this task ran: nothing here imports them.
-    solver = sys.modules.get("pact_ray.ot.cpu_solver")
-    return {"modules": [m for m in ("torch", "ray.tune", "pact_ray.tune.trial", "torch._dynamo", "pact_ray.ot.preload")
-                        if m in sys.modules],
-            "kernels": len(solver.solve_batch.signatures) if solver else 0}
-
-
-print(json.dumps(ray.get(seen.remote())))
-sweep.stop_ray()
-"""
-
-
-@pytest.mark.slow
-def test_the_sweeps_ray_boots_its_workers_with_the_trials_imports_and_the_ot_kernel_loaded():
-    """The idle workers a sweep's Ray prestarts import what a first trial would (the trial's
-    body with torch and Ray Tune, torch._dynamo) and load the OT kernel from numba's cache
-    (float32 and float64, cold and warm-started) as they boot."""
-    out = subprocess.run([sys.executable, "-c", _PRELOADED], capture_output=True, text=True, timeout=180,
-                         env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    seen = json.loads(out.stdout.strip().splitlines()[-1])
-    assert seen["modules"] == ["torch", "ray.tune", "pact_ray.tune.trial", "torch._dynamo", "pact_ray.ot.preload"], seen
-    assert seen["kernels"] >= 2, seen
+    monkeypatch.delenv(fast_start.ENV, raising=False)
+    assert fast_start.enabled("callbacks")
+    with pytest.warns(RuntimeWarning, match="public behaviour"):
+        assert fast_start.set_restored_callbacks(object(), [], verbose=0) is False  # no _local_tuner: as if Ray had changed
+    monkeypatch.setenv(fast_start.ENV, "0")
+    assert not any(fast_start.enabled(t) for t in fast_start.TRICKS)
+    assert fast_start.set_restored_callbacks(object(), [], verbose=0) is False

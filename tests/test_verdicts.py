@@ -8,12 +8,13 @@ import statistics
 
 import numpy as np
 import pytest
+import torch
+from example_store import TrialSpec, log_sweep, loss_curve, router_history
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats as sps
-import torch
-from example_store import TrialSpec, log_sweep, loss_curve, router_history
 
+from pact_ray.errors import ConfigError
 from pact_ray.metrics import names as M
 from pact_ray.report.ablation.route import MARGINAL_ERROR_MAX, NO_VERDICT, route_status, verdict_lines
 from pact_ray.report.ablation.stats import BETTER, INCONCLUSIVE, WORSE, difference
@@ -31,7 +32,6 @@ from pact_ray.report.world_model_sweep import (
 from pact_ray.runs.stage1 import Stage1RunConfig
 from pact_ray.training.stage1 import Stage1Trainer
 from pact_ray.training.validation import split_indices, stratified_timesteps
-from pact_ray.errors import ConfigError
 from pact_ray.tune.adaptive import BASELINE, AdaptiveSeedSearcher
 from pact_ray.verdicts import NOT_FOR_CONCLUSIONS, Design, Margin, decide, decide_family
 
@@ -153,7 +153,7 @@ def _drive(searcher: AdaptiveSeedSearcher, value, rounds: int = 50) -> list[tupl
     raise AssertionError("the searcher did not finish")
 
 
-def test_adaptive_seeds_stop_when_conclusive_and_at_the_cap():
+def test_adaptive_seeds_stop_when_conclusive_and_at_the_cap(tmp_path):
     rng = np.random.default_rng(0)
     seed_effect = {s: float(rng.normal(0, 0.05)) for s in range(20)}
     noise = {s: float(rng.normal(0, 0.02)) for s in range(20)}
@@ -170,9 +170,13 @@ def test_adaptive_seeds_stop_when_conclusive_and_at_the_cap():
     assert seeds["null"] == list(range(6))  # never conclusive: stopped at the cap
     assert set(seeds["null"]) <= set(seeds[BASELINE])  # every seed has its pair
     assert len(ran) == len(set(ran))  # no trial ran twice
-    # The state survives a save and restore (what --resume uses).
+    # The state survives a save and restore (what --resume uses), as JSON: no pickle to run.
+    path = tmp_path / "searcher-state.json"
+    searcher.save(str(path))
+    assert json.loads(path.read_text())["finished"] is True
     clone = AdaptiveSeedSearcher({"profile": "smoke"}, [BASELINE, "x"], seeds=[0], max_seeds=2)
-    clone.set_state(searcher.get_state())
+    clone.restore(str(path))
+    assert clone.get_state() == searcher.get_state()
     assert clone.verdicts() == searcher.verdicts() and clone.suggest("again") == "FINISHED"
 
 

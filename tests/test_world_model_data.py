@@ -159,8 +159,9 @@ def test_ensure_arm_dataset_generates_once(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary folder left
 
 
-@pytest.mark.parametrize("frame_format", ["npy", "npz"])
+@pytest.mark.parametrize("frame_format", ["npy", "npz", "mp4"])
 def test_array_frames_read_like_png_frames(tmp_path, arm_folder, frame_format):
+    """Arrays, and LeRobot's per-episode videos (a real MP4, lossless H.264 RGB, decoded with PyAV)."""
     _, episodes = read_lerobot(arm_folder)
     write_lerobot(tmp_path / frame_format, episodes, fps=10, joint_names=JOINT_NAMES, frame_format=frame_format)
     _, again = read_lerobot(tmp_path / frame_format)
@@ -240,7 +241,36 @@ def test_wrong_joint_count_and_video_only_folders(tmp_path, arm_folder):
         WorldModelData(tmp_path / "five")
     video = tmp_path / "video"
     (video / "videos" / "chunk-000").mkdir(parents=True)
-    with pytest.raises(DataError, match="frames are videos: decode them"):
+    with pytest.raises(DataError, match="has no camera frames under images/ or videos/"):
         WorldModelData(video)
     with pytest.raises(DataError, match="does not exist"):
         WorldModelData(tmp_path / "nowhere")
+
+
+def test_video_frames_are_checked_against_the_table(tmp_path, arm_folder):
+    """A LeRobot v2 folder with videos: the frame count of each MP4 must match the parquet
+    rows of its episode; a missing or short video is named."""
+    from pact_ray.data.arm.lerobot import VIDEO_PATH, _write_video
+
+    _, episodes = read_lerobot(arm_folder)
+    folder = write_lerobot(tmp_path / "mp4", episodes, fps=30, joint_names=JOINT_NAMES, frame_format="mp4")
+    info = json.loads((folder / INFO_FILE).read_text())
+    assert info["features"]["observation.images.top"]["dtype"] == "video" and not (folder / "images").exists()
+    # A lossy 4:2:0 H.264 video, as LeRobot publishes them: decoded, counted and sized.
+    short = folder / VIDEO_PATH.format(episode_chunk=0, video_key="observation.images.top", episode_index=2)
+    import av
+
+    with av.open(str(short), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = episodes[2].frames.shape[2], episodes[2].frames.shape[1], "yuv420p"
+        for frame in episodes[2].frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    _, again = read_lerobot(folder)
+    assert again[2].frames.shape == episodes[2].frames.shape and again[2].frames.dtype == np.uint8
+    _write_video(short, episodes[2].frames[:-1], 30)
+    with pytest.raises(DataError, match=rf"episode_000002\.mp4 holds {SHORT.length - 1} frames but the table has {SHORT.length} for episode 2$"):
+        read_lerobot(folder)
+    short.unlink()
+    with pytest.raises(DataError, match=r"video .*episode_000002\.mp4 of episode 2 is missing"):
+        WorldModelData(folder)

@@ -8,7 +8,9 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from html import unescape
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,7 +142,8 @@ def test_optuna_search_over_world_model_knobs(tmp_path, ray_address, capsys):
                                    "--tracking-uri", uri, "--quiet"])
     assert rc == 0
     db = tmp_path / "runs" / "wm-opt" / "optuna.db"
-    assert f"Optuna study: optuna-dashboard sqlite:///{db} --host 127.0.0.1" in capsys.readouterr().out  # as Stage1 sweeps say
+    # As Stage1 sweeps say, with the venv's optuna-dashboard by absolute path.
+    assert f"Optuna study: {Path(sys.executable).parent / 'optuna-dashboard'} sqlite:///{db} --host 127.0.0.1" in capsys.readouterr().out
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("pact-ray/mae_world_model")
     runs = client.search_runs([exp.experiment_id], filter_string="tags.`pact_ray.role` = 'trial'")

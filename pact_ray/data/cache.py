@@ -22,14 +22,18 @@ def cache_root() -> Path:
 
 # The file whose presence marks each kind of data set complete (written last, inside the rename).
 OBJECTS_MARKER = "dataset.json"
+# pact_ray.data.objects.format.FORMAT_VERSION (equal by a test; this module imports no torch).
+OBJECTS_FORMAT = 2
 ARM_MARKER = "meta/info.json"
 
 
 def object_set_name(num_samples: int, seed: int, *, resolution: int, image_size, grid, cond_channels: int,
                     prefix_tokens: int = 5, occlusion_prob: float = 0.2, voxel_resolution: int | None = None) -> str:
     """The cache folder name of a synthetic PAct object set with these settings
-    (:func:`pact_ray.data.objects.synthetic.ensure_synthetic`)."""
-    return (f"n{num_samples}-s{seed}-r{resolution}-img{image_size[0]}x{image_size[1]}-g{grid[0]}x{grid[1]}"
+    (:func:`pact_ray.data.objects.synthetic.ensure_synthetic`). The dataset format version
+    leads it (``f2-``), so that no copy in an older format (an older articulation encoding)
+    is ever reused."""
+    return (f"f{OBJECTS_FORMAT}-n{num_samples}-s{seed}-r{resolution}-img{image_size[0]}x{image_size[1]}-g{grid[0]}x{grid[1]}"
             f"-c{cond_channels}-p{prefix_tokens}-o{occlusion_prob:g}" + (f"-v{voxel_resolution}" if voxel_resolution else ""))
 
 

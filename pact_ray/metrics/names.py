@@ -49,8 +49,9 @@ ART_GROUP_ERRORS = {
     "label": "art_err_label",
 }
 # Spatial variants: the 2D mask moments of the parts (pact_ray.models.stage2.mask_moments),
-# in its column order, averaged over the batch's visible parts.
-MASK_MOMENTS = ("mask_area", "mask_cx", "mask_cy", "mask_xx", "mask_yy", "mask_xy", "mask_x0", "mask_y0", "mask_x1", "mask_y1")
+# in its column order, averaged over the batch's visible parts (defined in the layer below
+# models and metrics, which both read it).
+from pact_ray.common.moments import MASK_MOMENTS  # noqa: E402, F401 (re-exported: M.MASK_MOMENTS)
 
 # World model (pact_ray.metrics.world_model): validation-split metrics, reported at the
 # evaluation steps and in the evaluation report; definitions in that module's docstring.

@@ -121,7 +121,9 @@ def _mse(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _psnr(target: np.ndarray, pred: np.ndarray) -> float:
-    from skimage.metrics import peak_signal_noise_ratio  # imported here: skimage pulls in scipy.stats (0.6 s) for every trial kind
+    from skimage.metrics import (
+        peak_signal_noise_ratio,  # imported here: skimage pulls in scipy.stats (0.6 s) for every trial kind
+    )
 
     if np.array_equal(target, pred):
         return PSNR_CAP

@@ -31,7 +31,7 @@ from pact_ray.models.layers import (
     patchify,
     unpatchify,
 )
-from pact_ray.models.presets import CONDITION_PRESETS, STAGE1_PRESETS  # noqa: F401 (re-exported)
+from pact_ray.common.presets import CONDITION_PRESETS, STAGE1_PRESETS  # noqa: F401 (re-exported)
 from pact_ray.ot.router import OTRouter, RouterConfig
 
 # Keys of the official config that this implementation accepts without using: they

@@ -48,15 +48,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pact_ray.common.moments import MASK_MOMENTS
 from pact_ray.data.objects.articulation import ARTICULATION_DIM
 from pact_ray.errors import ConfigError
-from pact_ray.metrics import names as M
 from pact_ray.models.layers import LayerNorm32, ModulatedBlockModules, TimestepEmbedder, at_least_float32, modulate, sdpa
-from pact_ray.models.presets import STAGE2_PRESETS
+from pact_ray.common.presets import STAGE2_PRESETS
 from pact_ray.models.sparse import SparseConv3d, SparseLevel, downsample, pool_into_zeros
 
 # The spatial moments of a part's 2D mask: the column order of mask_moments (and their metric names).
-MOMENT_NAMES = M.MASK_MOMENTS
+MOMENT_NAMES = MASK_MOMENTS
 # PAct's fixed sizes: 50 parts (+1 row: the whole object in part_pe, the background in
 # mask_group_emb) and a 128-channel mask embedding.
 PART_SLOTS = 50

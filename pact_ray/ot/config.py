@@ -6,7 +6,7 @@ torch (Ray starts meanwhile: pact_ray.tune.sweep)."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 from pact_ray.errors import ConfigError
 
@@ -57,7 +57,9 @@ def resolve_blocks(spec: str | list[int] | tuple[int, ...], num_blocks: int) -> 
 
 @dataclass
 class RouterConfig:
-    """Knobs of the OT router; every field is a searchable, loggable parameter."""
+    """Knobs of the OT router; every field is a searchable, loggable parameter. A run config
+    holds it as its ``router`` block and builds it from flat ``router.*`` keys, coerced to
+    these fields' types (:meth:`pact_ray.runs.config.RunConfig.from_flat`)."""
 
     blocks: str = "first"  # "first", "first_third", "all" or "0,2,5"
     # The solver's own defaults (above), which pact_ray.ot.sinkhorn uses.
@@ -101,16 +103,3 @@ class RouterConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RouterConfig":
-        from pact_ray.runs.coerce import CoercionError, coerce_fields
-
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ConfigError(f"unknown router keys {sorted(unknown)}")
-        try:
-            return cls(**coerce_fields(cls, d, prefix="router."))
-        except CoercionError as e:
-            raise ConfigError(str(e)) from None

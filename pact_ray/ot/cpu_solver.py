@@ -9,13 +9,12 @@ loop (POT's batched solver is plain Sinkhorn, one call per operation), and
 disk; ``make install`` compiles it) the same solve takes 0.3 ms with its call, 0.15 ms of
 it the loop; a process pays about 0.8 s once to import numba and load the kernel.
 
-The algorithm is that of :class:`pact_ray.ot.sinkhorn._Solver` with its CPU choices
-(early stop at ``tol``, the full Newton step tried first near the solution), applied to
-each problem on its own: every problem stops at its own ``tol`` (the torch loop runs the
-batch until its worst problem meets it), and the full step is tried once the problem's
-own row error is below LOCAL_ERROR. Arithmetic is float64 inside; the plan is returned
-in the input's dtype. Entries of the column-normalised kernel are floored as in the
-torch solver (subnormals are as slow here).
+The loop is the iteration stated once in :mod:`pact_ray.ot.sinkhorn`'s module docstring
+("The iteration": every quantity, step, tolerance and the stopping rule, and how this loop
+differs from the torch one: it decides per problem and computes in float64). The step
+labels in the comments here, (S) and (N1)-(N3), are that statement's. This module imports
+nothing of the package: :mod:`pact_ray.ot.sinkhorn` calls it, and
+:mod:`pact_ray.ot.preload` compiles it.
 """
 
 from __future__ import annotations
@@ -27,12 +26,13 @@ from numba import njit
 
 # The solver's constants (tolerances, step lengths, floors) are passed in: numba freezes
 # globals at compile time, and passing them keeps their one definition in pact_ray.ot.sinkhorn.
+# The kernel does not import that module (which calls it): the dependency runs one way.
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _evaluate(cost, scale, u, b, row_floor, soft, rows):
-    """soft = max(softmax_k(scale cost + u), row_floor) [K, P] (scale = -1/eps: the log
-    kernel); rows = (soft * b) 1 [K]."""
+    """The state at u ("State"): s into ``soft`` [K, P] and r into ``rows`` [K]
+    (scale = -1/eps, so that scale * cost is the log kernel; row_floor is phi)."""
     n_rows, n_cols = cost.shape
     for k in range(n_rows):
         rows[k] = 0.0
@@ -58,6 +58,7 @@ def _evaluate(cost, scale, u, b, row_floor, soft, rows):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _row_error(rows, a):
+    """e = ||r - a||_1."""
     err = 0.0
     for k in range(a.shape[0]):
         err += abs(rows[k] - a[k])
@@ -66,8 +67,7 @@ def _row_error(rows, a):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _newton_direction(soft, b, rows, a, levenberg, max_step, jac, delta):
-    """delta solving (J + mu diag(r) + 1 1^T / K^2 (+ 1 on padded diagonals)) delta = a - r
-    by Cholesky; NaN when the factorisation fails (the caller then takes a Sinkhorn step)."""
+    """The Newton direction (N1) into ``delta`` [K] (``jac``: workspace for the factor)."""
     n_rows, n_cols = soft.shape
     const = 1.0 / (n_rows * n_rows)
     for i in range(n_rows):
@@ -113,8 +113,8 @@ def _newton_direction(soft, b, rows, a, levenberg, max_step, jac, delta):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _line_search(soft, a, b, delta, steps, gains):
-    """The step length of ``steps`` whose gain in the semi-dual is largest (ties: the
-    longer, listed first), and that gain."""
+    """The line search's choice (N3): the length t of ``steps`` whose G(t delta) is largest,
+    and that gain (``gains``: workspace)."""
     n_rows, n_cols = soft.shape
     best, best_gain = 0, -np.inf
     for t in range(steps.shape[0]):
@@ -137,9 +137,10 @@ def _line_search(soft, a, b, delta, steps, gains):
 @njit(cache=True, nogil=True, error_model="numpy")
 def solve_batch(cost, eps, a, b, f_init, warm, max_iter, tol, newton, warmup, tiny, floor, levenberg, max_step,
                 local_error, steps, plan_out, f_out, error_out):
-    """Solve every problem of ``cost`` [n, K, P] (``a`` [n, K], ``b`` [n, P], ``f_init``
-    [n, K] read when ``warm``); writes the plan, the row potential f (cost units) and the
-    L1 marginal error of each problem, and returns the most iterations a problem took."""
+    """The compiled loop: the iteration of :mod:`pact_ray.ot.sinkhorn`'s module docstring
+    (see there), run on every problem of ``cost`` [n, K, P] on its own (``a`` [n, K], ``b``
+    [n, P], ``f_init`` [n, K] read when ``warm``). Writes each problem's plan, f (cost units)
+    and marginal error ("Result"), and returns the most iterations a problem took."""
     n, n_rows, n_cols = cost.shape
     scale = -1.0 / eps
     soft = np.empty((n_rows, n_cols))
@@ -164,8 +165,7 @@ def solve_batch(cost, eps, a, b, f_init, warm, max_iter, tol, newton, warmup, ti
             for k in range(n_rows):
                 u[k] = f_init[i, k] / eps if ai[k] > 0 else -np.inf
             n_sinkhorn, steps_done = (0 if newton else max_iter), 0
-        else:
-            # First row update from g = 0 (as POT): u = log a - LSE_p(log_kernel).
+        else:  # the cold start: iteration 1
             lowest = math.log(tiny) + 1.0
             for k in range(n_rows):
                 top = -np.inf
@@ -180,31 +180,29 @@ def solve_batch(cost, eps, a, b, f_init, warm, max_iter, tol, newton, warmup, ti
         error = _row_error(rows, ai)
         while steps_done < max_iter and not error < tol:
             steps_done += 1
-            if steps_done <= n_sinkhorn:
+            if steps_done <= n_sinkhorn:  # (S)
                 for k in range(n_rows):
                     u[k] += log_a[k] - math.log(max(rows[k], tiny))
                 _evaluate(ci, scale, u, bi, row_floor, soft, rows)
                 error = _row_error(rows, ai)
                 continue
-            _newton_direction(soft, bi, rows, ai, levenberg, max_step, jac, delta)
-            if error < local_error:  # near the solution: the full step first
+            _newton_direction(soft, bi, rows, ai, levenberg, max_step, jac, delta)  # (N1)
+            if error < local_error:  # (N2)
                 for k in range(n_rows):
                     trial_u[k] = u[k] + delta[k]
                 _evaluate(ci, scale, trial_u, bi, row_floor, trial_soft, trial_rows)
                 trial_error = _row_error(trial_rows, ai)
-                # Only where it does not lower the semi-dual either (sinkhorn.py: a full step
-                # that descends F while lowering the error makes a 2-cycle with the damped one).
                 if (trial_error < error and _line_search(soft, ai, bi, delta, full, gains)[1] > 0.0) or trial_error < tol:
                     u, trial_u = trial_u, u
                     soft, trial_soft = trial_soft, soft
                     rows, trial_rows = trial_rows, rows
                     error = trial_error
                     continue
-            length, gain = _line_search(soft, ai, bi, delta, steps, gains)
+            length, gain = _line_search(soft, ai, bi, delta, steps, gains)  # (N3)
             if gain > 0.0:
                 for k in range(n_rows):
                     u[k] += length * delta[k]
-            else:  # no candidate gains (or the factorisation failed): a Sinkhorn step
+            else:  # (S)
                 for k in range(n_rows):
                     u[k] += log_a[k] - math.log(max(rows[k], tiny))
             _evaluate(ci, scale, u, bi, row_floor, soft, rows)
@@ -227,21 +225,3 @@ def solve_batch(cost, eps, a, b, f_init, warm, max_iter, tol, newton, warmup, ti
         most = max(most, steps_done)
     return most
 
-
-def warm_up() -> None:
-    """Compile (or load from numba's on-disk cache) the kernel for float32 and float64
-    problems, cold and warm-started: ``make install`` runs it once, so that no sweep or
-    test pays the first compilation (about 4 s) in a trial."""
-    import torch
-
-    from pact_ray.ot.sinkhorn import sinkhorn_log
-
-    for dtype in (torch.float32, torch.float64):
-        cost = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=dtype)
-        half = torch.full((2,), 0.5, dtype=dtype)
-        first = sinkhorn_log(cost, half, half, compiled=True)
-        sinkhorn_log(cost, half, half, f_init=first.f, compiled=True)
-
-
-if __name__ == "__main__":
-    warm_up()

@@ -32,36 +32,95 @@ maximising the concave semi-dual :math:`F(u) = \langle a, u \rangle + \langle b,
 positive semi-definite with the constants as its null space (adding one constant to
 every :math:`u_k` moves it into v and leaves the plan unchanged).
 
-**Algorithm** (``method="newton"``, the default):
+**The iteration.** This is the one statement of the solver's algorithm: the torch loop
+(:meth:`_Solver.run`) and the compiled CPU loop (:func:`pact_ray.ot.cpu_solver.solve_batch`)
+both run exactly this, and point here instead of restating it. The constants named are this
+module's; tiny is the smallest normal number of the solve's dtype.
 
-1. ``warmup`` (2) log-domain Sinkhorn iterations from :math:`v = 0` [Cuturi 2013;
-   Peyré & Cuturi 2019, §4.4]: :math:`u \leftarrow u + \log a - \log r(u)` is exactly
-   the row update :math:`u = \log a - \operatorname{LSE}_p(\ell + v)` after a column update.
-   Alone, Sinkhorn converges only linearly, at a rate that is poor when eps is small
-   next to the spread of the costs: on the router's real costs at eps 0.05 it needs
-   85-250 iterations for an L1 error of 1e-4 (bench/bench_ot_convergence.py).
-2. Newton steps on the semi-dual [Brauer, Clason, Lorenz & Wirth 2017; Tang et al.
-   2024]: :math:`(J + \mu \operatorname{diag}(r) + \mathbf{1}\mathbf{1}^T / K^2) \delta =
-   a - r`. The rank-one term fixes the free constant; the Levenberg-Marquardt shift
-   :math:`\mu = 10^{-4}` keeps the factorisation defined when parts share almost no patch
-   (see :meth:`_Solver.jacobian`). K (the parts of one object) is small, so this is a tiny
-   dense system: a batched Cholesky solve costs less than one pass over the [K, P] plan.
-   Newton converges quadratically near the solution. Away from it a full step may
-   overshoot, so each iteration evaluates the gain in F of the candidates
-   :math:`u + t \delta`, :math:`t \in \{2, 1.4, 1, 0.7, 0.5, 0.35, 0.25, 2^{-3}, 2^{-4},
-   2^{-5}\}`, in one batched pass (fixed shapes, no host sync), and keeps the candidate
-   that gains most. The set holds the backtracking sequence :math:`1, 1/2, \dots`, so the
-   step gains at least what Armijo's backtracking would [Nocedal & Wright 2006, §3.1];
-   the gain is computed from the current softmax, :math:`F(u + d) - F(u) = \langle a, d
-   \rangle - \sum_p b_p \log \sum_k \operatorname{softmax}_k(\ell + u)_{kp} e^{d_k}`, so it
-   does not cancel between large values of F. If no candidate gains (or the
-   factorisation failed: NaN), the iteration is a Sinkhorn step, which never lowers F.
-   So this iteration never lowers F (tested, on the sync-free loop). Where reading the
-   error is free (CPU), once every row error is below 0.3 the full step is tried first
-   and kept where it lowers the row error (or meets ``tol``): near the solution that is
-   the step the line search would pick, for half its operations; elsewhere the damped
-   step is taken. The full step is kept only where it does not lower F either: one that
-   lowers the row error but descends F sends the next damped step back (a 2-cycle).
+*State.* The iterate is the scaled row potential :math:`u \in \mathbb{R}^K` (f = eps u).
+At an iterate the loop evaluates the column-normalised kernel
+:math:`s_{kp} = \max(\operatorname{softmax}_k(\ell + u)_{kp}, \phi_k)`, floored at
+:math:`\phi_k = 2^8 \sqrt{\text{tiny}}` where :math:`a_k > 0` and at 0 in a padded row
+(see Accuracy); the plan :math:`\pi = s \operatorname{diag}(\mathbf{b})` (the column
+projection v(u) above: its columns hold by construction); its row sums
+:math:`r = \pi \mathbf{1}`; and the row error :math:`e = \lVert r - a \rVert_1`.
+
+*Start.* Cold: :math:`u = \log a - \operatorname{LSE}_p(\ell)`, the Sinkhorn row update
+from v = 0 (as POT's), which counts as iteration 1 (:func:`_logsumexp`: shifted exponents
+clamped below at log(tiny) + 1). Warm (``f_init``): :math:`u = f_{init} / \varepsilon`,
+:math:`-\infty` in padded rows, iteration 0. Then the state is evaluated.
+
+*Iteration n* (n = 2, 3, ... cold, 1, 2, ... warm) is one of:
+
+(S) the **Sinkhorn step** :math:`u \leftarrow u + \log a - \log \max(r, \text{tiny})`: for
+    n <= ``warmup`` (``WARMUP_ITERS``, 2) on a cold start, for every n with
+    ``method="sinkhorn"``, and as the Newton step's fallback. After the column projection it
+    is exactly the row update :math:`u = \log a - \operatorname{LSE}_p(\ell + v)` [Cuturi
+    2013; Peyré & Cuturi 2019, §4.4].
+(N) the **Newton step** on the semi-dual otherwise [Brauer, Clason, Lorenz & Wirth 2017;
+    Tang et al. 2024]:
+
+    (N1) *Direction.* :math:`\delta` solves
+         :math:`(J + \mu \operatorname{diag}(r) + \mathbf{1}\mathbf{1}^T / K^2 + D)\, \delta =
+         a - r` with :math:`J = \operatorname{diag}(r) - s \operatorname{diag}(\mathbf{b})
+         s^T`, :math:`\mu` = ``LEVENBERG_MARQUARDT`` (1e-4) and D = 1 on the diagonal of
+         padded rows, by a Cholesky factorisation; :math:`\delta` is NaN where the
+         factorisation fails. Each :math:`\delta_k` is then clamped to ± ``MAX_STEP`` (25).
+    (N2) *Full step first* (only where the error is read on the host: ``early_stop``). If
+         e < ``LOCAL_ERROR`` (0.3), the state at :math:`u + \delta` is evaluated, and
+         :math:`u + \delta` is taken if its row error e' meets ``tol`` (e' < tol), or if
+         e' < e and :math:`G(\delta) > 0`.
+    (N3) *Line search* otherwise: :math:`t^\star = \arg\max_t G(t \delta)` over t in
+         ``LINE_SEARCH_STEPS`` = (2, 1.4, 1, 0.7, 0.5, 0.35, 0.25, 1/8, 1/16, 1/32) (ties: the
+         longer step, listed first); :math:`u \leftarrow u + t^\star \delta` if
+         :math:`G(t^\star \delta) > 0`, else the Sinkhorn step (S). A NaN gain never wins.
+
+    Here :math:`G(d) = F(u + d) - F(u) = \langle a, d \rangle - \sum_p b_p \log \sum_k
+    s_{kp} e^{d_k}`, the gain in the semi-dual, computed from the current s.
+
+After each iteration the state is evaluated at the new u.
+
+*Stop.* With ``early_stop``, the loop ends at the first evaluation with e < ``tol`` (the
+start's included) or after ``max_iter`` iterations (the cold start's update counted), and
+``iterations`` is the number run. Without (the sync-free loop) it runs all ``max_iter``, and
+``iterations`` counts those before e < ``tol`` first held.
+
+*Result.* From the last state: the plan :math:`\pi`, :math:`f = \varepsilon u`, the marginal
+error :math:`e + \lVert \pi^T \mathbf{1} - b \rVert_1` of that plan, and, when read,
+:math:`g = \varepsilon (\log b - \operatorname{LSE}_k(\ell + u))`.
+
+*What differs between the two loops* (nothing else does). The torch loop solves a batch
+together: its stop and the gate of (N2) (e < ``LOCAL_ERROR``) read the batch's largest e
+((N2)'s choice is still made per problem), so most of a batch's problems end one quadratic
+step further, near the float floor, and its ``iterations`` are those until the whole batch
+met ``tol``. Without ``early_stop`` it never tries (N2). The compiled loop decides per
+problem (its ``iterations``: the most any problem took), and computes in float64 whatever
+the dtype (tiny and :math:`\phi` stay the dtype's), returning :math:`\pi`, f and the error
+in the solve's dtype. A problem solved alone in float64 takes the same steps in both
+(tests/test_sinkhorn.py, ``test_the_two_loops_take_the_same_steps``).
+
+*Why these choices.* Alone, Sinkhorn converges only linearly, at a rate that is poor when
+eps is small next to the spread of the costs: on the router's real costs at eps 0.05 it
+needs 85-250 iterations for an L1 error of 1e-4 (bench/bench_ot_convergence.py). Newton
+converges quadratically near the solution, and K (the parts of one object) is small, so its
+system is tiny and dense: a batched Cholesky solve costs less than one pass over the
+[K, P] plan. The rank-one term fixes the potential's free constant (the gauge, J's null
+space) and gives it the eigenvalue 1/K, of the order of J's others; a padded row (r = 0)
+gets its 1 so that its step is finite. The Levenberg-Marquardt shift [Nocedal & Wright
+2006, §10.3]: parts that share almost no patch (a strong mask prior) make J nearly
+singular, and float32 rounding can then make it indefinite, failing the factorisation; the
+shift changes the step only along directions whose curvature is below 1e-4 of the row
+masses. The clamp keeps :math:`e^{t \delta}` finite and normal in float32 (e^±50 is 5e21
+and 2e-22); a near-singular J's long step is then shortened by the line search. Away from
+the solution a full step may overshoot, so the line search evaluates its candidates in one
+batched pass (fixed shapes, no host sync); they hold the backtracking sequence
+:math:`1, 1/2, \dots`, so the step gains at least what Armijo's backtracking would [Nocedal
+& Wright 2006, §3.1]. G is computed from the current softmax so that it does not cancel
+between large values of F. The Sinkhorn step never lowers F either, so no iteration lowers
+F (tested, on the sync-free loop). Near the solution the full step is the one the line
+search would pick, for half its operations; it is kept only where it does not lower F:
+one that lowers the row error but descends F sends the next damped step back (a 2-cycle
+that never converged, found by the POT property test: 7 parts, 36 patches, eps 0.01).
 
 ``method="sinkhorn"`` runs plain log-domain Sinkhorn only: the same updates, in the same
 order (f then g, from g = 0), as POT's ``sinkhorn_log`` and ``solve_batch``; it is kept as
@@ -99,11 +158,8 @@ on [2, 4, 4, 64] tensors, so a first solve took 0.9 ms, almost none of it arithm
 The same algorithm, compiled with numba and looping in machine code, takes about a
 third of that with its call (bench/bench_router_block.py). Its arithmetic is scalar, so
 from about 2^15 plan entries in a batch (PAct's shapes) the torch loop is faster again,
-and runs (``COMPILED_MAX_ELEMENTS``). It differs from the torch
-loop in two choices, not in the iteration: each problem stops at its own ``tol`` (the
-torch loop runs the batch until its worst problem meets it, so most of its problems
-end one quadratic step further, near the float floor), and its arithmetic is float64
-(the plan, f and the error are returned in the solve's dtype). Both are tested against
+and runs (``COMPILED_MAX_ELEMENTS``). How it differs from the torch loop (per-problem
+decisions, float64 arithmetic) is stated with the iteration above. Both are tested against
 POT and each other.
 
 **Gradients** (``differentiable=True``): implicit differentiation of the optimality
@@ -408,7 +464,7 @@ def _solve_compiled(cost, a, b, batch_shape, eps, max_iter, tol, newton, warmup,
     warm = f_init is not None
     most = _cpu_kernel()(flat(cost, (n_rows, n_cols)), float(eps), flat(a, (n_rows,)), flat(b, (n_cols,)),
                   flat(f_init, (n_rows,)) if warm else _NO_INIT[dtype], warm, int(max_iter), float(tol), bool(newton),
-                  int(warmup), torch.finfo(dtype).tiny, 2.0**8 * math.sqrt(torch.finfo(dtype).tiny), LEVENBERG_MARQUARDT,
+                  int(warmup), torch.finfo(dtype).tiny, _kernel_floor(dtype), LEVENBERG_MARQUARDT,
                   MAX_STEP, LOCAL_ERROR, _STEPS_NP, plan.view(n, n_rows, n_cols).numpy(), f.view(n, n_rows).numpy(),
                   error.view(n).numpy())
 
@@ -455,6 +511,11 @@ def _logsumexp(scores: torch.Tensor, dim: int) -> torch.Tensor:
     return terms.sum(dim=dim, keepdim=True).log_().add_(shift)
 
 
+def _kernel_floor(dtype: torch.dtype) -> float:
+    """phi of "State" (module docstring): 2^8 sqrt(tiny) of the dtype, 2.8e-17 in float32."""
+    return 2.0**8 * math.sqrt(torch.finfo(dtype).tiny)
+
+
 def _batched(x: torch.Tensor) -> torch.Tensor:
     """[..., m, n] -> [batch, m, n] (a view of a contiguous tensor) for ``torch.bmm``,
     which, unlike ``@`` on 4-d operands, takes a transposed view without copying it."""
@@ -462,11 +523,9 @@ def _batched(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Solver:
-    """The iteration of :func:`sinkhorn_log`, without autograd.
-
-    State: the scaled row potential u [..., K, 1]; the column-normalised kernel
-    ``soft = softmax_k(log_kernel + u)`` [..., K, P] (so that the plan is ``soft * b``,
-    with exact column marginals), its row sums r [..., K, 1] and row error [..., 1, 1].
+    """The torch loop: the iteration of the module docstring ("The iteration"; see there for
+    every step and quantity), batched and without autograd. Its state, as tensors: u
+    [..., K, 1], s (``soft``) and the plan [..., K, P], r [..., K, 1] and e [..., 1, 1].
     """
 
     def __init__(self, log_kernel, a, b, batch_shape):
@@ -474,24 +533,18 @@ class _Solver:
         self.log_a = a.log()  # -inf where a_k = 0 (no autograd here: no 0 * inf gradient)
         self.batch_shape = batch_shape
         finfo = torch.finfo(log_kernel.dtype)
-        # u + log a - log r is the Sinkhorn row update; r is floored at the smallest
-        # normal number so that a row whose mass underflowed gets a large finite step.
-        self.tiny = finfo.tiny
-        # Entries of the column-normalised kernel are floored at 2^8 sqrt(tiny) of the
-        # dtype (2.8e-17 in float32), except in padded rows, which stay exactly 0. Left
-        # alone, the tiny ones and their products become subnormal numbers, and x86
-        # arithmetic on subnormals is 10-50x slower (one bmm of this solver took 90 us
+        self.tiny = finfo.tiny  # floor of r in the Sinkhorn step (S)
+        # phi of "State". Left alone, the tiny entries and their products become subnormal
+        # numbers, on which x86 arithmetic is 10-50x slower (one bmm of this solver took 90 us
         # instead of 5); floored, a product of two entries and a column weight b_p stays
-        # normal for P up to 6e4. The floor adds at most P * 2.8e-17 to a row sum, far
-        # under its rounding, and it can only raise the sums of the line search below,
-        # which keeps that test conservative.
-        floor = 2.0**8 * math.sqrt(finfo.tiny)
-        self.row_floor = torch.where(a > 0, floor, 0.0)  # [..., K, 1]
+        # normal for P up to 6e4. The floor can only raise the line search's sums, which
+        # keeps its test conservative.
+        self.row_floor = torch.where(a > 0, _kernel_floor(log_kernel.dtype), 0.0)  # [..., K, 1]
         self.steps = _line_search_steps(log_kernel.dtype, log_kernel.device)
         self.j_const = None
 
     def evaluate(self, u):
-        """soft and the plan [..., K, P], its row sums r [..., K, 1] and row error [..., 1, 1] at u."""
+        """The state at u ("State"): s and the plan [..., K, P], r [..., K, 1], e [..., 1, 1]."""
         soft = torch.maximum(torch.softmax(self.log_kernel + u, dim=-2), self.row_floor)
         plan = soft * self.b
         r = plan.sum(dim=-1, keepdim=True)
@@ -499,19 +552,11 @@ class _Solver:
         return soft, plan, r, error
 
     def sinkhorn_step(self, u, r):
+        """The Sinkhorn step (S)."""
         return u + (self.log_a - r.clamp_min(self.tiny).log())
 
     def jacobian(self, soft, plan, r):
-        """J + mu diag(r) + 1 1^T / K^2 (+ 1 on the diagonal of padded rows): [..., K, K].
-
-        The 1 1^T / K^2 term fixes the potential's free constant (the gauge) and gives it
-        the eigenvalue 1/K, of the order of J's others (at most max r); a padded row
-        (r = 0) gets a 1 on the diagonal so that its step is finite. The Levenberg-Marquardt
-        shift mu diag(r), mu = 1e-4 [Nocedal & Wright 2006, §10.3]: parts that share almost
-        no patch (a strong mask prior) make J nearly singular, and float32 rounding can then
-        make it indefinite, failing the Cholesky factorisation; the shift changes the step
-        only along directions whose curvature is below 1e-4 of the row masses.
-        """
+        """The matrix of the Newton direction (N1), J + mu diag(r) + 1 1^T / K^2 + D: [..., K, K]."""
         if self.j_const is None:
             padded = (self.a.squeeze(-1) == 0).to(soft.dtype).expand(soft.shape[:-1])
             self.j_const = torch.diag_embed(padded) + 1.0 / soft.shape[-2] ** 2
@@ -520,19 +565,14 @@ class _Solver:
         return jac
 
     def newton_direction(self, soft, plan, r):
-        """delta [..., K, 1] solving (J + 1 1^T / K^2) delta = a - r, clamped to +-MAX_STEP.
-
-        The clamp keeps exp(delta) finite and normal in float32 (e^±50 is 5e21 and 2e-22):
-        a near-singular J's step is then shortened by the line search. A failed
-        factorisation leaves NaN, which the line search never accepts.
-        """
-        factor, _ = torch.linalg.cholesky_ex(self.jacobian(soft, plan, r))
-        return torch.cholesky_solve(self.a - r, factor).clamp_(-MAX_STEP, MAX_STEP)
+        """The Newton direction (N1), delta [..., K, 1]: NaN where the factorisation failed
+        (``cholesky_ex`` leaves a finite, meaningless factor there), clamped to +-MAX_STEP."""
+        factor, info = torch.linalg.cholesky_ex(self.jacobian(soft, plan, r))
+        delta = torch.cholesky_solve(self.a - r, factor)
+        return delta.masked_fill_((info != 0)[..., None, None], math.nan).clamp_(-MAX_STEP, MAX_STEP)
 
     def gains(self, soft, step):
-        """F(u + d) - F(u) [..., T, 1] for each column d of ``step`` [..., K, T], measured from
-        the current soft = softmax_k(log_kernel + u), with no cancellation between large values
-        of F: F(u + d) - F(u) = <a, d> - sum_p b_p log(sum_k soft_kp exp(d_k))."""
+        """G(d) of (N) [..., T, 1] for each column d of ``step`` [..., K, T]."""
         # sum_k soft_kp exp(d_k) is at least min_k exp(d_k) >= e^-50 (soft sums to at least 1
         # over k, d is clamped to +-MAX_STEP), a normal float32: its log needs no guard.
         mixed = torch.bmm(_batched(step.exp()).mT, _batched(soft))  # [..., T, P]
@@ -540,14 +580,11 @@ class _Solver:
         return (self.a * step).sum(dim=-2, keepdim=True).mT - spread
 
     def newton_step(self, u, soft, r, delta, host_check: bool = False):
-        """The next u: a damped Newton step on the semi-dual F(u) = <a, u> + <b, v(u)>, the
-        candidate t delta that gains most (:meth:`gains`), or a Sinkhorn step.
-        ``host_check``: whether reading a value on the host is free (CPU), which lets the
-        step skip computing the Sinkhorn fallback when no problem needs it.
-        """
+        """The line search (N3): the next u. ``host_check``: whether reading a value on the
+        host is free (CPU), which lets the step skip computing the Sinkhorn fallback when no
+        problem needs it."""
         gain = self.gains(soft, delta * self.steps)  # [..., T, 1], the candidates t delta
-        # The candidate that gains most; if none gains (or delta is NaN), the Sinkhorn step.
-        best_gain, best = gain.max(dim=-2, keepdim=True)  # [..., 1, 1]
+        best_gain, best = gain.max(dim=-2, keepdim=True)  # [..., 1, 1]; NaN if delta is
         newton = torch.addcmul(u, self.steps[best], delta)
         gained = best_gain > 0
         if host_check and bool(gained.all()):  # on CPU: skip the Sinkhorn steps nobody takes
@@ -555,11 +592,11 @@ class _Solver:
         return torch.where(gained, newton, self.sinkhorn_step(u, r))
 
     def run(self, u, max_iter, tol, newton, warmup, early_stop) -> "_State":
-        if u is None:
-            # First row update from g = 0 (as POT): u = log a - LSE_p(log_kernel).
+        """The loop ("Start", the iterations, "Stop", "Result")."""
+        if u is None:  # the cold start: iteration 1
             u = self.log_a - _logsumexp(self.log_kernel, dim=-1)
             n_sinkhorn = max_iter if not newton else min(warmup, max_iter)
-            n_steps = 1  # that update is the first Sinkhorn iteration
+            n_steps = 1
         else:
             u = torch.where(self.a > 0, u, self.log_a)
             n_sinkhorn = 0 if newton else max_iter
@@ -575,21 +612,12 @@ class _Solver:
         while n_steps < max_iter and not (early_stop and done):
             n_steps += 1
             if n_steps <= n_sinkhorn:
-                u = self.sinkhorn_step(u, r)
+                u = self.sinkhorn_step(u, r)  # (S)
             else:
-                delta = self.newton_direction(soft, plan, r)
-                if early_stop and worst < LOCAL_ERROR:
-                    # Near the solution (every row error below LOCAL_ERROR) the full Newton
-                    # step is tried first, where reading the error on the host is free
-                    # (CPU): it is kept where it lowers the row error, which costs less
-                    # than the line search; the other problems take the damped step.
+                delta = self.newton_direction(soft, plan, r)  # (N1)
+                if early_stop and worst < LOCAL_ERROR:  # (N2), gated on the batch's largest e
                     trial_u = u + delta
                     trial = self.evaluate(trial_u)
-                    # Kept where it lowers the error and does not lower F, or meets tol (at
-                    # the float32 floor a step can move the error either way by rounding).
-                    # A full step that lowers the row error can still lower F, and the damped
-                    # step, which climbs F, then leads back: a 2-cycle that never converged
-                    # (found by the POT property test: 7 parts, 36 patches, eps 0.01).
                     take = ((trial[3] < error) & (self.gains(soft, delta) > 0)) | (trial[3] < tol)
                     if bool(take.all()):
                         u = trial_u
@@ -597,9 +625,9 @@ class _Solver:
                         worst = float(error.amax())
                         done = worst < tol
                         continue
-                    u = torch.where(take, trial_u, self.newton_step(u, soft, r, delta, early_stop))
+                    u = torch.where(take, trial_u, self.newton_step(u, soft, r, delta, early_stop))  # (N3)
                 else:
-                    u = self.newton_step(u, soft, r, delta, early_stop)
+                    u = self.newton_step(u, soft, r, delta, early_stop)  # (N3)
             soft, plan, r, error = self.evaluate(u)
             if early_stop:
                 worst = float(error.amax())

@@ -22,8 +22,8 @@ from mlflow.entities import Experiment, Run, ViewType
 from mlflow.tracking import MlflowClient
 
 from pact_ray.fileio import atomic_write
+from pact_ray.kinds import RUN_KINDS, RunKind
 from pact_ray.metrics import names as M
-from pact_ray.runs.kinds import RUN_KINDS, RunKind
 from pact_ray.tracking.tags import ROLE_TAG, STEP_TAG, SWEEP_TAG, TRIAL_TAG
 
 # summary.md's column order, then the extra columns.
@@ -235,12 +235,12 @@ def _clean_curve(points: Iterable[tuple[int, float]]) -> Curve:
 
 # The ablation dashboard's default sources: the experiments of the ablation sweeps (the world
 # model has its own report, analysis/eval_report.py; name its experiment to include it).
-ABLATION_KINDS = ("stage1", "stage2", "matrix")
+ABLATION_KINDS = tuple(name for name, kind in RUN_KINDS.items() if kind.ablation)
 
 
 def _experiments(client: MlflowClient, tracking_uri: str, names: list[str] | None) -> list[Experiment]:
     if not names:
-        wanted = {RUN_KINDS[k].experiment for k in ABLATION_KINDS if k in RUN_KINDS}
+        wanted = {RUN_KINDS[k].experiment for k in ABLATION_KINDS}
         found = [e for e in client.search_experiments() if e.name in wanted]
         if not found:
             raise ValueError(f"{tracking_uri} holds no ablation experiment ({', '.join(sorted(wanted))})")

@@ -17,7 +17,6 @@ import csv
 import io
 import json
 import os
-import shlex
 import statistics
 import time
 from dataclasses import dataclass
@@ -31,9 +30,9 @@ from pact_ray.fileio import atomic_write
 from pact_ray.metrics import names as M
 from pact_ray.report.ablation.page import CSS, MISSING, _badge, _table, fmt
 from pact_ray.report.ablation.stats import BETTER, WORSE, Estimate, difference, mean_interval, verdict
-from pact_ray.verdicts import Design, decide_family
 from pact_ray.report.summary import FINISHED, row_from_run, search_all
 from pact_ray.tracking.tags import SWEEP_TAG
+from pact_ray.verdicts import Design, decide_family
 
 METRICS = (M.VAL_MSE, M.VAL_MSE_VISUAL, M.VAL_MSE_MOTOR_STRIP, M.SSIM, M.PSNR, M.MOTOR_POSITION_MAE_MEAN,
            M.MOTOR_VELOCITY_MAE_MEAN, M.MOTOR_DIRECTION_ACCURACY, M.ACTION_DISCRIMINATION_SCORE, M.TF_FR_GAP)
@@ -52,9 +51,10 @@ class WorldModelSweep:
 
 def eval_report_command(run_id: str, tracking_uri: str, storage: str, name: str) -> str:
     """The exact command that writes the evaluation report of run ``run_id``."""
-    out = f"reports/{name}"
-    return " ".join(shlex.quote(a) for a in ["python", "analysis/eval_report.py", "--run", run_id, "--tracking-uri", tracking_uri,
-                                             "--storage-path", storage, "--out", out])
+    from pact_ray.cli import project_command
+
+    return project_command("analysis/eval_report.py", "--run", run_id, "--tracking-uri", tracking_uri,
+                           "--storage-path", storage, "--out", f"reports/{name}")
 
 
 def collect_world_model_sweep(tracking_uri: str, experiment_id: str, parent_run_id: str, storage: str,
@@ -69,7 +69,7 @@ def collect_world_model_sweep(tracking_uri: str, experiment_id: str, parent_run_
                "model_type": params.get("model_type"), "model": base["model"], "seed": base["seed"], "status": base["status"],
                "error": base["error"], "steps": base["steps"]}
         row.update({m: metrics.get(m) for m in METRICS})
-        slug = f"{base['variant']}_s{base['seed']}"
+        slug = f"{base['variant']}_s{base['seed']}_{run.info.run_id[:6]}"  # Optuna's trials share variant and seed
         row["eval_report"] = eval_report_command(run.info.run_id, tracking_uri, storage, slug)
         rows.append(row)
     rows.sort(key=lambda r: (r["variant"], r["seed"] if r["seed"] is not None else -1))
@@ -212,8 +212,9 @@ def summary_lines(wm: WorldModelSweep) -> list[str]:
         lines.append(f"MAE vs GPT ({c['model']}): {c['variant']} - {c['baseline']} val_mse {delta}{ci}, "
                      f"{len(c['seeds'])} seed(s): {c['verdict']}, corrected {c['verdict_corrected']}")
     if wm.rows:
+        shown = next((r for r in wm.rows if r["status"] == FINISHED), wm.rows[0])  # a run with its final checkpoint
         lines.append(f"Evaluation report of a run (every run's command is in {CSV_NAME}):")
-        lines.append(f"  {wm.rows[0]['eval_report']}")
+        lines.append(f"  {shown['eval_report']}")
     return lines
 
 

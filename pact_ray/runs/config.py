@@ -26,6 +26,12 @@ OPTIMIZERS = ("adamw", "sgd")
 INITS = ("scratch", "official")
 FAIL_MODES = ("once", "always")
 MAX_SEED = 2**32 - 1
+TEST_ONLY = {"test_only": True}  # metadata of a field that describes no run (fault injection)
+
+
+def test_only_fields(cls: type) -> frozenset[str]:
+    """The names of a config class's test-only fields (kept out of what is logged)."""
+    return frozenset(f.name for f in fields(cls) if f.metadata.get("test_only"))
 
 
 @dataclass
@@ -33,6 +39,9 @@ class RunConfig:
     """One training run (a Ray Tune trial). Subclasses set the class attributes and add their fields."""
 
     kind: ClassVar[str] = ""  # the run kind's name ("stage1")
+    # Whether the kind's model predicts articulation vectors: its checkpoints record their
+    # encoding, and one in another encoding is refused (pact_ray.training.checkpoints).
+    predicts_articulation: ClassVar[bool] = False
     variants: ClassVar[Mapping[str, Variant]] = {}
     profiles: ClassVar[Mapping[str, Profile]] = {}
     presets: ClassVar[tuple[str, ...]] = ()  # the model presets --model accepts
@@ -58,9 +67,12 @@ class RunConfig:
     eval_every: int = 0  # validation every N steps (0: only at eval_steps and the last step)
     eval_steps: str = ""  # comma-separated extra validation steps (where shorter variants of the profile end)
     eval_samples: int = 8  # validation samples scored (an even spread over the split); 0: all
-    fail_at_step: int = -1  # test-only fault injection: raise at this step (-1: never)
-    fail_mode: str = "once"  # "once": only in an attempt that started without a checkpoint; "always"
-    fail_variants: str = ""  # comma-separated variants the fault applies to ("" = every variant)
+    # Test-only fault injection (tests/test_faults.py sets them with --set): not a setting of
+    # the run, so never logged (:meth:`params`) nor listed by --list-keys.
+    fail_at_step: int = dataclasses.field(default=-1, metadata=TEST_ONLY)  # raise at this step (-1: never)
+    # "once": only in an attempt that started without a checkpoint; "always"
+    fail_mode: str = dataclasses.field(default="once", metadata=TEST_ONLY)
+    fail_variants: str = dataclasses.field(default="", metadata=TEST_ONLY)  # comma-separated variants it applies to ("": all)
 
     # ------------------------------------------------------------ building
     @classmethod
@@ -95,12 +107,26 @@ class RunConfig:
     @classmethod
     def _assemble(cls, top: dict[str, Any], nested: dict[str, dict[str, Any]]):
         for name, sub in nested.items():
-            top[name] = cls.nested[name].from_dict(sub)
+            top[name] = cls._block(name, sub)
         try:
             top = coerce_fields(cls, top)
         except CoercionError as e:
             raise ConfigError(str(e)) from None
         return cls(**top).validate()
+
+    @classmethod
+    def _block(cls, name: str, values: dict[str, Any]):
+        """The nested block ``name`` (``router``) from its fields' values, coerced to their
+        declared types. Built here, not by the block's own package (``pact_ray.ot``), which
+        stays below ``pact_ray.runs``."""
+        block = cls.nested[name]
+        unknown = set(values) - {f.name for f in fields(block)}
+        if unknown:
+            raise ConfigError(f"unknown {name} keys {sorted(unknown)}")
+        try:
+            return block(**coerce_fields(block, values, prefix=f"{name}."))
+        except CoercionError as e:
+            raise ConfigError(str(e)) from None
 
     # ------------------------------------------------------------ reading
     def flat(self) -> dict[str, Any]:
@@ -115,6 +141,12 @@ class RunConfig:
             else:
                 out[f.name] = value
         return out
+
+    def params(self) -> dict[str, Any]:
+        """What describes the run: :meth:`flat` less the test-only fields (fault injection).
+        What MLflow logs as the run's params and ``config.json``."""
+        hidden = test_only_fields(type(self))
+        return {k: v for k, v in self.flat().items() if k not in hidden}
 
     def to_json(self) -> str:
         return json.dumps(self.flat(), sort_keys=True)

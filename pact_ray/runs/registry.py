@@ -167,20 +167,14 @@ STAGE1_PROFILES: dict[str, Profile] = _by_name([
 
 # ---------------------------------------------------------------------- Stage2: spatial rows
 
-@dataclass(frozen=True)
-class Stage2Variant(Variant):
-    """A Stage2 variant (the dashboard design's spatial articulation rows): what it adds to the model."""
-
-    moments: bool = False  # compute the parts' 2D mask moments and log them (spatial diagnostics)
-    adapter: bool = False  # add the spatial adapter's 24-d residual from the moments
-
-
+# The dashboard design's spatial articulation rows: what each adds to the model, as fields of
+# the Stage2 config (pact_ray.runs.stage2), so that a run's params and checkpoints say it.
 STAGE2_VARIANTS: dict[str, Variant] = _by_name([
-    Stage2Variant("baseline", "baseline", "Official-equivalent Stage2 smoke."),
-    Stage2Variant("spatial_diag", "phase4", "Mask-derived spatial moment diagnostics for articulation rows.",
-                  moments=True),
-    Stage2Variant("spatial_adapter", "phase4", "Zero-initialized articulation residual adapter smoke.",
-                  moments=True, adapter=True),
+    Variant("baseline", "baseline", "Official-equivalent Stage2 smoke."),
+    Variant("spatial_diag", "phase4", "Mask-derived spatial moment diagnostics for articulation rows.",
+            {"spatial_moments": True}),
+    Variant("spatial_adapter", "phase4", "Zero-initialized articulation residual adapter smoke.",
+            {"spatial_moments": True, "spatial_adapter": True}),
 ])
 
 STAGE2_PROFILES: dict[str, Profile] = _by_name([

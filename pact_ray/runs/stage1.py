@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pact_ray.errors import ConfigError
-from pact_ray.models.presets import CONDITION_PRESETS, STAGE1_PRESETS
+from pact_ray.common.presets import CONDITION_PRESETS, STAGE1_PRESETS
 from pact_ray.ot.config import RouterConfig, resolve_blocks
 from pact_ray.runs.config import PActRunConfig
 from pact_ray.runs.registry import STAGE1_PROFILES, STAGE1_VARIANTS, get_variant

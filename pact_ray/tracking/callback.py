@@ -24,20 +24,21 @@ from typing import Any
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 from ray import tune
 
-from pact_ray.errors import error_line
+from pact_ray.errors import error_line, is_interruption
+from pact_ray.kinds import resolve_kind
 from pact_ray.metrics import names as M
-from pact_ray.runs.kinds import resolve_kind
 from pact_ray.tracking.datasets import DatasetInfo, log_dataset
 from pact_ray.tracking.tags import CHECKPOINT_TAG, OPTUNA_TRIAL_TAG, RESUME_NOTE_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG
 from pact_ray.tracking.writer import MlflowWriter, RunRef, shared_writer, status_name
-from pact_ray.tune.interrupt import is_interruption
 
 log = logging.getLogger(__name__)
-RAY_TRIAL_ATTR, MLFLOW_RUN_ATTR = "ray_trial_id", "mlflow_run_id"  # Optuna trial user attributes
+# Optuna trial user attributes: the Ray trial, the MLflow run's id and its page in the MLflow UI.
+RAY_TRIAL_ATTR, MLFLOW_RUN_ATTR, MLFLOW_URL_ATTR = "ray_trial_id", "mlflow_run_id", "mlflow_run_url"
 # The runs of this driver's Optuna sweeps by (sweep, Ray trial id): the searcher reads a run's id
 # from here to mark its Optuna trial before telling the study the result. Optuna refuses to
 # change a finished trial, and the writer thread may reach a short trial only after it ended.
 _OPTUNA_RUNS: dict[tuple[str, str], RunRef] = {}
+_OPTUNA_STORES: dict[str, str] = {}  # an Optuna sweep's tracking URI (where its runs' pages are), by sweep
 INTERRUPTED = "interrupted"  # a trial's status after Ctrl-C (pact_ray.tune.interrupt)
 
 # Ray's own bookkeeping in every result: not metrics of the model.
@@ -99,7 +100,7 @@ class MlflowSweepCallback(tune.Callback):
         kind, own = resolve_kind(self.kind, trial.config)  # a matrix trial is tagged with its cell's own kind
         cfg = kind.config(own)
         self._configs[trial.trial_id] = cfg
-        flat = cfg.flat()
+        flat = cfg.params()  # what describes the run (no test-only fault injection)
         variant = cfg.variant_info
         tags = {
             "variant": cfg.variant, "phase": cfg.phase, "profile": cfg.profile, "model": cfg.model,
@@ -121,6 +122,7 @@ class MlflowSweepCallback(tune.Callback):
             self.writer.call(ref, lambda client, run_id: log_dataset(client, run_id, info))
         if self.optuna_storage:
             _OPTUNA_RUNS[(self.sweep, trial.trial_id)] = ref
+            _OPTUNA_STORES[self.sweep] = self.tracking_uri
             self.writer.call(ref, _tag_optuna_trial(self.optuna_storage, self.sweep, trial.trial_id))
         return ref
 
@@ -198,9 +200,9 @@ def checkpoint_uri(checkpoint) -> str:
     return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
 
 
-def optuna_trial_run_id(sweep: str, ray_trial_id: str, timeout: float) -> str | None:
-    """The MLflow run id of an Optuna sweep's trial once the writer has created the run (waiting
-    at most ``timeout`` seconds); None when this driver logs no run for it or the store is late
+def optuna_trial_run(sweep: str, ray_trial_id: str, timeout: float) -> RunRef | None:
+    """The MLflow run of an Optuna sweep's trial once the writer has created it (waiting at
+    most ``timeout`` seconds); None when this driver logs no run for it or the store is late
     (said in a warning). The entry is dropped: the searcher asks once, when the trial ends."""
     ref = _OPTUNA_RUNS.pop((sweep, ray_trial_id), None)
     if ref is None:
@@ -209,7 +211,39 @@ def optuna_trial_run_id(sweep: str, ray_trial_id: str, timeout: float) -> str | 
         log.warning("Trial %s's Optuna trial is not linked to its MLflow run: the tracking store did not create the run "
                     "within %.0f s (the run still gets the Optuna trial's number as a tag)", ray_trial_id, timeout)
         return None
-    return ref.run_id
+    return ref
+
+
+def optuna_trial_run_id(sweep: str, ray_trial_id: str, timeout: float) -> str | None:
+    """The id of :func:`optuna_trial_run`'s run."""
+    ref = optuna_trial_run(sweep, ray_trial_id, timeout)
+    return None if ref is None else ref.run_id
+
+
+def optuna_run_url(sweep: str, ref: RunRef) -> str | None:
+    """The page of an Optuna sweep's run in the MLflow UI (for a SQLite store, the `mlflow ui`
+    the sweep prints, on its usual port); None where the sweep's store is not known here."""
+    from pact_ray.tracking.store import run_page, ui_base
+
+    uri = _OPTUNA_STORES.get(sweep)
+    return f"{ui_base(uri)}{run_page(ref.experiment_id, ref.run_id)}" if uri and ref.run_id else None
+
+
+def optuna_sweep_url(sweep: str, experiment_id: str) -> str | None:
+    """The MLflow UI's runs table of an Optuna sweep, filtered to its runs."""
+    from pact_ray.tracking.store import runs_page, ui_base
+
+    uri = _OPTUNA_STORES.get(sweep)
+    return f"{ui_base(uri)}{runs_page(experiment_id, sweep)}" if uri else None
+
+
+def mark_optuna_state(sweep: str, ref: RunRef, state: str) -> None:
+    """Tag the run with its Optuna trial's end state (``pruned``: stopped early by the scheduler)."""
+    from pact_ray.tracking.tags import OPTUNA_STATE_TAG
+
+    uri = _OPTUNA_STORES.get(sweep)
+    if uri:
+        shared_writer(uri).set_tags(ref, {OPTUNA_STATE_TAG: state})
 
 
 def _tag_optuna_trial(storage_url: str, study_name: str, ray_trial_id: str):

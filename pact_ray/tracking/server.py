@@ -1,8 +1,8 @@
 """A real MLflow tracking server for the sweeps, on loopback by default.
 
-    python -m pact_ray.tracking.server --port 5000 --store ./tracking
+    .venv/bin/python -m pact_ray.tracking.server --port 5000 --store ./tracking
     # -> serving http://127.0.0.1:5000 (backend sqlite:////abs/tracking/mlflow.db, artifacts /abs/tracking/artifacts)
-    python sweeps/stage1_router.py --tracking-uri http://127.0.0.1:5000
+    .venv/bin/python sweeps/stage1_router.py --tracking-uri http://127.0.0.1:5000
 
 It runs ``mlflow server`` with a SQLite backend and served artifacts (a folder, or an object
 store with ``--artifacts-destination s3://bucket/mlartifacts``: the server writes there with
@@ -109,6 +109,39 @@ def wait_healthy(uri: str, timeout: float, process: subprocess.Popen | None = No
     raise ServerError(f"mlflow server at {uri} did not answer within {timeout:.0f} s")
 
 
+# Why by hand: MLflow's server runs its workers as child processes and offers no way to tie
+# them to the process that started it. The reaper leads the server's process group; on SIGTERM
+# (a stop) it stops the whole group, and it stops it too once its parent is gone (it checks
+# every second). Not Linux's PR_SET_PDEATHSIG: that fires when the *thread* that started the
+# child ends, which stopped a server started from a short-lived thread.
+_REAPER = r"""
+import os, signal, subprocess, sys, time
+parent, command = int(sys.argv[1]), sys.argv[2:]
+stopping, server = [], None
+
+def stop(signum=None, frame=None):
+    if stopping:
+        return
+    stopping.append(True)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if server is None:  # stopped before the server started
+        sys.exit(0)
+    os.killpg(0, signal.SIGTERM)  # the server and its workers (this process ignores it now)
+    deadline = time.monotonic() + 15
+    while server.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(0, signal.SIGKILL) if server.poll() is None else None
+
+signal.signal(signal.SIGTERM, stop)
+server = subprocess.Popen(command)
+while server.poll() is None:
+    if os.getppid() != parent and not stopping:
+        stop()
+    time.sleep(1)
+sys.exit(0 if stopping else (server.returncode if server.returncode >= 0 else 128 - server.returncode))
+"""
+
+
 def start_server(store: str | os.PathLike, port: int | None = None, host: str = "127.0.0.1",
                  allow_remote: bool = False, timeout: float = 60.0, artifacts: str | None = None) -> TrackingServer:
     """Start ``mlflow server`` with ``<store>/mlflow.db`` and ``artifacts`` (an object-store URI
@@ -139,7 +172,12 @@ def start_server(store: str | os.PathLike, port: int | None = None, host: str = 
     env = {**os.environ}
     env.setdefault(JOB_EXECUTION_ENV, "false")
     log = open(log_path, "ab")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    # The server runs under a small reaper (_REAPER) that leads a session of its own, so that a
+    # Ctrl-C at the terminal reaches the wrapper only, and that watches this process: when it
+    # dies, however it dies (a SIGKILL too), the reaper stops the server and its workers.
+    parent = os.getpid()
+    proc = subprocess.Popen([sys.executable, "-c", _REAPER, str(parent), *cmd], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, env=env)
     log.close()
     uri = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     server = TrackingServer(proc, uri, backend, artifacts, log_path)

@@ -249,12 +249,49 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str:
         return ""
 
 
-def ui_command(uri: str, experiment_id: str | None = None) -> str:
-    """How to open the MLflow UI on ``uri`` (at the experiment's runs table when given). For a
-    SQLite store the command turns off the job runner that `mlflow ui` otherwise starts for
-    MLflow's GenAI jobs (8 more processes, 1.8 GB; see pact_ray.tracking.server)."""
-    page = f"/#/experiments/{experiment_id}/runs" if experiment_id else ""
+def sweep_filter(sweep: str) -> str:
+    """The MLflow search filter of a sweep's runs: its parent and every trial carry its name."""
+    from pact_ray.tracking.tags import SWEEP_NAME_TAG
+
+    return f"tags.{SWEEP_NAME_TAG} = '{sweep}'"
+
+
+def runs_page(experiment_id: str, sweep: str | None = None) -> str:
+    """The UI's route to an experiment's runs table, filtered to one sweep's runs when given.
+    MLflow's UI (3.x) keeps its runs search in the route's query (``searchFilter``, decoded
+    with URLSearchParams), so the link opens with the filter applied and shown in its box."""
+    from urllib.parse import urlencode
+
+    query = f"?{urlencode({'searchFilter': sweep_filter(sweep)})}" if sweep else ""
+    return f"/#/experiments/{experiment_id}/runs{query}"
+
+
+def run_page(experiment_id: str, run_id: str) -> str:
+    """The UI's route to one run."""
+    return f"/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+UI_HOST, UI_PORT = "127.0.0.1", 5000
+
+
+def ui_base(uri: str, port: int = UI_PORT) -> str:
+    """Where the UI of ``uri`` answers: the `mlflow ui` that :func:`ui_command` starts for a
+    SQLite store (on ``port``), the server itself otherwise."""
+    return f"http://{UI_HOST}:{port}" if uri.startswith("sqlite:///") else uri.rstrip("/")
+
+
+def ui_command(uri: str, experiment_id: str | None = None, sweep: str | None = None, port: int | None = None) -> str:
+    """How to open the MLflow UI on ``uri`` (at the experiment's runs table when given,
+    filtered to the runs of ``sweep``). For a SQLite store: the command that serves it, with
+    the virtualenv's ``mlflow`` by absolute path (it runs as printed without the venv on
+    PATH), on ``port`` or the first free port from 5000; it turns off the job runner that
+    `mlflow ui` otherwise starts for MLflow's GenAI jobs (8 more processes, 1.8 GB; see
+    pact_ray.tracking.server)."""
+    from pact_ray.cli import free_port, shell_join, venv_executable
+
+    page = runs_page(experiment_id, sweep) if experiment_id else ""
     if uri.startswith("sqlite:///"):
-        return (f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, "
-                f"then open http://127.0.0.1:5000{page}")
-    return f"open {uri.rstrip('/')}{page} in a browser"
+        port = free_port(UI_PORT, UI_HOST) if port is None else port
+        command = shell_join([venv_executable("mlflow"), "ui", "--host", UI_HOST, "--port", str(port), "--backend-store-uri", uri])
+        return f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false {command}, then open {ui_base(uri, port)}{page}"
+    return f"open {ui_base(uri)}{page} in a browser"

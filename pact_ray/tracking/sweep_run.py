@@ -10,7 +10,6 @@ worse, inconclusive and without a verdict; each variant's Δ % from the baseline
 
 from __future__ import annotations
 
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -26,21 +25,35 @@ SUMMARY_ARTIFACTS = "summary"
 
 
 def command_line(argv: list[str] | None = None) -> str:
-    """The command as the user typed it (``python sweeps/stage1_router.py --profile smoke``)."""
+    """The command that ran, as one that runs again as written from the project folder
+    (``/abs/.venv/bin/python sweeps/stage1_router.py --profile smoke``)."""
+    from pact_ray.cli import python_executable, shell_join
+
     argv = sys.argv if argv is None else argv
     script = argv[0] if argv else ""
-    prefix = ["python", script] if script.endswith(".py") else [Path(script).name or "pact-ray"]
-    return " ".join(shlex.quote(a) for a in [*prefix, *argv[1:]])
+    prefix = [python_executable(), script] if script.endswith(".py") else [Path(script).name or "pact-ray"]
+    return shell_join([*prefix, *argv[1:]])
+
+
+SHORT_UID = 6  # hex digits of the sweep's uid that start its parent run's name
+
+
+def parent_run_name(name: str, uid: str | None = None) -> str:
+    """The parent run's name: a short sweep id first, so that the runs list (which shows about
+    18 characters of a name) tells two sweeps of one profile apart; then the sweep's name
+    (whole in the ``sweep`` tag)."""
+    return f"{uid[:SHORT_UID]} {name}" if uid else name
 
 
 def create_parent(client: MlflowClient, experiment_id: str, name: str, tags: dict[str, str], params: dict[str, Any],
                   uid: str | None = None) -> str:
     """The parent run of a new sweep; returns its id. ``uid`` (the manifest's) is tagged so a
-    resume finds the run even when the start was killed before the manifest recorded its id."""
-    run = client.create_run(experiment_id, run_name=name, tags={
-        ROLE_TAG: "sweep", SWEEP_NAME_TAG: name, **tags, **({SWEEP_UID_TAG: uid} if uid else {}),
-        NOTE_TAG: f"Sweep `{name}`, started {time.strftime('%Y-%m-%d %H:%M')}:\n\n    {command_line()}\n",
-    })
+    resume finds the run even when the start was killed before the manifest recorded its id,
+    and starts the run's name (:func:`parent_run_name`). Empty tags are left out."""
+    tags = {ROLE_TAG: "sweep", SWEEP_NAME_TAG: name, **tags, **({SWEEP_UID_TAG: uid} if uid else {}),
+            NOTE_TAG: f"Sweep `{name}`, started {time.strftime('%Y-%m-%d %H:%M')}:\n\n    {command_line()}\n"}
+    run = client.create_run(experiment_id, run_name=parent_run_name(name, uid),
+                            tags={k: str(v) for k, v in tags.items() if v is not None and str(v) != ""})
     for key, value in params.items():
         client.log_param(run.info.run_id, key, str(value))
     return run.info.run_id

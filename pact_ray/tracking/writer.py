@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
@@ -83,6 +84,8 @@ class MlflowWriter:
         self._put(("metrics", ref, int(step), {k: float(v) for k, v in metrics.items()}, ts))
 
     def set_tags(self, ref: RunRef, tags: dict[str, Any]) -> None:
+        """Set ``tags`` on the run; an empty value (or None) removes the tag where the run has
+        it (a run carries no empty tags: the UI would show them as settings)."""
         self._put(("tags", ref, {k: _str(v) for k, v in tags.items()}))
 
     def terminate(self, ref: RunRef, status: str) -> None:
@@ -190,7 +193,8 @@ class MlflowWriter:
             tags = {**ref.tags, **ref.key_tags, MLFLOW_RUN_NAME: ref.name}
             if ref.parent_run_id:
                 tags[MLFLOW_PARENT_RUN_ID] = ref.parent_run_id
-            run = self._client.create_run(ref.experiment_id, run_name=ref.name, tags={k: _str(v) for k, v in tags.items()})
+            run = self._client.create_run(ref.experiment_id, run_name=ref.name,
+                                          tags={k: _str(v) for k, v in tags.items() if _str(v) != ""})
             ref.run_id = run.info.run_id
             if ref.params:
                 params = [Param(k, _str(v)) for k, v in ref.params.items()]
@@ -208,11 +212,23 @@ class MlflowWriter:
         if kind == "resolve":
             return
         if kind == "tags":
-            self._client.log_batch(ref.run_id, tags=[RunTag(k, v) for k, v in op[2].items()])
+            kept = [RunTag(k, v) for k, v in op[2].items() if v != ""]
+            if kept:
+                self._client.log_batch(ref.run_id, tags=kept)
+            for key in (k for k, v in op[2].items() if v == ""):
+                self._delete_tag(ref.run_id, key)
         elif kind == "status":
             self._client.set_terminated(ref.run_id, status=op[2])
         elif kind == "call":
             op[2](self._client, ref.run_id)
+
+    def _delete_tag(self, run_id: str, key: str) -> None:
+        """Remove a tag where the run has it (a run that never had it is left as it is)."""
+        try:
+            self._client.delete_tag(run_id, key)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
 
     def _apply_metrics(self, batch: list[tuple]) -> None:
         ref = batch[0][1]

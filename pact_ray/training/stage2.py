@@ -24,7 +24,7 @@ from pact_ray.data.objects.articulation import SLOT_GROUPS, decode_articulation
 from pact_ray.data.objects.loader import ArticulatedDataset, collate_voxels
 from pact_ray.data.objects.synthetic import ensure_synthetic
 from pact_ray.metrics import names as M
-from pact_ray.models.presets import STAGE2_MAX_TOKENS, STAGE2_PRESETS
+from pact_ray.common.presets import STAGE2_MAX_TOKENS, STAGE2_PRESETS
 from pact_ray.models.stage2 import PART_SLOTS, ArticulatedSLatFlow, FeatureAverage, VoxelLayout, build_stage2, mask_moments
 from pact_ray.runs.stage2 import Stage2RunConfig
 from pact_ray.training import flow
@@ -36,10 +36,10 @@ BATCH_KEYS_TO_DEVICE = ("latents", "coords", "num_rows", "cond", "masks", "pixel
 
 
 def build_model(cfg: Stage2RunConfig) -> ArticulatedSLatFlow:
-    """The Stage2 model of a run config (preset + the variant's spatial adapter)."""
+    """The Stage2 model of a run config (preset + its spatial adapter)."""
     preset = STAGE2_PRESETS[cfg.model]["flow"]
     use_ckpt = preset["use_checkpoint"] if cfg.grad_checkpointing is None else cfg.grad_checkpointing
-    return build_stage2(cfg.model, spatial_adapter=cfg.variant_info.adapter, use_checkpoint=use_ckpt)
+    return build_stage2(cfg.model, spatial_adapter=cfg.spatial_adapter, use_checkpoint=use_ckpt)
 
 
 def token_cap(cfg: Stage2RunConfig) -> int | None:
@@ -86,7 +86,6 @@ def articulation_metrics(
 class Stage2Trainer(Trainer):
     def __init__(self, cfg: Stage2RunConfig, device=None, dataset: ArticulatedDataset | None = None):
         super().__init__(cfg, device)
-        self.variant = cfg.variant_info
         self.setup(dataset if dataset is not None else dataset_for(cfg), build_model, "Stage2")
         self.eval_ids = self.val_ids[eval_sample_ids(len(self.val_ids), cfg.eval_samples)]
         self.eval_t = stratified_timesteps(cfg.eval_timesteps)
@@ -118,7 +117,7 @@ class Stage2Trainer(Trainer):
         art_loss = cfg.art_weight * art[M.ART_L2]
         metrics = {M.FLOW_LOSS: flow_loss, M.ART_LOSS: art_loss, **art,
                    M.MASK_PARTS: visible.sum(), M.EMPTY: (~visible).sum()}
-        if self.variant.moments:  # the spatial rows: mean moments of the batch's visible parts
+        if cfg.spatial_moments:  # the spatial rows: mean moments of the batch's visible parts
             mean = (moments * visible[:, None]).sum(0) / visible.sum().clamp(min=1)
             metrics.update(zip(M.MASK_MOMENTS, mean))
         return flow_loss + art_loss, {k: v.detach() for k, v in metrics.items()}
@@ -133,7 +132,7 @@ class Stage2Trainer(Trainer):
         x_t = flow.diffuse(x0, t_obj[layout.voxel_obj], noise)
         out = self.model(x_t, t_obj * flow.T_SCALE, cond, layout, masks)
         flow_loss = (out.velocity.float() - flow.velocity_target(x0, noise)).pow(2).mean()
-        pred = self.model.articulate(out.features, layout, moments if self.variant.adapter else None).float()
+        pred = self.model.articulate(out.features, layout, moments if self.cfg.spatial_adapter else None).float()
         return flow_loss, articulation_metrics(pred, b["articulation"], b["art_valid"], b["joint_types"], b["part_labels"])
 
     @torch.no_grad()
@@ -195,7 +194,7 @@ class Stage2Trainer(Trainer):
             return out.velocity.float()
 
         latents = flow.euler_sample(velocity, noise, steps=steps, guidance=guidance)
-        moments = mask_moments(batch["pixel_masks"], batch["num_parts"])[0] if self.variant.adapter else None
+        moments = mask_moments(batch["pixel_masks"], batch["num_parts"])[0] if self.cfg.spatial_adapter else None
         with self.autocast():
             articulation = self.model.articulate(average.mean, layout, moments)
         return latents, articulation.float()

@@ -24,16 +24,17 @@ interrupted adaptive sweep continues where it stopped.
 from __future__ import annotations
 
 import itertools
+import json
 import math
-import pickle
 from typing import Any
 
 from ray.tune.search import Searcher
 
+from pact_ray.fileio import write_json_atomic
 from pact_ray.metrics import names as M
-from pact_ray.verdicts import ALPHA, DEFAULT_MARGIN, ONE_SEED, OPEN, Decision, Design, Margin, decide_family
 from pact_ray.report.ablation.route import MARGINAL_ERROR_MAX
 from pact_ray.report.ablation.stats import difference
+from pact_ray.verdicts import ALPHA, DEFAULT_MARGIN, ONE_SEED, OPEN, Decision, Design, Margin, decide_family
 
 BASELINE = "baseline"
 
@@ -97,12 +98,13 @@ class AdaptiveSeedSearcher(Searcher):
             (self.failed.add if error else self.failed.discard)(self.trials[trial_id])
 
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.get_state(), f)
+        """The searcher's state as JSON: read back by --resume from the sweep's storage, which
+        must not run code (Ray's own experiment state is pickled; see docs/sweeps.md)."""
+        write_json_atomic(checkpoint_path, _to_json(self.get_state()))
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.set_state(pickle.load(f))
+        with open(checkpoint_path, encoding="utf-8") as f:
+            self.set_state(_from_json(json.load(f)))
 
     def get_state(self) -> dict[str, Any]:
         # Pending trials stay pending: Tune restores and reruns them under the same ids.
@@ -167,3 +169,24 @@ class AdaptiveSeedSearcher(Searcher):
 
 _STATE = ("base", "variants", "max_seeds", "design", "queue", "trials", "pending", "curves", "invalid", "failed", "rounds", "finished",
           "_metric", "_mode")
+
+
+def _to_json(state: dict[str, Any]) -> dict[str, Any]:
+    d = state["design"]
+    return {**state, "design": {"alpha": d.alpha, "margin": {"value": d.margin.value, "relative": d.margin.relative},
+                                "max_seeds": d.max_seeds, "first_look": d.first_look},
+            "queue": [list(t) for t in state["queue"]], "trials": {k: list(t) for k, t in state["trials"].items()},
+            "pending": sorted(state["pending"]), "failed": sorted(list(t) for t in state["failed"]),
+            "curves": {v: {str(seed): {str(step): x for step, x in c.items()} for seed, c in by_seed.items()}
+                       for v, by_seed in state["curves"].items()},
+            "rounds": [{**r, "added": [list(t) for t in r["added"]]} for r in state["rounds"]]}
+
+
+def _from_json(state: dict[str, Any]) -> dict[str, Any]:
+    d = state["design"]
+    return {**state, "design": Design(d["alpha"], Margin(**d["margin"]), d["max_seeds"], d["first_look"]),
+            "queue": [tuple(t) for t in state["queue"]], "trials": {k: tuple(t) for k, t in state["trials"].items()},
+            "pending": set(state["pending"]), "failed": {tuple(t) for t in state["failed"]},
+            "curves": {v: {int(seed): {int(step): x for step, x in c.items()} for seed, c in by_seed.items()}
+                       for v, by_seed in state["curves"].items()},
+            "rounds": [{**r, "added": [tuple(t) for t in r["added"]]} for r in state["rounds"]]}

@@ -26,19 +26,9 @@ from typing import Any
 import ray
 from ray import tune
 
-from pact_ray.errors import error_line
+from pact_ray.errors import SweepInterrupted, error_line, is_interruption  # noqa: F401 - the trials' and progress lines' names
 
 FLAG_PREFIX = "pact_ray_stop:"
-
-
-class SweepInterrupted(RuntimeError):
-    """Raised by a trial that stopped because the sweep was interrupted (its progress is checkpointed)."""
-
-
-def is_interruption(error: str) -> bool:
-    """Whether a trial's error line (:func:`pact_ray.errors.error_line`) is the sweep's own
-    interruption, which ``--resume`` continues, rather than a failure."""
-    return SweepInterrupted.__name__ in error
 
 
 @ray.remote(num_cpus=0)
@@ -70,15 +60,26 @@ class TrialStop:
         return self._seen
 
 
+GRACE_S = float(os.environ.get("PACT_RAY_GRACE_S", "25"))  # SIGTERM -> exit: the trials' checkpoints, then a hard stop
+
+
 class DriverInterrupts:
     """The driver side, as a context manager around ``Tuner.fit``: SIGINT and SIGTERM raise
-    the sweep's flag the first time and stop at once the second time."""
+    the sweep's flag the first time and stop at once the second time.
 
-    def __init__(self, sweep: str, out: Any = None):
+    A SIGTERM is a scheduler's preemption notice (SLURM's --signal, Kubernetes' termination
+    grace period), which a SIGKILL follows: if the trials have not all stopped ``grace_s``
+    after it, the driver stops at once as after a second signal (what the trials had
+    checkpointed stays; ``--resume`` continues from there)."""
+
+    def __init__(self, sweep: str, out: Any = None, grace_s: float | None = None):
         self.sweep = sweep
         self.out = out or sys.stderr
         self.requested = False
+        self.signal: int | None = None  # the first signal received
+        self.grace_s = GRACE_S if grace_s is None else grace_s
         self._flag = None
+        self._timer = None
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "DriverInterrupts":
@@ -92,11 +93,25 @@ class DriverInterrupts:
         if self.requested:  # the second time: stop now
             raise KeyboardInterrupt
         self.requested = True
+        self.signal = signum
+        if signum == signal.SIGTERM:
+            import _thread
+            import threading
+
+            self._timer = threading.Timer(self.grace_s, _thread.interrupt_main)
+            self._timer.daemon = True
+            self._timer.start()
         self._flag = StopFlag.options(name=flag_name(self.sweep), get_if_exists=True, lifetime="non_detached").remote()
-        print("\nStopping: each trial saves a checkpoint after its current step (Ctrl-C again to stop at once).",
-              file=self.out, flush=True)
+        if signum == signal.SIGTERM:
+            print(f"\nSIGTERM: each trial saves a checkpoint after its current step; stopping at once in "
+                  f"{self.grace_s:.0f} s otherwise (PACT_RAY_GRACE_S).", file=self.out, flush=True)
+        else:
+            print("\nStopping: each trial saves a checkpoint after its current step (Ctrl-C again to stop at once).",
+                  file=self.out, flush=True)
 
     def __exit__(self, *exc) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         if self._flag is not None:

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from pact_ray.fileio import SWEEP_MANIFEST
 from pact_ray.tune.storage import Storage
 
-MANIFEST = "pact_ray_sweep.json"
+MANIFEST = SWEEP_MANIFEST
 
 
 def write_manifest(exp_dir: Storage, content: dict[str, Any]) -> None:

@@ -16,10 +16,9 @@ from typing import IO
 
 from ray import tune
 
-from pact_ray.errors import error_line
+from pact_ray.errors import error_line, is_interruption
 from pact_ray.metrics import names as M
 from pact_ray.tracking.callback import run_name
-from pact_ray.tune.interrupt import is_interruption
 
 LINE_WIDTH = 100
 

@@ -1,43 +1,34 @@
-"""The Ray Tune function trainables, one per run kind (thin: the body is ``trial.run_trial``).
+"""The Ray Tune function trainables, one per run kind of :data:`pact_ray.kinds.RUN_KINDS`
+(thin: the body is ``trial.run_trial``).
 
-Ray pickles them by reference (module and name), so every worker imports this module. It is
-torch-free, and so is the driver that hands them to Tune: ``trial`` (torch) is imported by the
-trial itself, in the worker.
+Ray pickles a trainable by reference (module and name), so each is a module-level function
+here, ``train_<kind>``, made from the registry; every worker imports this module. It is
+torch-free, and so is the driver that hands them to Tune: ``trial`` (torch) is imported by
+the trial itself, in the worker.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-from pact_ray.runs.kinds import MATRIX, STAGE1, STAGE2, WORLD_MODEL, RunKind
+from pact_ray.kinds import RUN_KINDS, RunKind
 
 
-def _run(kind: RunKind, config: dict) -> None:
-    from pact_ray.tune.trial import run_trial
+def _trainable(kind: RunKind) -> Callable[[dict], None]:
+    def train(config: dict) -> None:
+        from pact_ray.tune.trial import run_trial
 
-    run_trial(kind, config)
+        run_trial(kind, config)
 
-
-def train_stage1(config: dict) -> None:
-    """One Stage1 trial: ``config`` holds variant, profile, model, seed and overrides."""
-    _run(STAGE1, config)
-
-
-def train_stage2(config: dict) -> None:
-    """One Stage2 trial: ``config`` holds variant, profile, model, seed and overrides."""
-    _run(STAGE2, config)
+    train.__name__ = train.__qualname__ = f"train_{kind.name}"
+    train.__module__ = __name__
+    train.__doc__ = f"One {kind.title} trial: ``config`` holds variant, profile, model, seed and overrides."
+    return train
 
 
-def train_matrix(config: dict) -> None:
-    """One OT-matrix trial: ``config["variant"]`` names a cell "<kind>_<variant>" (registry.MATRIX_CELLS)."""
-    _run(MATRIX, config)
+TRAINABLES: dict[str, Callable[[dict], None]] = {name: _trainable(kind) for name, kind in RUN_KINDS.items()}
+globals().update({fn.__name__: fn for fn in TRAINABLES.values()})  # importable by name: how Ray pickles them
 
 
-def train_world_model(config: dict) -> None:
-    """One world-model trial: ``config`` holds variant, profile, model, seed and overrides."""
-    _run(WORLD_MODEL, config)
-
-
-TRAINABLES: dict[str, Callable[[dict], None]] = {
-    STAGE1.name: train_stage1, STAGE2.name: train_stage2, MATRIX.name: train_matrix, WORLD_MODEL.name: train_world_model,
-}
+def trainable_of(kind: RunKind) -> Callable[[dict], None]:
+    return TRAINABLES[kind.name]

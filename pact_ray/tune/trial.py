@@ -16,11 +16,11 @@ from typing import Any, Mapping
 import torch
 from ray import tune
 
-from pact_ray.errors import first_line
+from pact_ray.errors import SweepInterrupted, first_line
+from pact_ray.kinds import RunKind, resolve_kind
 from pact_ray.metrics import names as M
-from pact_ray.runs.kinds import RunKind, resolve_kind
 from pact_ray.training.checkpoints import read_checkpoint, write_checkpoint
-from pact_ray.tune.interrupt import SweepInterrupted, TrialStop
+from pact_ray.tune.interrupt import TrialStop
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def _candidates(checkpoint: tune.Checkpoint) -> list[tune.Checkpoint]:
     return out
 
 
-def restore(trainer, checkpoint: tune.Checkpoint | None, kind: str) -> str | None:
+def restore(trainer, checkpoint: tune.Checkpoint | None, kind: str, articulation: bool = False) -> str | None:
     """Load the newest readable checkpoint into ``trainer`` (nothing when there is none).
     Returns a one-line note when an unreadable checkpoint was skipped for an older one."""
     if checkpoint is None:
@@ -50,7 +50,7 @@ def restore(trainer, checkpoint: tune.Checkpoint | None, kind: str) -> str | Non
     for cand in _candidates(checkpoint):
         try:
             with cand.as_directory() as d:
-                state = read_checkpoint(Path(d), kind)
+                state = read_checkpoint(Path(d), kind, articulation)
             trainer.load_state_dict(state)
             if errors:
                 note = f"fell back to checkpoint {os.path.basename(cand.path.rstrip('/'))} (step {trainer.step}) after: {'; '.join(errors)}"
@@ -88,7 +88,7 @@ def run_trial(kind: RunKind | str, trial_config: Mapping[str, Any]) -> None:
     kind, trial_config = resolve_kind(kind, trial_config)
     cfg = kind.config(trial_config)
     trainer = kind.trainer(cfg, device=assigned_device())
-    note = restore(trainer, tune.get_checkpoint(), kind.name)
+    note = restore(trainer, tune.get_checkpoint(), kind.name, articulation=cfg.predicts_articulation)
     every = cfg.checkpoint_every
     while trainer.step < cfg.steps:
         metrics = trainer.train_step()

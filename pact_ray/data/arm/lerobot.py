@@ -1,6 +1,7 @@
 """LeRobot-style recorded episodes: the on-disk format, a writer and a validating reader.
 
-A dataset folder (the layout of LeRobot v2 before videos are encoded)::
+A dataset folder (LeRobot v2.x; frames as images, as arrays, or as the videos LeRobot
+publishes)::
 
     DATASET/
       meta/info.json       fps, robot_type, features (names of the state and action entries, the
@@ -14,10 +15,15 @@ A dataset folder (the layout of LeRobot v2 before videos are encoded)::
                            the frames, one file per frame (.png or .npy, [H, W, 3] uint8) ...
       images/<camera>/episode_000000.npy | .npz
                            ... or one array per episode ([T, H, W, 3] uint8; .npz key "frames")
+      videos/chunk-000/<camera>/episode_000000.mp4
+                           ... or one video per episode (info.json's ``video_path``, this
+                           default when it has none; any codec FFmpeg decodes, e.g. LeRobot's
+                           AV1 or H.264), decoded with PyAV; its frame count must equal the
+                           episode's rows in the parquet table
 
 Every parquet file under ``data/`` is read, so a single ``data/*.parquet`` table of all
 episodes works too. Without ``meta/info.json`` the camera is the only folder under
-``images/``. Frames encoded as videos (``videos/``) must be decoded to images first.
+``images/`` (else under ``videos/chunk-*/``).
 
 The reader checks everything a recording can get wrong (missing columns, ragged vectors,
 frame-index gaps, missing or mis-shaped frames) and raises :class:`DataError` with one
@@ -44,8 +50,9 @@ DEFAULT_CAMERA = IMAGE_PREFIX + "top"
 INFO_FILE = "meta/info.json"
 DATA_PATH = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
 IMAGE_PATH = "images/{image_key}/episode_{episode_index:06d}/frame_{frame_index:06d}.png"
+VIDEO_PATH = "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"  # LeRobot v2's
 CHUNK_SIZE = 1000  # episodes per data chunk folder (LeRobot's default)
-FRAME_FORMATS = ("png", "npy", "npz")  # how write_lerobot stores frames
+FRAME_FORMATS = ("png", "npy", "npz", "mp4")  # how write_lerobot stores frames (mp4: lossless H.264 RGB)
 
 
 @dataclass
@@ -78,6 +85,8 @@ class LeRobotInfo:
     fps: float | None
     joint_names: tuple[str, ...]  # names of the observation.state entries ("" if unnamed)
     robot_type: str
+    video_path: str | None = None  # the camera's video files (a VIDEO_PATH-like template), None: images/
+    chunks_size: int = CHUNK_SIZE  # episodes per chunk folder
 
 
 # --------------------------------------------------------------------- writing
@@ -106,6 +115,7 @@ def write_lerobot(
     dims = len(joint_names)
     frame_shape = list(episodes[0].frames.shape[1:]) if episodes else [0, 0, 3]
     cam_dir = root / "images" / camera
+    video = frame_format == "mp4"
     start = 0
     for ep in episodes:
         n = len(ep)
@@ -122,7 +132,10 @@ def write_lerobot(
         path = root / DATA_PATH.format(episode_chunk=ep.index // CHUNK_SIZE, episode_index=ep.index)
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, path)
-        if frame_format == "png":
+        if video:
+            path = root / VIDEO_PATH.format(episode_chunk=ep.index // CHUNK_SIZE, video_key=camera, episode_index=ep.index)
+            _write_video(path, ep.frames, fps)
+        elif frame_format == "png":
             for f, frame in zip(ep.frame_index, ep.frames):
                 path = root / IMAGE_PATH.format(image_key=camera, episode_index=ep.index, frame_index=int(f))
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,9 +152,10 @@ def write_lerobot(
         "codebase_version": "v2.1", "robot_type": robot_type, "fps": fps,
         "total_episodes": len(episodes), "total_frames": start, "chunks_size": CHUNK_SIZE,
         "data_path": DATA_PATH, "image_path": IMAGE_PATH if frame_format == "png" else None,
+        "video_path": VIDEO_PATH if video else None,
         "features": {
             STATE: vector, ACTION: vector,
-            camera: {"dtype": "image", "shape": frame_shape, "names": ["height", "width", "channels"]},
+            camera: {"dtype": "video" if video else "image", "shape": frame_shape, "names": ["height", "width", "channels"]},
             TIMESTAMP: {"dtype": "float32", "shape": [1], "names": None},
             FRAME_INDEX: {"dtype": "int64", "shape": [1], "names": None},
             EPISODE_INDEX: {"dtype": "int64", "shape": [1], "names": None},
@@ -152,6 +166,23 @@ def write_lerobot(
     lines = [json.dumps({"episode_index": ep.index, "length": len(ep), "tasks": [task] if task else []}) for ep in episodes]
     (root / "meta" / "episodes.jsonl").write_text("\n".join(lines) + "\n")
     return root
+
+
+def _write_video(path: Path, frames: np.ndarray, fps: float) -> None:
+    """[T, H, W, 3] uint8 frames as a lossless H.264 RGB video (libx264rgb, crf 0): decoding
+    gives the frames back exactly."""
+    from fractions import Fraction
+
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264rgb", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "rgb24"
+        stream.options = {"crf": "0", "preset": "ultrafast"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
 
 
 # --------------------------------------------------------------------- reading
@@ -173,13 +204,18 @@ def read_info(folder: str | os.PathLike, camera: str | None = None) -> LeRobotIn
         cameras = [k for k, v in features.items() if k.startswith(IMAGE_PREFIX) and isinstance(v, dict) and v.get("dtype") in ("image", "video")]
         if not cameras and (root / "images").is_dir():
             cameras = sorted(p.name for p in (root / "images").iterdir() if p.is_dir())
+        if not cameras and (root / "videos").is_dir():
+            cameras = sorted({p.name for p in (root / "videos").glob("chunk-*/*") if p.is_dir()})
         if not cameras:
-            video = " (its frames are videos: decode them to images/ first)" if (root / "videos").is_dir() else ""
-            raise DataError(f"dataset {root} has no camera frames under images/{video}")
+            raise DataError(f"dataset {root} has no camera frames under images/ or videos/")
         camera = cameras[0]
     names = features.get(STATE, {}).get("names") if isinstance(features.get(STATE), dict) else None
+    feature = features.get(camera) if isinstance(features.get(camera), dict) else {}
+    video = feature.get("dtype") == "video" or (not (root / "images" / camera).is_dir() and (root / "videos").is_dir())
     return LeRobotInfo(folder=root, camera=camera, fps=info.get("fps"), joint_names=tuple(names or ()),
-                       robot_type=str(info.get("robot_type", "")))
+                       robot_type=str(info.get("robot_type", "")),
+                       video_path=(info.get("video_path") or VIDEO_PATH) if video else None,
+                       chunks_size=int(info.get("chunks_size") or CHUNK_SIZE))
 
 
 def _read_table(root: Path) -> dict[str, np.ndarray]:
@@ -276,6 +312,23 @@ def _read_frames(root: Path, camera: str, episode: int, frame_index: np.ndarray)
     return np.stack(frames)
 
 
+def _read_video(path: Path, episode: int, count: int) -> np.ndarray:
+    """[T, H, W, 3] uint8 frames of one episode's video, decoded with PyAV; T must be the
+    episode's row count in the parquet table."""
+    import av
+
+    if not path.is_file():
+        raise DataError(f"video {path} of episode {episode} is missing")
+    try:
+        with av.open(str(path)) as container:
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    except (av.error.FFmpegError, OSError, IndexError, ValueError) as e:
+        raise DataError(f"{path} is not a readable video ({first_line(e)})") from None
+    if len(frames) != count:
+        raise DataError(f"{path} holds {len(frames)} frames but the table has {count} for episode {episode}")
+    return np.stack(frames)
+
+
 def _resize(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """[T, H, W, 3] uint8 -> [T, h, w, 3] uint8 (anti-aliased; unchanged when already that size)."""
     if frames.shape[1:3] == tuple(size):
@@ -297,7 +350,7 @@ def read_lerobot(folder: str | os.PathLike, camera: str | None = None,
     """
     info = read_info(folder, camera)
     root = info.folder
-    if not (root / "images" / info.camera).is_dir():
+    if info.video_path is None and not (root / "images" / info.camera).is_dir():
         raise DataError(f"dataset {root} has no folder images/{info.camera} for camera {info.camera!r}")
     table = _read_table(root)
     episodes = []
@@ -307,7 +360,11 @@ def read_lerobot(folder: str | os.PathLike, camera: str | None = None,
         frame_index = table[FRAME_INDEX][rows]
         if not np.array_equal(frame_index, np.arange(len(rows))):
             raise DataError(f"dataset {root}: episode {int(e)} has frame_index {_show_gap(frame_index)}, expected 0..{len(rows) - 1} without gaps")
-        frames = _read_frames(root, info.camera, int(e), frame_index)
+        if info.video_path is not None:
+            path = root / info.video_path.format(episode_chunk=int(e) // info.chunks_size, video_key=info.camera, episode_index=int(e))
+            frames = _read_video(path, int(e), len(rows))
+        else:
+            frames = _read_frames(root, info.camera, int(e), frame_index)
         episodes.append(Episode(
             index=int(e), frame_index=frame_index,
             timestamp=table[TIMESTAMP][rows] if TIMESTAMP in table else None,

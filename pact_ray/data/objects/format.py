@@ -1,4 +1,4 @@
-"""On-disk format of an articulated-object dataset (format_version 1).
+"""On-disk format of an articulated-object dataset (format_version 2).
 
 A dataset is a folder::
 
@@ -10,7 +10,7 @@ A dataset is a folder::
 
 `dataset.json` describes every sample of the folder:
 
-    format_version   1
+    format_version   2 (1: the project's first articulation encoding, refused)
     name             free-form dataset name
     resolution       R: structure latents are [K, latent_channels, R, R, R]
     latent_channels  channels of the structure latents (optional, default 8 as in TRELLIS/PAct)
@@ -32,7 +32,8 @@ object with K parts (1 <= K <= max_parts), part 0 being the base/body:
     image         uint8    [H, W, 3]             RGB render or photo of the object
     mask          uint8    [H, W]                0 background, k + 1 where part k is visible
     latents       float32  [K, latent_channels, R, R, R]   per-part structure latents
-    articulation  float32  [K, 24]               articulation vectors (articulation.py)
+    articulation  float32  [K, 24]               articulation vectors (articulation.py:
+                                                 PAct's encoding, articulation.ENCODING)
     cond          float16 or float32 [L, C]      image tokens, L = prefix_tokens + h * w:
                                                  prefix tokens first, then patch tokens
                                                  row by row
@@ -44,6 +45,17 @@ to the row's `joint_types` and `part_labels` entries. A part may be invisible (n
 `mask` is k + 1), e.g. a handle hidden behind its door. Readers ignore other keys. The
 [h, w] masks the model takes are derived, not stored: `grid_mask` gives each patch its
 majority pixel label (ties: the smallest label).
+
+Optional provenance keys (written when given, checked when present, returned by
+`load_sample`; the converter of PAct's layout, pact.py, writes all three):
+
+    source        str (NumPy unicode scalar)     the object the sample comes from
+    view          integer  scalar                its conditioning view
+    split         str (NumPy unicode scalar)     "train" or "test": PAct's view split
+
+Version 2 changed the articulation vector to PAct's encoding (articulation.py); a version 1
+dataset.json is refused with one sentence, since its vectors would be misread (range pair
+tiled, first axis component made positive, zero origin for fixed parts).
 
 Voxels (Stage2). A dataset whose dataset.json names `voxel_resolution` G and
 `voxel_channels` C2 stores, in every sample, the occupied voxels of the whole object and
@@ -63,7 +75,7 @@ Stage2 (whole object first), with no per-row padding on disk. Real users encode 
 objects with the TRELLIS SLat encoder; the synthetic generator stores the surface voxels
 of each part with the stand-in features of `synthetic.StandInVoxelEncoder`. Datasets
 without voxels (Stage1 only) leave both dataset.json keys out, and their samples carry no
-voxel keys: they are byte for byte what they were, so the voxels extend format_version 1.
+voxel keys.
 The loader derives PAct's training rows from these arrays (`loader.pact_latents`: the
 ownership channel that makes the model's 9th latent channel, and each part's context
 voxels); nothing of that is stored.
@@ -94,7 +106,13 @@ import torch
 from pact_ray.data.objects.articulation import ARTICULATION_DIM, JOINT_TYPES, LABELS, decode_articulation
 from pact_ray.errors import DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# What version 1 meant: the reason it is refused.
+_OLD_VERSIONS = {
+    1: "stores articulation vectors in the project's first encoding (range pair tiled, first axis component "
+       "made positive, zero origin for fixed parts), not PAct's; regenerate it (pact-object-data) or convert "
+       "it again (pact-object-data from-pact)",
+}
 DATASET_FILE = "dataset.json"
 SAMPLES_DIR = "samples"
 
@@ -109,6 +127,8 @@ SAMPLE_DTYPES: dict[str, tuple[np.dtype, ...]] = {
     "joint_types": (np.dtype(np.int64),),
 }
 _FLOAT_KEYS = ("latents", "articulation", "cond")
+# Optional provenance keys (any or none of them).
+SOURCE_KEYS = ("source", "view", "split")
 # The Stage2 voxel keys: present in every sample of a dataset with voxels, in no other.
 VOXEL_DTYPES: dict[str, tuple[np.dtype, ...]] = {
     "voxel_coords": (np.dtype(np.int16),),
@@ -139,6 +159,8 @@ class DatasetSpec:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        if self.format_version in _OLD_VERSIONS:
+            raise ValueError(f"format_version {self.format_version} {_OLD_VERSIONS[self.format_version]}.")
         if self.format_version != FORMAT_VERSION:
             raise ValueError(
                 f"format_version {self.format_version} is not supported (this reader handles {FORMAT_VERSION})."
@@ -284,12 +306,14 @@ def write_sample(folder: str | os.PathLike, index: int, sample: Mapping[str, np.
     """Write one sample to `folder/samples/sample_{index:06d}.npz` atomically; returns its path.
 
     `sample` must hold exactly the keys of SAMPLE_DTYPES, plus both keys of VOXEL_DTYPES
-    or neither (see the module docstring); the arrays are written as given, in a fixed
-    order and with fixed zip timestamps, so equal arrays give byte-identical files.
+    or neither, plus any of SOURCE_KEYS (see the module docstring); the arrays are written
+    as given, in a fixed order and with fixed zip timestamps, so equal arrays give
+    byte-identical files.
     Contents are checked on reading (`load_sample`).
     """
-    keys = {**SAMPLE_DTYPES, **VOXEL_DTYPES} if any(k in sample for k in VOXEL_DTYPES) else SAMPLE_DTYPES
+    keys = list({**SAMPLE_DTYPES, **VOXEL_DTYPES} if any(k in sample for k in VOXEL_DTYPES) else SAMPLE_DTYPES)
     missing = [k for k in keys if k not in sample]
+    keys += [k for k in SOURCE_KEYS if k in sample]
     unknown = sorted(set(sample) - set(keys))
     if missing or unknown:
         raise ValueError(f"sample {index} has missing keys {missing} and unknown keys {unknown}.")
@@ -301,7 +325,7 @@ def write_sample(folder: str | os.PathLike, index: int, sample: Mapping[str, np.
             for key in keys:
                 info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_DATE_TIME)
                 with archive.open(info, "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.ascontiguousarray(sample[key]), allow_pickle=False)
+                    np.lib.format.write_array(member, np.asarray(sample[key], order="C"), allow_pickle=False)
 
     _atomic_write(path, write)
     return path
@@ -329,7 +353,7 @@ def _shape_text(shape: tuple[int | str, ...]) -> str:
 
 def load_sample(path: str | os.PathLike, spec: DatasetSpec) -> dict[str, np.ndarray]:
     """Read and validate one sample file against `spec`; returns the arrays of SAMPLE_DTYPES
-    (and of VOXEL_DTYPES when the spec has voxels).
+    (and of VOXEL_DTYPES when the spec has voxels, and the SOURCE_KEYS the file holds).
 
     Every problem raises DataError with one sentence naming the file: unreadable or not an
     .npz, missing key, wrong dtype, shape inconsistent with spec or with the other arrays,
@@ -347,6 +371,14 @@ def load_sample(path: str | os.PathLike, spec: DatasetSpec) -> dict[str, np.ndar
             expected = " or ".join(str(d) for d in dtypes)
             raise DataError(f"{path}: {key} has dtype {arrays[key].dtype}, expected {expected}.")
     sample = {key: arrays[key] for key in dtypes_of}
+    for key in SOURCE_KEYS:
+        if key in arrays:
+            value = arrays[key]
+            kind = "i" if key == "view" else "U"
+            if value.shape != () or value.dtype.kind != kind:
+                expected = "an integer scalar" if key == "view" else "a string scalar"
+                raise DataError(f"{path}: {key} must be {expected}, got {value.dtype} of shape {_shape_text(value.shape)}.")
+            sample[key] = value
 
     labels = sample["part_labels"]
     if labels.ndim != 1:

@@ -12,9 +12,11 @@ unions of axis-aligned boxes, one entry per part:
 Part 0 is the body (label base, fixed joint, optionally with a top slab); each door or
 drawer is followed by its handles or knobs (at most two each). K, the part count, is drawn
 uniformly from [min_parts, max_parts]. Axis origins are the point of the joint axis
-closest to the cube centre. With probability `occlusion_prob` a handle or knob sits behind
-its panel, inside the body: it has voxels but no pixel. Tiny knobs can also miss every
-pixel centre of a small image, so empty part masks occur even without it.
+closest to the cube centre. The articulation vectors take PAct's encoding (articulation.py:
+the pivot slots of fixed parts and drawers hold their bounding-box centre). With
+probability `occlusion_prob` a handle or knob sits behind its panel, inside the body: it has
+voxels but no pixel. Tiny knobs can also miss every pixel centre of a small image, so empty
+part masks occur even without it.
 
 A sample is an orthographic render (camera in front, 20-40 degrees to the left or right
 and 15-30 degrees above; rays cast against the boxes, faces shaded by orientation, one
@@ -32,6 +34,7 @@ StandInVoxelEncoder. They are computed from the same boxes and draw no random nu
 every other array of a sample is the same with or without voxels.
 
 CLI: python -m pact_ray.data.objects.synthetic --out DIR --num-samples N --seed S --preset tiny [--voxel-resolution G]
+(console script pact-object-data; its subcommand ``from-pact`` converts PAct's layout, pact.py).
 """
 
 import argparse
@@ -49,17 +52,17 @@ from pathlib import Path
 
 import numpy as np
 
+from pact_ray.common.presets import CONDITION_PRESETS, STAGE1_PRESETS
 from pact_ray.data.cache import OBJECTS_MARKER, cached, object_set_name
 from pact_ray.data.objects.articulation import JOINT_TYPES, LABEL_IDS, encode_articulation_batch
 from pact_ray.data.objects.encoder import StandInImageEncoder, StandInStructureEncoder
 from pact_ray.data.objects.format import DATASET_FILE, DatasetSpec, write_dataset_spec, write_sample
-from pact_ray.models.presets import CONDITION_PRESETS, STAGE1_PRESETS
 
 GENERATOR_NAME = "pact_ray.data.objects.synthetic"
 MIN_PARTS, MAX_PARTS = 2, 8
 BACKGROUND = (255, 255, 255)
 
-# Data sizes of each model preset (pact_ray.models.presets is the one source).
+# Data sizes of each model preset (pact_ray.common.presets is the one source).
 PRESETS: dict[str, dict[str, int | tuple[int, int]]] = {
     name: {"resolution": STAGE1_PRESETS[name]["resolution"], "image_size": CONDITION_PRESETS[name]["image_size"],
            "grid": CONDITION_PRESETS[name]["grid"], "cond_channels": STAGE1_PRESETS[name]["cond_channels"]}
@@ -86,7 +89,12 @@ class _Part:
     joint_type: int = JOINT_TYPES["fixed"]
     axis: tuple[float, float, float] = (0.0, 0.0, 0.0)
     origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    range_: tuple[float, float] = (0.0, 0.0)  # (revolute degrees, prismatic length)
+    limit: float = 0.0  # upper joint limit: degrees (revolute) or length (prismatic)
+
+    @property
+    def centre(self) -> np.ndarray:
+        """Centre of the part's axis-aligned bounding box (PAct's pivot of fixed and drawer parts)."""
+        return (self.boxes[:, 0].min(0) + self.boxes[:, 1].max(0)) / 2
 
 
 def _boxes(*corners: tuple[Sequence[float], Sequence[float]]) -> np.ndarray:
@@ -150,7 +158,7 @@ def _door(
         JOINT_TYPES["revolute"],
         axis,
         _closest_to_centre((hinge_x, 0.0, front), axis),
-        (float(rng.uniform(90.0, 120.0)), 0.0),
+        float(rng.uniform(90.0, 120.0)),
     )
     free_x = px1 - 0.07 if hinge_left else px0 + 0.07
     height = py1 - py0
@@ -183,7 +191,7 @@ def _drawer(
         JOINT_TYPES["prismatic"],
         axis,
         _closest_to_centre(((px0 + px1) / 2, (py0 + py1) / 2, front), axis),
-        (0.0, float(rng.uniform(0.2, 0.5))),
+        float(rng.uniform(0.2, 0.5)),
     )
     y_mid = (py0 + py1) / 2
     centres = [(px0 + (px1 - px0) * (j + 1) / (fixtures + 1), y_mid) for j in range(fixtures)]
@@ -423,7 +431,8 @@ class SyntheticGenerator:
                 [p.joint_type for p in parts],
                 [p.axis for p in parts],
                 [p.origin for p in parts],
-                [p.range_ for p in parts],
+                [p.centre for p in parts],
+                [p.limit for p in parts],
                 [p.label for p in parts],
             ),
             "cond": self.image_encoder(image).astype(np.float16),
@@ -517,7 +526,8 @@ def generate_dataset(
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pact_ray.data.objects.synthetic",
-        description="Write a deterministic synthetic articulated-object dataset.",
+        description="Write a deterministic synthetic articulated-object dataset "
+                    "(or: pact-object-data from-pact SRC --out DST to convert PAct's training layout).",
     )
     parser.add_argument("--out", required=True, help="dataset folder to create")
     parser.add_argument("--num-samples", type=int, default=64)
@@ -554,7 +564,16 @@ def ensure_synthetic(num_samples: int, seed: int, *, resolution: int, image_size
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; user errors end in one line on stderr and exit status 1."""
+    """CLI entry point; user errors end in one line on stderr and exit status 1.
+
+    ``pact-object-data from-pact SRC --out DST [--split FILE]`` converts PAct's training
+    layout instead (:func:`pact_ray.data.objects.pact.main`; bad input: exit status 2).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["from-pact"]:
+        from pact_ray.data.objects.pact import main as from_pact
+
+        return from_pact(argv[1:])
     args = _parser().parse_args(argv)
     sizes = dict(PRESETS[args.preset])
     for key in ("resolution", "image_size", "grid", "cond_channels"):

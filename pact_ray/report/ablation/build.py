@@ -64,7 +64,7 @@ def render_report(data: SummaryData, source: str = "", optuna: str | None = None
         counts={COUNT_LABELS[k]: n for k, n in counts.items()}, status=status, entries=entries, tuned=tuned,
         figures=[PlotLink(f"{s.name}.png", s.caption) for s in plots], rows=data.rows,
         files=[CSV_NAME, JSON_NAME, ROUTE_JSON, REPORT_JSON], source=source, generated=time.strftime("%Y-%m-%d %H:%M:%S"),
-        optuna=optuna,
+        optuna=optuna, images={name: content for name, content in files.items() if name.endswith(".png") and isinstance(content, bytes)},
     )
     return files
 

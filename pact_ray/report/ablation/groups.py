@@ -1,4 +1,4 @@
-"""How the report groups and names runs, from the run-kind registry (``pact_ray.runs.kinds``).
+"""How the report groups and names runs, from the run-kind registry (``pact_ray.kinds``).
 
 Runs compare within a *setting*: the same kind, profile and model preset. Within a
 setting, the runs of one variant are seeds of one configuration, unless some config
@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterable, Mapping, TypeVar
 
+from pact_ray.kinds import RUN_KINDS
 from pact_ray.metrics import names as M
 from pact_ray.report.summary import FINISHED, SummaryData, profile_label
-from pact_ray.runs.kinds import RUN_KINDS
 
 BASELINE = "baseline"  # the reference variant of every kind
 STAGE1, STAGE2 = "stage1", "stage2"  # the kinds with plots of their own (summary.md)

@@ -5,9 +5,10 @@ opens from disk or from any static file server.
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from html import escape
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from pact_ray.report.ablation.groups import setting_label
 from pact_ray.report.ablation.route import DIAGNOSTICS, RouteEntry
@@ -68,6 +69,15 @@ class PlotLink:
 
     file: str
     caption: str
+
+
+def image_src(file: str, images: Mapping[str, bytes]) -> str:
+    """What an ``<img>`` loads: the PNG inlined as a data: URI where its bytes are given, so
+    that the page shows its plots wherever it is opened, MLflow's artifact viewer included
+    (it shows a page from a blob: URL in a sandboxed frame, where a relative ``src`` resolves
+    to nothing); the file beside the page otherwise."""
+    data = images.get(file)
+    return f"data:image/png;base64,{base64.b64encode(data).decode('ascii')}" if data else file
 
 
 def fmt(value: Any) -> str:
@@ -160,7 +170,7 @@ def route_section(entries: Sequence[RouteEntry]) -> str:
             f"{_table(headers, (_route_row(e) for e in entries))}</section>")
 
 
-def tuning_section(tuned: Sequence[TunedVariant], optuna: str | None = None) -> str:
+def tuning_section(tuned: Sequence[TunedVariant], optuna: str | None = None, images: Mapping[str, bytes] | None = None) -> str:
     if not tuned and not optuna:
         return ""
     parts = ['<section id="param-importance"><h2>Parameter importance</h2><p class="hint">Variants whose runs vary config '
@@ -175,13 +185,13 @@ def tuning_section(tuned: Sequence[TunedVariant], optuna: str | None = None) -> 
         body = _table(["Knob", "Importance", ""], rows) if t.importances else f"<p>{escape(t.note)}</p>"
         png = escape(t.png)
         parts.append(f"<h3>{escape(t.title)} ({len(t.trials)} finished runs)</h3>{body}"
-                     f'<figure><a href="{png}"><img src="{png}" alt="parallel coordinates of {escape(t.title)}"></a>'
+                     f'<figure><a href="{png}"><img src="{escape(image_src(t.png, images or {}))}" alt="parallel coordinates of {escape(t.title)}"></a>'
                      f'<figcaption><a href="{png}">{png}</a>: knobs against the final {escape(t.metric)}</figcaption></figure>')
     return "".join(parts) + "</section>"
 
 
-def plots_section(figures: Sequence[PlotLink]) -> str:
-    items = "".join(f'<figure><a href="{escape(f.file)}"><img src="{escape(f.file)}" alt="{escape(f.caption)}"></a>'
+def plots_section(figures: Sequence[PlotLink], images: Mapping[str, bytes] | None = None) -> str:
+    items = "".join(f'<figure><a href="{escape(f.file)}"><img src="{escape(image_src(f.file, images or {}))}" alt="{escape(f.caption)}"></a>'
                     f'<figcaption><a href="{escape(f.file)}">{escape(f.file)}</a>: {escape(f.caption)}</figcaption></figure>' for f in figures)
     return f'<section id="plots"><h2>Plots</h2><div class="plots">{items}</div></section>'
 
@@ -207,12 +217,12 @@ def files_section(files: Sequence[str]) -> str:
 
 def render_page(*, counts: dict[str, int], status: dict[str, int], entries: Sequence[RouteEntry], tuned: Sequence[TunedVariant],
                 figures: Sequence[PlotLink], rows: Sequence[dict[str, Any]], files: Sequence[str], source: str, generated: str,
-                optuna: str | None = None) -> str:
-    """The whole page."""
+                optuna: str | None = None, images: Mapping[str, bytes] | None = None) -> str:
+    """The whole page; ``images``: the plots' PNG bytes by file name, inlined (:func:`image_src`)."""
     meta = f"Source: {escape(source)} · generated {escape(generated)}" if source else f"Generated {escape(generated)}"
     body = "".join([
         f'<header><h1>{escape(TITLE)}</h1><p class="purpose">{escape(PURPOSE)}</p><p class="meta">{meta}</p></header>',
-        counts_section(counts, status), route_section(entries), tuning_section(tuned, optuna), plots_section(figures),
+        counts_section(counts, status), route_section(entries), tuning_section(tuned, optuna, images), plots_section(figures, images),
         table_section(rows), files_section(files),
     ])
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, '

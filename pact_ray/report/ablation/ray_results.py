@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pact_ray.errors import ConfigError, error_line
+from pact_ray.fileio import SWEEP_MANIFEST as MANIFEST
+from pact_ray.kinds import RUN_KINDS, resolve_kind
 from pact_ray.metrics import names as M
 from pact_ray.report.summary import (
     DEFAULT_KIND,
@@ -36,8 +38,6 @@ from pact_ray.report.summary import (
     verdict_metrics,
 )
 from pact_ray.runs.config import RunConfig
-from pact_ray.runs.kinds import RUN_KINDS, resolve_kind
-from pact_ray.tune.manifest import MANIFEST
 
 log = logging.getLogger(__name__)
 

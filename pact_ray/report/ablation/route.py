@@ -33,16 +33,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from pact_ray.kinds import RUN_KINDS
 from pact_ray.metrics import names as M
-from pact_ray.verdicts import (
-    BEYOND,
-    MIN_VERDICT_STEPS,
-    NOT_FOR_CONCLUSIONS,
-    WITHIN,
-    Decision,
-    Design,
-    decide_family,
-)
 from pact_ray.report.ablation.groups import (
     BASELINE,
     Row,
@@ -58,7 +50,15 @@ from pact_ray.report.ablation.groups import (
 )
 from pact_ray.report.ablation.stats import BETTER, Difference, Estimate, difference, estimate, mean_interval, verdict
 from pact_ray.report.summary import SummaryData, kind_title, variant_label
-from pact_ray.runs.kinds import RUN_KINDS
+from pact_ray.verdicts import (
+    BEYOND,
+    MIN_VERDICT_STEPS,
+    NOT_FOR_CONCLUSIONS,
+    WITHIN,
+    Decision,
+    Design,
+    decide_family,
+)
 
 DIAGNOSTICS = (M.GATE, M.EDGE_DELTA, M.VIRTUAL_MASS, M.ART_L2)
 NO_BASELINE = "no baseline"
