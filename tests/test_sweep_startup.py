@@ -205,7 +205,7 @@ _UNTIL_RAY = """
 import runpy, sys
 import pact_ray.tune.launch as launch
 
-def connect_ray(address, verbose=False, preload=None):
+def connect_ray(address, verbose=False):
     print("TORCH_BEFORE_RAY", "torch" in sys.modules)
     raise SystemExit(0)
 
