@@ -44,7 +44,7 @@ run: install
 # a kernel set on a host with AVX512-BF16 makes torch's bf16 CPU attention fail inside torch
 # ("pack_vnni2 is only supported when avx512 is supported"), which no real CPU does.
 NUMERICAL_TESTS := tests/test_stage1_model.py tests/test_stage2.py tests/test_sparse_conv.py tests/test_sinkhorn.py \
-                   tests/test_router.py tests/test_edges.py tests/test_world_model.py
+                   tests/test_router.py tests/test_edges.py tests/test_world_model.py tests/test_dinov2.py
 OTHER_KERNELS = $(shell $(PY) -c "import torch; print('default' if torch.backends.cpu.get_cpu_capability() in ('AVX2', 'DEFAULT') else 'avx2')")
 
 # The golden tests' rounding bounds (a float64 computation, the same under both kernel sets)

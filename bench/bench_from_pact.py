@@ -13,9 +13,15 @@ also the pool's wall time for the same folder, so that N x wall / objects shows 
 the pool comes to N cores. 1,000 objects take about 1,000 x (seconds per object per core)
 / cores.
 
+With ``--image-encoder dinov2`` the condition tokens come from PAct's DINOv2 ViT-L/14 with
+registers, with random weights written to a temporary file (1.2 GB; only the arithmetic
+matters): one process using every core (torch's threads), so its figure is seconds per
+object on this machine, and per view.
+
 Usage::
 
     python bench/bench_from_pact.py --out bench/results/from_pact_cpu.json [--objects 4 --views 20 --workers 2]
+    python bench/bench_from_pact.py --image-encoder dinov2 --objects 1 --views 2 --out bench/results/from_pact_dinov2_cpu.json
 """
 
 from __future__ import annotations
@@ -84,8 +90,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--voxels", type=int, default=4000, help="SLat voxels per part")
     parser.add_argument("--image-size", type=int, default=518)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes of the pool run")
+    parser.add_argument("--image-encoder", choices=("stand-in", "dinov2"), default="stand-in")
+    parser.add_argument("--encoder-device", help="for dinov2 (default: cuda if available, else cpu)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
+        weights = None
+        if args.image_encoder == "dinov2":
+            import torch
+
+            from pact_ray.data.objects.dinov2 import PACT_ARCH
+
+            g = torch.Generator().manual_seed(0)
+            weights = Path(tmp) / "dinov2_random.pth"
+            torch.save({k: torch.randn(shape, generator=g) * 0.02 for k, shape in PACT_ARCH.shapes().items()}, weights)
+            args.workers = 1  # one process, torch's threads on every core
         root = Path(tmp) / "data" / "Bench"
         rng = np.random.default_rng(0)
         for i in range(args.objects):
@@ -97,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         for workers in sorted({1, args.workers}):
             out = Path(tmp) / f"out{workers}"
             start = time.perf_counter()
-            pact.convert(root, out, workers=workers, log=lambda line: None)
+            pact.convert(root, out, workers=workers, log=lambda line: None, image_encoder=args.image_encoder,
+                         encoder_weights=weights and str(weights), encoder_device=args.encoder_device)
             timings[workers] = time.perf_counter() - start
             out_mb = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20
             shutil.rmtree(out)
@@ -107,10 +126,16 @@ def main(argv: list[str] | None = None) -> int:
         "objects": args.objects, "parts": args.parts, "views": args.views, "voxels_per_part": args.voxels,
         "image_size": args.image_size, "source_mb_per_object": source_mb / args.objects,
         "output_mb_per_object": out_mb / args.objects,
-        "seconds_per_object_per_core": per_object_core,
+        "image_encoder": args.image_encoder,
+        "seconds_per_object_per_core": per_object_core if args.image_encoder == "stand-in" else None,
+        "seconds_per_object_all_cores": per_object_core if args.image_encoder == "dinov2" else None,
+        "seconds_per_view": timings[1] / (args.objects * args.views),
+        # PAct renders 20 views per object: the encoder's share scales with them.
+        "hours_for_1000_objects_of_20_views": 1000 * 20 * timings[1] / (args.objects * args.views) / 3600,
         "pool": {"workers": args.workers, "wall_s": timings[args.workers],
                  "cores_used": timings[1] / timings[args.workers] if args.workers > 1 else 1.0},
-        "hours_for_1000_objects_on_one_core": 1000 * per_object_core / 3600,
+        ("hours_for_1000_objects_on_one_core" if args.image_encoder == "stand-in"
+         else "hours_for_1000_objects_on_this_machine"): 1000 * per_object_core / 3600,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -215,6 +215,7 @@ def test_resume_skips_finished_objects(tmp_path, converted):
     assert lines[0] == "resuming: 1 of 2 objects already converted" and lines[1].startswith("[2/2] StorageFurniture/40002")
     dataset = ArticulatedDataset(out)
     assert [str(s["source"]) for s in dataset] == ["StorageFurniture/40001"] * 3 + ["StorageFurniture/40002"] * 3
+    assert dataset.groups.tolist() == [0, 0, 0, 1, 1, 1]  # the trainers' held-out split keeps objects whole
     assert not out.with_name(".out.partial").exists()
     # The first object's samples are those of a one-object conversion, byte for byte.
     mine, reference = files_of(out / "samples"), files_of(converted / "samples")
@@ -253,7 +254,8 @@ def test_sweeps_run_on_the_converted_fixture(tmp_path, ray_address, capsys):
     from pact_ray.tune.sweep import run_sweep
 
     data = tmp_path / "pact-tiny"
-    pact.convert(ROOT, data, preset="tiny", workers=1, log=lambda line: None)
+    # Two objects: the trainers hold out whole objects (a view's object is never trained on).
+    pact.convert(_two_objects(tmp_path), data, preset="tiny", workers=1, log=lambda line: None)
     for kind, variants in (("stage1", "baseline"), ("stage2", "spatial_adapter"), ("matrix", "stage1_ot_first,stage2_baseline")):
         rc = run_sweep(kind, ["--model", "tiny", "--profile", "smoke", "--name", kind, "--storage-path", str(tmp_path / "runs"),
                               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--quiet", "--variants", variants,
@@ -283,3 +285,22 @@ def test_a_node_without_aabb_is_dropped_as_pact_drops_it(tmp_path):
     pact_cells = OBJ["views"]["00"]["masks_unsorted"].numpy()
     expected = np.select([pact_cells == 1, pact_cells == 3], [1, 2], 0)  # base -> 1, drawer -> 2, door -> background
     assert np.array_equal(sample["grid_mask"], expected)
+
+
+def test_the_trainers_hold_out_whole_objects(tmp_path):
+    """On converted data the held-out split is by object: no view of a validation object is
+    trained on (views of one object are near-duplicates; scoring them would flatter a model)."""
+    import dataclasses
+
+    from pact_ray.runs.stage1 import Stage1RunConfig
+    from pact_ray.training.stage1 import Stage1Trainer
+
+    root = _two_objects(tmp_path)
+    shutil.copytree(root / "40001", root / "40003")
+    data = tmp_path / "data"
+    pact.convert(root, data, preset="tiny", workers=1, log=lambda line: None)
+    cfg = dataclasses.replace(Stage1RunConfig.for_variant("baseline", "smoke", "tiny", seed=0), data=str(data),
+                              batch_size=2, val_fraction=0.3)
+    trainer = Stage1Trainer(cfg)
+    groups = trainer.dataset.groups
+    assert len(trainer.val_ids) == 3 and not set(groups[trainer.train_ids]) & set(groups[trainer.val_ids])

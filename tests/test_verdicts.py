@@ -4,6 +4,7 @@ steps, Holm's correction, validity gates, adaptive seeds, and the world-model su
 from __future__ import annotations
 
 import json
+import math
 import statistics
 
 import numpy as np
@@ -93,6 +94,33 @@ def test_best_is_printed_only_after_the_correction(tmp_path):
 
 
 # ---------------------------------------------------------------- validation
+
+@settings(max_examples=60, deadline=None)
+@given(labels=st.lists(st.integers(0, 9), min_size=4, max_size=40), fraction=st.sampled_from([0.1, 0.25, 0.5]),
+       seed=st.integers(0, 3))
+def test_a_grouped_split_keeps_every_object_on_one_side(labels, fraction, seed):
+    """Views of one object (a group) are all trained on or all held out; the groups held out
+    are ceil(G * fraction); the split is a partition and fixed by the seed."""
+    groups = np.array(labels)
+    try:
+        train, val = split_indices(len(groups), fraction, seed, groups=groups)
+    except ConfigError:
+        assert len(set(labels)) == 1 or math.ceil(len(set(labels)) * fraction) == len(set(labels))
+        return
+    assert sorted([*train, *val]) == list(range(len(groups))) and not set(train) & set(val)
+    assert not set(groups[train]) & set(groups[val])
+    assert len(set(groups[val])) == max(1, math.ceil(len(set(labels)) * fraction))
+    assert np.array_equal(split_indices(len(groups), fraction, seed, groups=groups)[1], val)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(2, 200), fraction=st.sampled_from([0.1, 0.25, 0.5]), seed=st.integers(0, 1000))
+def test_one_sample_per_object_is_the_per_sample_split(n, fraction, seed):
+    """Where every sample is its own object (synthetic data), grouping changes nothing."""
+    plain = split_indices(n, fraction, seed)
+    grouped = split_indices(n, fraction, seed, groups=np.arange(n))
+    assert all(np.array_equal(a, b) for a, b in zip(plain, grouped))
+
 
 def test_validation_is_held_out_and_uses_common_random_numbers():
     train, val = split_indices(32, 0.25, data_seed=0)

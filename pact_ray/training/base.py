@@ -86,7 +86,9 @@ class Trainer:
         cfg = self.cfg
         self.dataset = dataset
         # The held-out split: fixed by the data seed, never drawn for training.
-        self.train_ids, self.val_ids = split_indices(len(dataset), cfg.val_fraction, cfg.data_seed, min_train=cfg.batch_size)
+        # Views of one object (PAct's data) stay on one side of it: `groups` names each sample's object.
+        self.train_ids, self.val_ids = split_indices(len(dataset), cfg.val_fraction, cfg.data_seed,
+                                                     min_train=cfg.batch_size, groups=getattr(dataset, "groups", None))
         model = build_model(cfg)
         if cfg.init == "official":
             load_core_weights(model, cfg.init_checkpoint, model.core_state_dict_keys(), what=f"the {title} '{cfg.model}' preset")

@@ -27,16 +27,36 @@ from pact_ray.errors import ConfigError
 VALIDATION_STREAM = 0x5EED_0F_7A1  # separates validation draws from any training draw of the same data seed
 
 
-def split_indices(n: int, val_fraction: float, data_seed: int, min_train: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(n: int, val_fraction: float, data_seed: int, min_train: int = 1,
+                  groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(train ids, validation ids) of ``n`` samples: a permutation seeded by ``data_seed``,
     its first ``ceil(n * val_fraction)`` ids (at least 1) held out; both sorted. Raises
-    :class:`ConfigError` when fewer than ``min_train`` samples would be left to train on."""
-    n_val = max(1, math.ceil(n * val_fraction))
-    if n - n_val < min_train:
-        raise ConfigError(f"{n} samples hold out {n_val} for validation (val_fraction {val_fraction}), "
+    :class:`ConfigError` when fewer than ``min_train`` samples would be left to train on.
+
+    ``groups`` (one label per sample, e.g. the object a view of PAct's data shows) holds out
+    whole groups instead: the permutation is of the distinct labels, in sorted order, and its
+    first ``ceil(G * val_fraction)`` are held out, so no object is seen in training and scored
+    in validation. Where every sample is its own group in index order, the split is the
+    per-sample one."""
+    if groups is None:
+        labels, members = np.arange(n), None
+    else:
+        groups = np.asarray(groups)
+        if groups.shape != (n,):
+            raise ValueError(f"groups must give one label per sample ({n}), got shape {groups.shape}.")
+        labels, members = np.unique(groups, return_inverse=True)
+    g = len(labels)
+    g_val = max(1, math.ceil(g * val_fraction))
+    order = np.random.Generator(np.random.PCG64([VALIDATION_STREAM, data_seed])).permutation(g)
+    held = np.zeros(g, bool)
+    held[order[:g_val]] = True
+    val = np.flatnonzero(held if members is None else held[members])
+    what = "samples" if members is None else f"samples of {g} object{'' if g == 1 else 's'}"
+    if n - len(val) < min_train:
+        raise ConfigError(f"{n} {what} hold out {len(val)} for validation (val_fraction {val_fraction}), "
                           f"leaving fewer than the {min_train} a training batch needs")
-    order = np.random.Generator(np.random.PCG64([VALIDATION_STREAM, data_seed])).permutation(n)
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+    train = np.setdiff1d(np.arange(n), val)
+    return train, val
 
 
 def eval_sample_ids(n: int, limit: int) -> np.ndarray:

@@ -60,6 +60,20 @@ class ArticulatedDataset(Dataset):
     def __len__(self) -> int:
         return self.spec.num_samples
 
+    @property
+    def groups(self) -> np.ndarray | None:
+        """The object of each sample (int64 [num_samples]) where the dataset records it
+        (``generator["objects"]``: [source, number of samples] in sample order, as
+        ``pact-object-data from-pact`` writes it); None where every sample is its own object."""
+        objects = (self.spec.generator or {}).get("objects")
+        if not objects:
+            return None
+        counts = [int(count) for _, count in objects]
+        if sum(counts) != self.spec.num_samples:
+            raise DataError(f"{self.folder / DATASET_FILE}: generator.objects counts {sum(counts)} samples, "
+                            f"but num_samples is {self.spec.num_samples}.")
+        return np.repeat(np.arange(len(counts)), counts)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
             raise IndexError(f"sample index {index} out of range for {len(self)} samples.")

@@ -18,7 +18,8 @@ per conditioning view, and `convert` (the CLI `main`) a whole root, in a process
 - ``image``: PAct's conditioning image (alpha-box crop, black background, 518 px LANCZOS);
   ``mask``: PAct's 37 x 37 part mask, each cell widened to its 14 x 14 pixels so that
   format.grid_mask gives back exactly PAct's cells, relabelled from ``id + 1`` to the part's
-  position + 1; ``cond``: the image's tokens from the stand-in encoder (encoder.py);
+  position + 1; ``cond``: the image's tokens, from PAct's DINOv2 (dinov2.py, with
+  ``--image-encoder dinov2 --encoder-weights FILE``) or the stand-in encoder (encoder.py);
 - ``source`` (``<root name>/<object name>``, PAct's 2-part split tag), ``view`` and
   ``split`` ("train" for views 00-17, "test" for 18-19).
 """
@@ -431,32 +432,89 @@ def shrink(sample: dict[str, np.ndarray], resolution: int, voxel_resolution: int
     return out
 
 
-def _settings(src: Path, split_file: Path | None, preset: str) -> dict[str, Any]:
+def _settings(src: Path, split_file: Path | None, preset: str, encoder: dict[str, Any]) -> dict[str, Any]:
     """What a partial conversion was started with (a rerun with other settings starts over)."""
     return {"source": str(src.resolve()), "split": None if split_file is None else str(split_file.resolve()),
-            "preset": preset, "pact_commit": PACT_COMMIT}
+            "preset": preset, "pact_commit": PACT_COMMIT, "image_encoder": encoder}
 
 
-def _convert_one(job: tuple[Path, str, tuple[str, ...], Path, str]) -> tuple[str, int, int, float]:
+def check_encoder(kind: str, weights: str | None, preset: str) -> dict[str, Any]:
+    """Check the image encoder flags and weights file before anything is written; returns
+    what the dataset records of the encoder (the weights' sha256 among it)."""
+    if kind == "stand-in":
+        if weights is not None:
+            raise ValueError("--encoder-weights goes with --image-encoder dinov2; the stand-in encoder has no weights.")
+        return {"name": "stand-in", "module": "pact_ray.data.objects.encoder.StandInImageEncoder"}
+    if kind != "dinov2":
+        raise ValueError(f"--image-encoder must be stand-in or dinov2, got {kind!r}.")
+    if weights is None:
+        raise ValueError("--image-encoder dinov2 needs --encoder-weights FILE (nothing is downloaded: "
+                         "docs/pact_layout.md says where the official weights come from).")
+    from pact_ray.data.objects.dinov2 import arch_for, file_digest, read_weights
+
+    arch = arch_for(preset)
+    read_weights(weights, arch)
+    return {"name": "dinov2", "architecture": arch.name, "weights": str(Path(weights).resolve()),
+            "sha256": file_digest(weights)}
+
+
+@dataclass(frozen=True)
+class EncoderChoice:
+    """Which image encoder gives ``cond``: "stand-in" (encoder.py) or "dinov2" (dinov2.py,
+    from ``weights``, run on ``device`` with ``threads`` torch threads per worker)."""
+
+    kind: str = "stand-in"
+    weights: str | None = None
+    device: str = "cpu"
+    threads: int = 1
+
+
+_ENCODERS: dict[tuple[EncoderChoice, str], Any] = {}  # one per worker process: a ViT-L loads once
+
+
+def image_encoder(choice: EncoderChoice, preset: str):
+    """The encoder of `choice` for `preset`'s condition layout (cached in this process)."""
+    if (choice, preset) not in _ENCODERS:
+        from pact_ray.common.presets import CONDITION_PRESETS, STAGE1_PRESETS
+
+        if choice.kind == "dinov2":
+            import torch
+
+            from pact_ray.data.objects.dinov2 import Dinov2ImageEncoder, arch_for
+
+            torch.set_num_threads(choice.threads)
+            encoder = Dinov2ImageEncoder(choice.weights, arch_for(preset), device=choice.device)
+        else:
+            from pact_ray.data.objects.encoder import StandInImageEncoder
+
+            condition = CONDITION_PRESETS[preset]
+            encoder = StandInImageEncoder(STAGE1_PRESETS[preset]["cond_channels"], condition["grid"],
+                                          condition["prefix_tokens"],
+                                          patch=condition["image_size"][0] // condition["grid"][0])
+        _ENCODERS.clear()
+        _ENCODERS[(choice, preset)] = encoder
+    return _ENCODERS[(choice, preset)]
+
+
+def _convert_one(job: tuple[Path, str, tuple[str, ...], Path, str, EncoderChoice]) -> tuple[str, int, int, float]:
     """Convert one object into `work` (its samples, then done.json last); returns
     (source, samples, parts, seconds). Runs in a worker process."""
     import shutil
     import time
 
-    from pact_ray.data.objects.encoder import StandInImageEncoder
     from pact_ray.data.objects.format import write_sample
-    from pact_ray.common.presets import CONDITION_PRESETS, STAGE1_PRESETS
+    from pact_ray.common.presets import CONDITION_PRESETS
 
-    folder, source, splits, work, preset = job
+    folder, source, splits, work, preset, choice = job
     start = time.perf_counter()
     shutil.rmtree(work, ignore_errors=True)  # an unfinished earlier try
     parts, samples = object_samples(folder, source, splits)
-    condition, channels = CONDITION_PRESETS[preset], STAGE1_PRESETS[preset]["cond_channels"]
-    encoder = StandInImageEncoder(channels, condition["grid"], condition["prefix_tokens"],
-                                  patch=condition["image_size"][0] // condition["grid"][0])
+    condition = CONDITION_PRESETS[preset]
+    if preset != "pact":
+        samples = [shrink(sample, image_size=condition["image_size"], grid=condition["grid"], **SIZES[preset])
+                   for sample in samples]
+    encoder = image_encoder(choice, preset) if samples else None
     for j, sample in enumerate(samples):
-        if preset != "pact":
-            sample = shrink(sample, image_size=condition["image_size"], grid=condition["grid"], **SIZES[preset])
         sample["cond"] = encoder(sample["image"]).astype(np.float16)
         write_sample(work, j, sample)
     work.mkdir(parents=True, exist_ok=True)
@@ -466,16 +524,19 @@ def _convert_one(job: tuple[Path, str, tuple[str, ...], Path, str]) -> tuple[str
     return source, len(samples), len(parts), time.perf_counter() - start
 
 
-def _run(todo: list, workers: int, report) -> None:
-    """Convert the objects of `todo`, in this process (one worker) or a process pool; the
-    first failure cancels the objects not yet started and is raised."""
+def _run(todo: list, workers: int, report, spawn: bool = False) -> None:
+    """Convert the objects of `todo`, in this process (one worker) or a process pool (started
+    with spawn where the workers use a GPU: CUDA does not survive fork); the first failure
+    cancels the objects not yet started and is raised."""
+    import multiprocessing
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
     if workers == 1:
         for job in todo:
             report(_convert_one(job))
     else:
-        with ProcessPoolExecutor(workers) as pool:
+        context = multiprocessing.get_context("spawn") if spawn else None
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
             futures = [pool.submit(_convert_one, job) for job in todo]
             pending = set(futures)
             while pending:
@@ -489,7 +550,8 @@ def _run(todo: list, workers: int, report) -> None:
 
 
 def convert(src: str | Path, out: str | Path, *, split_file: str | Path | None = None, preset: str = "pact",
-            workers: int | None = None, log=None) -> Any:
+            workers: int | None = None, image_encoder: str = "stand-in", encoder_weights: str | None = None,
+            encoder_device: str | None = None, log=None) -> Any:
     """Convert the PAct dataset root `src` into a dataset folder `out` (format.py); returns its spec.
 
     Objects are converted one per worker process (`workers`, default: the machine's cores)
@@ -497,6 +559,11 @@ def convert(src: str | Path, out: str | Path, *, split_file: str | Path | None =
     rerun after an interruption or a fixed input skips the finished ones. Only a complete
     conversion is moved to `out`, which must not exist (or be empty). Bad input raises
     DataError naming the file; `out` is then left untouched.
+
+    ``cond`` comes from `image_encoder`: "stand-in" (default) or "dinov2" with
+    `encoder_weights` (checked before anything is written), run on `encoder_device`
+    (default: "cuda" where torch sees a GPU, else "cpu"). Each worker holds one copy of
+    the encoder (DINOv2 ViT-L: 1.2 GB in float32).
     """
     import dataclasses
     import os
@@ -519,8 +586,9 @@ def convert(src: str | Path, out: str | Path, *, split_file: str | Path | None =
     chosen = [(folder, splits) for folder in objects if (splits := object_splits(folder, split))]
     if not chosen:
         raise DataError(f"{split_file}: lists none of the {len(objects)} objects under {src}.")
+    encoder = check_encoder(image_encoder, encoder_weights, preset)
     work = out.with_name(f".{out.name}.partial")
-    settings = _settings(src, None if split_file is None else Path(split_file), preset)
+    settings = _settings(src, None if split_file is None else Path(split_file), preset, encoder)
     settings_file = work / "settings.json"
     if work.exists() and (not settings_file.is_file() or json.loads(settings_file.read_text()) != settings):
         log(f"{work}: a partial conversion with other settings; starting over")
@@ -529,12 +597,20 @@ def convert(src: str | Path, out: str | Path, *, split_file: str | Path | None =
     settings_file.write_text(json.dumps(settings))
 
     # Each sample's source: root name / object name, the 2-component form of PAct's split tags.
-    jobs = [(folder, f"{src.resolve().name}/{folder.name}", splits, work / "objects" / folder.name, preset)
+    todo_folders = [(folder, splits) for folder, splits in chosen
+                    if not (work / "objects" / folder.name / "done.json").is_file()]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo_folders) or 1))
+    if encoder["name"] == "dinov2" and encoder_device is None:
+        import torch
+
+        encoder_device = "cuda" if torch.cuda.is_available() else "cpu"
+    choice = EncoderChoice(image_encoder, None if encoder_weights is None else str(Path(encoder_weights).resolve()),
+                           encoder_device or "cpu", max(1, (os.cpu_count() or 1) // workers))
+    jobs = [(folder, f"{src.resolve().name}/{folder.name}", splits, work / "objects" / folder.name, preset, choice)
             for folder, splits in chosen]
     todo = [job for job in jobs if not (job[3] / "done.json").is_file()]
     if len(todo) < len(jobs):
         log(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} objects already converted")
-    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
     start, finished = time.perf_counter(), len(jobs) - len(todo)
 
     def report(result: tuple[str, int, int, float]) -> None:
@@ -546,21 +622,24 @@ def convert(src: str | Path, out: str | Path, *, split_file: str | Path | None =
         log(f"[{finished}/{len(jobs)}] {source}: {note}, {seconds:.1f} s")
 
     try:
-        _run(todo, workers, report)
+        _run(todo, workers, report, spawn=choice.device != "cpu")
     except BaseException:
+        _ENCODERS.clear()
         if not any((work / "objects").glob("*/done.json")):
             shutil.rmtree(work, ignore_errors=True)  # nothing worth resuming
         raise
 
+    _ENCODERS.clear()  # where one worker ran here, let its encoder go
     # Assemble: link every object's samples, in object order, into a staging folder, then rename.
     staging = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    index, max_parts = 0, 1
+    index, max_parts, objects = 0, 1, []
     try:
         for job in jobs:
             done = json.loads((job[3] / "done.json").read_text())
-            if done["parts"] > MAX_PARTS:
+            if done["parts"] > MAX_PARTS or not done["samples"]:
                 continue
             max_parts = max(max_parts, done["parts"])
+            objects.append([done["source"], done["samples"]])
             for j in range(done["samples"]):
                 target = sample_path(staging, index)
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -580,7 +659,9 @@ def convert(src: str | Path, out: str | Path, *, split_file: str | Path | None =
         )
         spec = dataclasses.replace(spec, generator={
             "name": "pact_ray.data.objects.pact", "pact_commit": PACT_COMMIT, "source": str(src.resolve()),
-            "split": settings["split"], "preset": preset, "image_encoder": "stand-in (encoder.StandInImageEncoder)"})
+            "split": settings["split"], "preset": preset, "image_encoder": encoder,
+            # Samples in object order; the trainers hold out whole objects (ArticulatedDataset.groups).
+            "objects": objects})
         write_dataset_spec(staging, spec)
         if out.exists():
             out.rmdir()  # empty, checked above
@@ -608,9 +689,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(SIZES), default="pact",
                         help="pact (default): PAct's sizes and values; tiny/small: a shrunk copy for CPU smoke runs")
     parser.add_argument("--workers", type=int, help="processes (default: the machine's cores)")
+    parser.add_argument("--image-encoder", choices=("stand-in", "dinov2"), default="stand-in",
+                        help="what gives the condition tokens: stand-in (default; fixed random projections) or "
+                             "dinov2 (PAct's DINOv2 ViT-L/14 with registers; needs --encoder-weights)")
+    parser.add_argument("--encoder-weights", metavar="FILE",
+                        help="DINOv2 weights: Meta's dinov2_vitl14_reg4_pretrain.pth or Hugging Face's "
+                             "model.safetensors of facebook/dinov2-with-registers-large (docs/pact_layout.md)")
+    parser.add_argument("--encoder-device", help="device of the DINOv2 encoder (default: cuda if available, else cpu)")
     args = parser.parse_args(argv)
     try:
-        convert(args.src, args.out, split_file=args.split, preset=args.preset, workers=args.workers)
+        convert(args.src, args.out, split_file=args.split, preset=args.preset, workers=args.workers,
+                image_encoder=args.image_encoder, encoder_weights=args.encoder_weights,
+                encoder_device=args.encoder_device)
     except (ValueError, OSError) as exc:
         from pact_ray.errors import first_line
 

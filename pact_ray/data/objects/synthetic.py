@@ -49,6 +49,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -389,7 +390,8 @@ class SyntheticGenerator:
     """
 
     def __init__(
-        self, spec: DatasetSpec, *, seed: int, min_parts: int = MIN_PARTS, occlusion_prob: float = 0.0
+        self, spec: DatasetSpec, *, seed: int, min_parts: int = MIN_PARTS, occlusion_prob: float = 0.0,
+        image_encoder: tuple[Any, dict[str, Any]] | None = None,
     ) -> None:
         if not MIN_PARTS <= min_parts <= spec.max_parts <= MAX_PARTS:
             raise ValueError(
@@ -402,7 +404,10 @@ class SyntheticGenerator:
         self.seed = seed
         self.min_parts = min_parts
         self.occlusion_prob = occlusion_prob
-        self.image_encoder = StandInImageEncoder(spec.cond_channels, spec.grid, spec.prefix_tokens, patch=spec.patch)
+        # image_encoder: (an encoder of the spec's token layout, what dataset.json records of
+        # it), e.g. PAct's DINOv2 (dinov2.py); default: the stand-in.
+        self.image_encoder, self.encoder_info = image_encoder or (
+            StandInImageEncoder(spec.cond_channels, spec.grid, spec.prefix_tokens, patch=spec.patch), None)
         self.structure_encoder = StandInStructureEncoder(spec.resolution, spec.latent_channels)
         self.voxel_encoder = StandInVoxelEncoder(spec.voxel_channels) if spec.has_voxels else None
 
@@ -414,6 +419,7 @@ class SyntheticGenerator:
             "seed": self.seed,
             "min_parts": self.min_parts,
             "occlusion_prob": self.occlusion_prob,
+            **({"image_encoder": self.encoder_info} if self.encoder_info else {}),
         }
 
     def sample(self, index: int) -> dict[str, np.ndarray]:
@@ -475,6 +481,7 @@ def generate_dataset(
     voxel_resolution: int | None = None,
     name: str = "synthetic",
     overwrite: bool = False,
+    image_encoder: tuple[Any, dict[str, Any]] | None = None,
 ) -> DatasetSpec:
     """Generate a dataset folder at `out_dir` and return its spec.
 
@@ -500,7 +507,8 @@ def generate_dataset(
         # Voxels carry as many channels as the structure latents (8, as TRELLIS's SLat).
         voxel_channels=None if voxel_resolution is None else DatasetSpec.latent_channels,
     )
-    generator = SyntheticGenerator(spec, seed=seed, min_parts=min_parts, occlusion_prob=occlusion_prob)
+    generator = SyntheticGenerator(spec, seed=seed, min_parts=min_parts, occlusion_prob=occlusion_prob,
+                                   image_encoder=image_encoder)
     spec = dataclasses.replace(spec, generator=generator.info)
     out = Path(out_dir)
     _prepare_target(out, overwrite)
@@ -546,6 +554,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--voxel-resolution", type=int, help="add Stage2 voxel sets at this grid (e.g. 32 for tiny, 64 for pact)")
     parser.add_argument("--name", help="dataset name (default: synthetic-PRESET)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    parser.add_argument("--image-encoder", choices=("stand-in", "dinov2"), default="stand-in",
+                        help="cond tokens: stand-in (default) or dinov2 (PAct's DINOv2 at the preset's sizes; "
+                             "needs --encoder-weights, no size flags)")
+    parser.add_argument("--encoder-weights", metavar="FILE", help="DINOv2 weights (docs/pact_layout.md)")
+    parser.add_argument("--encoder-device", default="cpu", help="device of the DINOv2 encoder (default: cpu)")
     return parser
 
 
@@ -561,6 +574,22 @@ def ensure_synthetic(num_samples: int, seed: int, *, resolution: int, image_size
         out, num_samples, seed=seed, resolution=resolution, image_size=tuple(image_size), grid=tuple(grid),
         cond_channels=cond_channels, prefix_tokens=prefix_tokens, occlusion_prob=occlusion_prob,
         voxel_resolution=voxel_resolution), root)
+
+
+def _image_encoder(args: argparse.Namespace) -> tuple[Any, dict[str, Any]] | None:
+    """The (encoder, record) of ``--image-encoder``; None for the stand-in."""
+    from pact_ray.data.objects.pact import check_encoder
+
+    info = check_encoder(args.image_encoder, args.encoder_weights, args.preset)
+    if args.image_encoder == "stand-in":
+        return None
+    overridden = [flag for flag in ("resolution", "image_size", "grid", "cond_channels") if getattr(args, flag) is not None]
+    if overridden or args.prefix_tokens != 5:
+        flags = ", ".join("--" + f.replace("_", "-") for f in overridden or ["prefix_tokens"])
+        raise ValueError(f"--image-encoder dinov2 gives the preset's token layout; drop {flags}.")
+    from pact_ray.data.objects.dinov2 import Dinov2ImageEncoder, arch_for
+
+    return Dinov2ImageEncoder(args.encoder_weights, arch_for(args.preset), device=args.encoder_device), info
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -581,6 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sizes[key] = tuple(getattr(args, key)) if key in ("image_size", "grid") else getattr(args, key)
     start = time.perf_counter()
     try:
+        encoder = _image_encoder(args)
         spec = generate_dataset(
             args.out,
             args.num_samples,
@@ -592,6 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             voxel_resolution=args.voxel_resolution,
             name=args.name or f"synthetic-{args.preset}",
             overwrite=args.overwrite,
+            image_encoder=encoder,
             **sizes,
         )
     except (ValueError, OSError) as exc:
