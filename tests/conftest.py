@@ -6,8 +6,10 @@ written beside it), never a literal that happened to pass on this CPU: tests/REA
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,15 @@ def fixture_path(name: str) -> Path:
 def fixture_sha(name: str) -> str:
     """The sha256 of a fixture file (what a cached result computed from it is keyed by)."""
     return hashlib.sha256(fixture_path(name).read_bytes()).hexdigest()
+
+
+def group_commands(pid: int) -> list[str]:
+    """The command lines of the processes in ``pid``'s process group."""
+    out = []
+    for p in subprocess.run(["pgrep", "-g", str(pid)], capture_output=True, text=True).stdout.split():
+        with contextlib.suppress(OSError):
+            out.append(Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+    return out
 
 
 @pytest.fixture(scope="session", autouse=True)

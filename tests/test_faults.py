@@ -220,12 +220,13 @@ def test_worker_node_removed_mid_sweep(tmp_path):
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0})
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
+    total_steps = 40  # the node goes once both trials are past step 10: 30 steps and more still to train on it
     db = tmp_path / "mlflow.db"
     script = Path(__file__).resolve().parents[1] / "sweeps" / "stage1_router.py"
     cmd = [sys.executable, str(script), "--address", cluster.address, "--model", "tiny", "--profile", "quick", "--seeds", "0",
            "--variants", "baseline,ot_first", "--name", "nodes", "--storage-path", str(tmp_path / "runs"),
            "--tracking-uri", f"sqlite:///{db}", "--quiet", "--max-failures", "3",
-           "--set", "steps=80", "--set", "checkpoint_every=5"]
+           "--set", f"steps={total_steps}", "--set", "checkpoint_every=5"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ), start_new_session=True)
     try:
         deadline = time.time() + 240
@@ -253,5 +254,5 @@ def test_worker_node_removed_mid_sweep(tmp_path):
     assert len(runs) == 2
     for r in runs:
         assert r.info.status == "FINISHED"
-        assert _steps(client, r.info.run_id) == list(range(1, 81))
+        assert _steps(client, r.info.run_id) == list(range(1, total_steps + 1))
     assert any("retried_after" in r.data.tags for r in runs)  # one trial really lost its node

@@ -31,8 +31,9 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 
 def rendered(url: str, profile: Path, screenshot: Path | None = None) -> str:
-    """The page's visible text after its scripts ran (and a screenshot when asked)."""
-    extra = [f"--screenshot={screenshot}"] if screenshot else ["--dump-dom"]
+    """The page's visible text after its scripts ran (and a screenshot when asked, of the same
+    load: one Chromium start for both)."""
+    extra = ["--dump-dom", *([f"--screenshot={screenshot}"] if screenshot else [])]
     out = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *extra, url], capture_output=True, text=True,
                          timeout=120, check=True).stdout
     text = re.sub(r"<(script|style)\b.*?</\1>", " ", out, flags=re.S)
@@ -59,23 +60,20 @@ def test_the_mlflow_ui_shows_distinct_runs_and_the_sweep_summary(tmp_path, ray_a
         profile = tmp_path / "chrome"
         base = f"{server.uri}/#/experiments/{exp.experiment_id}"
         # The experiment's training runs (the link the sweep prints), with the sweep's parent run.
-        page = rendered(f"{base}/runs", profile)
+        page = rendered(f"{base}/runs", profile, ARTIFACTS / "mlflow_ui_runs.png")
         assert "Run Name" in page and parent.info.run_name in page and f"{len(runs)} matching runs" in page
-        rendered(f"{base}/runs", profile, ARTIFACTS / "mlflow_ui_runs.png")
         # The runs side by side: every child's name, each one distinct.
         ids = urllib.parse.quote(json.dumps([r.info.run_id for r in children]))
         compare = f"{server.uri}/#/compare-runs?runs={ids}&experiments=" + urllib.parse.quote(json.dumps([exp.experiment_id]))
-        page = rendered(compare, profile)
+        page = rendered(compare, profile, ARTIFACTS / "mlflow_ui_compare.png")
         shown = re.search(r"Run Name: (.*?) Start Time", page).group(1)
         assert sorted(re.findall(r"(?:baseline|ot_first) s\d", shown)) == names
-        rendered(compare, profile, ARTIFACTS / "mlflow_ui_compare.png")
         # The parent run's artifacts list the sweep's page, tables and plots.
         artifacts = f"{base}/runs/{parent.info.run_id}/artifacts/summary/index.html"
-        page = rendered(artifacts, profile)
+        shot = ARTIFACTS / "mlflow_ui_parent_artifacts.png"
+        page = rendered(artifacts, profile, shot)
         for name in ("index.html", "ablation_summary.csv", "route_status.json", "stage1_val_delta.png"):
             assert name in page, name
-        shot = ARTIFACTS / "mlflow_ui_parent_artifacts.png"
-        rendered(artifacts, profile, shot)
         pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float64)
         assert pixels.shape[:2] == (1100, 1600) and pixels.std() > 10
 

@@ -5,7 +5,11 @@ One small world-model Optuna sweep gives them all: interrupted (Ctrl-C while its
 written) it prints the resume command; the resume, run as printed, finishes it and prints the
 evaluation report command, the optuna-dashboard command and the MLflow UI command with the
 link to the sweep's own runs. The report runs to completion; the two servers start on their
-printed ports, answer, show the sweep, and are stopped.
+printed ports, answer, show the sweep, and are stopped. The MLflow UI starts no job runner (as
+printed before, it started one: 8 more processes, 1.8 GB).
+
+The sweep is also the test of --search optuna over the world model's own knobs (no router
+prefix), through the shared harness: its two trials try two values of the variant's knob.
 """
 
 from __future__ import annotations
@@ -17,14 +21,17 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import group_commands
 from mlflow.tracking import MlflowClient
 
+from pact_ray.runs.world_model import WM_VARIANTS
 from pact_ray.tracking.tags import OPTUNA_STATE_TAG, ROLE_TAG, SWEEP_NAME_TAG
 from pact_ray.tune.manifest import MANIFEST
 from pact_ray.tune.sweep import EXIT_INTERRUPTED, run_sweep
@@ -125,6 +132,9 @@ def test_every_printed_command_runs_as_printed_in_a_clean_shell(tmp_path, ray_ad
     search = urllib.parse.parse_qs(page.fragment.split("?", 1)[1])["searchFilter"][0]
     with Server(ui, home) as server:
         wait_http(f"http://127.0.0.1:{port}/health", server.proc)
+        time.sleep(2)  # the job runner would start right after the web server
+        commands = group_commands(server.proc.pid)
+        assert commands and not [c for c in commands if "mlflow.server.jobs" in c or "huey" in c], commands
         assert b"<html" in wait_http(f"http://127.0.0.1:{port}/", server.proc).lower()
         served = MlflowClient(f"http://127.0.0.1:{port}")
         runs = served.search_runs([experiment], filter_string=search)
@@ -140,6 +150,8 @@ def test_every_printed_command_runs_as_printed_in_a_clean_shell(tmp_path, ray_ad
         assert not [k for k in r.data.params if k.startswith("fail_")] and "lr" in r.data.params
         assert all(v != "" for v in r.data.tags.values()) and "error" not in r.data.tags
         assert r.data.tags[OPTUNA_STATE_TAG] == "complete"
+    knob = WM_VARIANTS["mae"].knobs[0]  # the world model's own knob, with no router prefix
+    assert len(trials) == 2 and len({r.data.params[knob] for r in trials.values()}) == 2
 
     # optuna-dashboard on the printed port, serving the study, whose trials link their runs.
     import optuna
@@ -149,6 +161,9 @@ def test_every_printed_command_runs_as_printed_in_a_clean_shell(tmp_path, ray_ad
     for t in study.trials:
         assert t.user_attrs["mlflow_run_id"] in trials
         assert t.user_attrs["mlflow_run_url"].endswith(f"/#/experiments/{experiment}/runs/{t.user_attrs['mlflow_run_id']}")
+    # As Stage1 sweeps say, with the venv's optuna-dashboard by absolute path.
+    db = tmp_path / "runs" / "printed" / "optuna.db"
+    assert dashboard.startswith(f"{Path(sys.executable).parent / 'optuna-dashboard'} sqlite:///{db} --host 127.0.0.1"), dashboard
     port = int(re.search(r"--port (\d+)", dashboard).group(1))
     with Server(dashboard, home) as server:
         studies = json.loads(wait_http(f"http://127.0.0.1:{port}/api/studies", server.proc))

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -98,23 +99,6 @@ def test_the_preparation_thread_imports_nothing_that_rays_start_up_imports():
     assert {"matplotlib", "alembic", "ray.tune", "pact_ray.tracking.callback", "torch", "pact_ray.training.stage2"} <= preparation
     assert "aiohttp" in ray_side  # Ray's start-up imports modules of its own: the measure sees them
     assert ray_side & preparation == set(), sorted(ray_side & preparation)
-
-
-@pytest.mark.slow
-def test_a_quiet_sweep_that_checkpoints_every_step_prints_no_snapshot_warnings(tmp_path):
-    """Short steps that checkpoint at every step make Ray warn that its experiment-state
-    snapshots "may become a bottleneck" (14 lines for this sweep before the fix): a sweep
-    without --verbose does not print them. (Other warnings of Ray's depend on the machine,
-    such as a small /dev/shm, and are left to it.)"""
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "sweeps" / "stage1_router.py"
-    out = subprocess.run([sys.executable, str(script), "--model", "tiny", "--profile", "smoke", "--variants", "baseline,ot_first",
-                          "--set", "steps=30", "--set", "checkpoint_every=1", "--name", "w", "--storage-path", str(tmp_path / "runs"),
-                          "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--quiet"],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "snapshotting" not in out.stderr and "experiment_state.py" not in out.stderr, out.stderr[-3000:]
 
 
 def _store_content(db) -> tuple[dict, list]:
@@ -231,6 +215,10 @@ def test_a_sweep_reads_and_checks_every_config_without_torch_so_ray_starts_first
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+# ------------------------------------------------ one sweep of the script's own, watched three ways
+
+# Hooks put in front of the sweep script (then _RUN_SCRIPT): the first reports the driver's
+# first import of torch, the second every socket its local Ray's processes listen on.
 _WATCH_TORCH = """
 import runpy, sys, traceback
 
@@ -242,42 +230,7 @@ class WatchTorch:
         return None
 
 sys.meta_path.insert(0, WatchTorch())
-""" + _RUN_SCRIPT
-
-
-@pytest.mark.slow
-def test_a_sweep_on_cached_data_never_imports_torch_in_the_driver_nor_writes_tensorboard_files(tmp_path):
-    """With its data set cached, the driver describes it without the generators, hands Tune
-    torch-free trainables and leaves Tune's TensorBoard logger (tensorboardX imports torch) out:
-    torch is imported by the trials only, which saves every sweep's start-up a second. Ray's
-    result files that --resume and Ray's own API read are still written."""
-    from pact_ray.kinds import STAGE1
-    from pact_ray.runs.stage1 import Stage1RunConfig
-
-    STAGE1.dataset(Stage1RunConfig.for_variant("baseline", "smoke", "tiny", 0))  # in the session's data cache
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", _WATCH_TORCH, str(root / "sweeps" / "stage1_router.py"), "--profile", "smoke",
-                          "--model", "tiny", "--variants", "baseline", "--name", "notorch", "--quiet",
-                          "--storage-path", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
-                         capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, timeout=300)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    assert "TORCH IMPORTED BY THE DRIVER" not in out.stderr, out.stderr[-3000:]
-    (trial,) = [p for p in (tmp_path / "runs" / "notorch").iterdir() if p.name.startswith("baseline_s0")]
-    names = {p.name for p in trial.iterdir()}
-    assert {"result.json", "params.json", "progress.csv"} <= names, names
-    assert not [n for n in names if n.startswith("events.out.tfevents")], names
-    assert len((trial / "result.json").read_text().splitlines()) == Stage1RunConfig.for_variant("baseline", "smoke", "tiny", 0).steps
-
-
-# ------------------------------------------------ Ray's private internals, switched off
-
-_OTHER_RAY = """
-import os, runpy, sys
-import pact_ray.tune.fast_start as fast_start
-
-if os.environ.get("PRETEND_OTHER_RAY"):
-    fast_start.WRITTEN_FOR = "0.0."  # as on a Ray release the shortcuts were not written for
-""" + _RUN_SCRIPT
+"""
 
 _LISTENING = """
 import json, runpy, sys
@@ -298,30 +251,82 @@ def init_ray(*args, **kwargs):
     return started
 
 launch.init_ray = init_ray
+"""
+
+_OTHER_RAY = """
+import os, runpy, sys
+import pact_ray.tune.fast_start as fast_start
+
+if os.environ.get("PRETEND_OTHER_RAY"):
+    fast_start.WRITTEN_FOR = "0.0."  # as on a Ray release the shortcuts were not written for
 """ + _RUN_SCRIPT
+
+OWN_SWEEP_STEPS = 30  # short steps, each one checkpointed: what made Ray warn about its snapshots
+
+
+@pytest.fixture(scope="module")
+def own_sweep(tmp_path_factory):
+    """One sweep as `python sweeps/stage1_router.py ...` runs it, with a local Ray of its own,
+    on a data set already cached, and short steps that each write a checkpoint, watched for the
+    three tests below (one sweep instead of three: each starts its own Ray). Returns the
+    finished process, the sweep's script, its --name/--storage-path/--tracking-uri flags and
+    environment, and the files of its baseline trial folder when it ended, with the lines of
+    its result.json (before a test resumes the sweep)."""
+    from pact_ray.kinds import STAGE1
+    from pact_ray.runs.stage1 import Stage1RunConfig
+
+    STAGE1.dataset(Stage1RunConfig.for_variant("baseline", "smoke", "tiny", 0))  # in the session's data cache
+    tmp = tmp_path_factory.mktemp("own_sweep")
+    script = str(Path(__file__).resolve().parents[1] / "sweeps" / "stage1_router.py")
+    where = ["--name", "own", "--storage-path", str(tmp / "runs"), "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    env["RAY_AUTH_MODE"] = "disabled"
+    out = subprocess.run([sys.executable, "-c", _WATCH_TORCH + _LISTENING + _RUN_SCRIPT, script, "--profile", "smoke", "--model",
+                          "tiny", "--variants", "baseline,ot_first", "--seeds", "0", "--set", f"steps={OWN_SWEEP_STEPS}",
+                          "--set", "checkpoint_every=1", "--quiet", *where], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    (trial,) = [p for p in (tmp / "runs" / "own").iterdir() if p.name.startswith("baseline_s0")]
+    names = {p.name for p in trial.iterdir()}
+    result_lines = len((trial / "result.json").read_text().splitlines()) if "result.json" in names else None
+    return SimpleNamespace(out=out, script=script, where=where, env=env, trial_files=names, result_lines=result_lines)
 
 
 @pytest.mark.slow
-def test_a_sweeps_own_ray_listens_on_loopback_only_and_resumes_on_rays_public_behaviour(tmp_path):
+def test_a_quiet_sweep_that_checkpoints_every_step_prints_no_snapshot_warnings(own_sweep):
+    """Short steps that checkpoint at every step make Ray warn that its experiment-state
+    snapshots "may become a bottleneck" (14 lines for this sweep before the fix): a sweep
+    without --verbose does not print them. (Other warnings of Ray's depend on the machine,
+    such as a small /dev/shm, and are left to it.)"""
+    err = own_sweep.out.stderr
+    assert "snapshotting" not in err and "experiment_state.py" not in err, err[-3000:]
+
+
+@pytest.mark.slow
+def test_a_sweep_on_cached_data_never_imports_torch_in_the_driver_nor_writes_tensorboard_files(own_sweep):
+    """With its data set cached, the driver describes it without the generators, hands Tune
+    torch-free trainables and leaves Tune's TensorBoard logger (tensorboardX imports torch) out:
+    torch is imported by the trials only, which saves every sweep's start-up a second. Ray's
+    result files that --resume and Ray's own API read are still written."""
+    assert "TORCH IMPORTED BY THE DRIVER" not in own_sweep.out.stderr, own_sweep.out.stderr[-3000:]
+    names = own_sweep.trial_files
+    assert {"result.json", "params.json", "progress.csv"} <= names, names
+    assert not [n for n in names if n.startswith("events.out.tfevents")], names
+    assert own_sweep.result_lines == OWN_SWEEP_STEPS
+
+
+@pytest.mark.slow
+def test_a_sweeps_own_ray_listens_on_loopback_only_and_resumes_on_rays_public_behaviour(own_sweep):
     """The local Ray a sweep starts accepts no connection from another machine: every socket
     its processes listen on is a loopback address (RAY_AUTH_MODE=disabled is safe only so).
     With PACT_RAY_FAST_START=0, or on a Ray release other than the one fast_start knows, the
     sweep uses none of Ray's internals: a resume runs with the first command's callbacks,
     says so, and ends with its summary as usual."""
-    root = Path(__file__).resolve().parents[1]
-    script = str(root / "sweeps" / "stage1_router.py")
-    where = ["--name", "pub", "--storage-path", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
-    env["RAY_AUTH_MODE"] = "disabled"
-    out = subprocess.run([sys.executable, "-c", _LISTENING, script, "--profile", "smoke", "--model", "tiny", "--variants",
-                          "baseline,ot_first", "--seeds", "0", "--quiet", *where], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    listening = json.loads(out.stdout.split("LISTENING ", 1)[1].splitlines()[0])
+    listening = json.loads(own_sweep.out.stdout.split("LISTENING ", 1)[1].splitlines()[0])
     assert {"gcs_server", "raylet"} <= {name for name, _ in listening}, listening
     assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for _, ip in listening), listening
     for how in ({"PACT_RAY_FAST_START": "0"}, {"PRETEND_OTHER_RAY": "1"}):
-        resumed = subprocess.run([sys.executable, "-c", _OTHER_RAY, script, *where, "--resume"], capture_output=True, text=True,
-                                 env={**env, **how}, timeout=300)
+        resumed = subprocess.run([sys.executable, "-c", _OTHER_RAY, own_sweep.script, *own_sweep.where, "--resume"],
+                                 capture_output=True, text=True, env={**own_sweep.env, **how}, timeout=300)
         assert resumed.returncode == 0, (how, resumed.stdout[-2000:] + resumed.stderr[-3000:])
         assert "This resume logs through the first command's callbacks" in resumed.stdout, (how, resumed.stdout[-2000:])
         assert "2/2 trials finished" in resumed.stdout and "Route status" in resumed.stdout, (how, resumed.stdout[-2000:])

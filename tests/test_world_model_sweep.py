@@ -8,9 +8,7 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from html import unescape
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,25 +125,6 @@ def test_world_model_sweep_and_its_evaluation_report(tmp_path, ray_address, caps
     assert _near(img, "#00007f", tol=60) > 100  # the jet colormap's low end: the error heatmaps loaded
 
 
-@pytest.mark.slow
-def test_optuna_search_over_world_model_knobs(tmp_path, ray_address, capsys):
-    """--search optuna tunes the world model's own knobs (no router prefix), through the shared harness."""
-    from mlflow.tracking import MlflowClient
-
-    from pact_ray.runs.world_model import WM_VARIANTS
-    from pact_ray.tune.sweep import run_sweep
-
-    variant = next(name for name, v in WM_VARIANTS.items() if v.knobs)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    rc = run_sweep("world_model", ["--model", "tiny", "--profile", "smoke", "--search", "optuna", "--variant", variant,
-                                   "--num-samples", "2", "--name", "wm-opt", "--storage-path", str(tmp_path / "runs"),
-                                   "--tracking-uri", uri, "--quiet"])
-    assert rc == 0
-    db = tmp_path / "runs" / "wm-opt" / "optuna.db"
-    # As Stage1 sweeps say, with the venv's optuna-dashboard by absolute path.
-    assert f"Optuna study: {Path(sys.executable).parent / 'optuna-dashboard'} sqlite:///{db} --host 127.0.0.1" in capsys.readouterr().out
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("pact-ray/mae_world_model")
-    runs = client.search_runs([exp.experiment_id], filter_string="tags.`pact_ray.role` = 'trial'")
-    knob = WM_VARIANTS[variant].knobs[0]
-    assert len(runs) == 2 and len({r.data.params[knob] for r in runs}) == 2
+# --search optuna over the world model's own knobs (no router prefix), through the shared
+# harness: tests/test_printed_commands.py runs that very sweep (mae, two samples) and checks it,
+# with the dashboard command it prints.

@@ -80,7 +80,21 @@ def run_sweep(kind: RunKind | str, argv: list[str] | None = None, description: s
     return user_errors(lambda: _start(kind, parser, args))
 
 
+class _StorageFull(Exception):
+    """The storage filled up during the sweep; carries the one sentence to end with. It is
+    printed by :func:`_start` after the lease is released, so that nothing (the lease's
+    heartbeat failing to write on the same full disk) is printed after it."""
+
+
 def _start(kind: RunKind, parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        return _start_leased(kind, parser, args)
+    except _StorageFull as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_DISK_FULL
+
+
+def _start_leased(kind: RunKind, parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """One driver per sweep: where the sweep's storage exists, its lease is taken before the
     sweep's state is read (so that a second driver, ``--resume auto`` or not, is refused
     before it looks); otherwise the sweep is new, and its lease is taken where its folder is
@@ -233,9 +247,8 @@ def _train_and_report(plan: SweepPlan, client, experiment_id: str, parent_id: st
             raise
         client.set_terminated(parent_id, status="KILLED")
         free = f"{shutil.disk_usage(plan.storage).free / 2**20:.1f} MiB free" if plan.local_dir else "full"
-        print(f"error: the storage {plan.storage} is full ({free}; {first_line(e)}). Free some space, then run: "
-              f"{resume_command(plan)}", file=sys.stderr)
-        return EXIT_DISK_FULL
+        raise _StorageFull(f"the storage {plan.storage} is full ({free}; {first_line(e)}). Free some space, then run: "
+                           f"{resume_command(plan)}") from None
     finally:
         unsent = flush_tracking(plan)
     return finish(plan, client, experiment_id, parent_id, results, interrupts.signal, unsent,
