@@ -27,6 +27,28 @@ def test_script_help_and_bad_flag(script):
     assert err.startswith("error:") and "\n" not in err and "Traceback" not in err, err
 
 
+_HEAVY = ("mlflow", "torch", "ray", "scipy", "matplotlib", "pandas")
+_IMPORTS_ON_HELP = """
+import runpy, sys
+sys.argv = [sys.argv[1], "--help"]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit:
+    pass
+print(sorted(m for m in %r if m in sys.modules), file=sys.stderr)
+""" % (_HEAVY,)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_help_imports_no_heavy_library(script):
+    """`--help` and a bad flag answer before MLflow, torch, Ray, scipy, matplotlib or pandas
+    are imported (each of those costs seconds; the analysis scripts once took 5 s to print
+    their usage)."""
+    out = _run(["-c", _IMPORTS_ON_HELP, str(script)])
+    assert out.returncode == 0 and "usage:" in out.stdout, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == "[]", out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("module", MODULES)
 def test_module_help(module):
     ok = _run(["-m", module, "--help"])
