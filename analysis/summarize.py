@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from pact_ray.cli import OneLineParser, user_errors
 
 # MLflow, the report (matplotlib) and the verdicts (scipy) are imported once the flags are
-# parsed: `--help` and a bad flag answer in half a second instead of five.
+# parsed: `--help` and a bad flag answer in a tenth of a second instead of five.
 if TYPE_CHECKING:
     from pact_ray.report.summary import SummaryData
     from pact_ray.verdicts import Design
